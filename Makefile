@@ -1,0 +1,26 @@
+# The two commands of the README. Each creates the virtualenv on first use.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.effinfer-installed
+
+.PHONY: demo test docs clean-venv
+
+$(STAMP): pyproject.toml setup.py examples/effinfer-example-plugin/pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	# torch first, pinned: pip finds this CPU build locally; an unpinned torch pulls a multi-GB CUDA build
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[test,eval,docs]'
+	$(PY) -m pip install -q -e examples/effinfer-example-plugin
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/effinfer demo
+
+test: $(STAMP)
+	$(VENV)/bin/pytest
+
+docs: $(STAMP)
+	$(VENV)/bin/effinfer docs build
+
+clean-venv:
+	rm -rf $(VENV)

@@ -1,0 +1,65 @@
+"""Run an :class:`~effinfer.core.experiment.Experiment`: validate, load, compose, generate."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from effinfer.core.compose import Completion, ComposedModel, StageReport
+from effinfer.core.experiment import Experiment
+from effinfer.core.generation import GenerationResult
+from effinfer.core.models import load_model
+from effinfer.core.registry import Registry
+from effinfer.core.stages import Request
+from effinfer.core.technique import Requirement
+
+
+@dataclass
+class ExperimentRun:
+    experiment: Experiment
+    completions: list[Completion]
+    generation: GenerationResult
+    report: StageReport
+    load_seconds: float
+    setup_seconds: float
+
+
+def apply_runtime(experiment: Experiment) -> None:
+    torch.manual_seed(experiment.runtime.seed)
+    if experiment.runtime.threads:
+        torch.set_num_threads(experiment.runtime.threads)
+
+
+def calibration_source(tokenizer: Any, seed: int) -> Any:
+    """Seeded calibration batches from the calibration split of the Wikipedia corpus."""
+
+    def batches(n_samples: int, seq_len: int) -> torch.Tensor:
+        from effinfer.evaluation.data import corpus_text  # lazy: only techniques that calibrate pay
+
+        ids = tokenizer(corpus_text("wikipedia", split="calibration"), return_tensors="pt")["input_ids"][0]
+        generator = torch.Generator().manual_seed(seed)
+        starts = torch.randint(0, len(ids) - seq_len - 1, (n_samples,), generator=generator)
+        return torch.stack([ids[s:s + seq_len] for s in starts.tolist()])
+
+    return batches
+
+
+def run_experiment(experiment: Experiment, registry: Registry | None = None, model: Any = None,
+                   tokenizer: Any = None) -> ExperimentRun:
+    """Validate the stack (before loading anything), load the model, apply, generate, restore."""
+    techniques = experiment.build_stack(registry)
+    apply_runtime(experiment)
+    started = time.perf_counter()
+    if model is None:
+        model, tokenizer = load_model(experiment.model, experiment.runtime.dtype, experiment.runtime.device)
+    loaded = time.perf_counter()
+    needs_calibration = any(Requirement.CALIBRATION_DATA in t.requires for t in techniques)
+    calibration = calibration_source(tokenizer, experiment.runtime.seed) if needs_calibration else None
+    requests = [Request.from_text(p, experiment.documents) for p in experiment.prompts]
+    with ComposedModel(model, tokenizer, techniques, calibration=calibration) as composed:
+        set_up = time.perf_counter()
+        completions, result = composed.generate(requests, experiment.generation)
+    return ExperimentRun(experiment, completions, result, composed.report, loaded - started, set_up - loaded)

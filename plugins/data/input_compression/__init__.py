@@ -1,0 +1,1 @@
+"""Built-in techniques: data/input_compression."""
