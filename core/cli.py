@@ -98,7 +98,8 @@ def plugins(
         entry = registry.techniques[name]
         cls = entry.technique
         table.add_row(name, "/".join(cls.levels()), cls.node, "yes" if cls.lossless else "no",
-                      cls.paper.cite() if cls.paper else "", entry.distribution)
+                      (f"arXiv:{cls.paper.arxiv}" if cls.paper.arxiv else cls.paper.link or "") if cls.paper else "",
+                      entry.distribution)
     console.print(table)
     for broken in registry.broken:
         console.print(f"[red]broken plugin[/] {broken.plugin} ({broken.distribution}): {broken.error}", highlight=False)
@@ -199,6 +200,7 @@ def print_run(result: Any, out: Console) -> None:
 
 
 def main() -> None:
+    get_registry().register_commands(app)  # plugins (the evaluator, docs, third parties) add commands
     app()
 
 

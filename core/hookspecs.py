@@ -57,6 +57,13 @@ class RegistrationSpecs:
         model. Aliases can then be used wherever a model source string is accepted.
         """
 
+    @hookspec
+    def effinfer_register_commands(self, app: Any) -> None:
+        """Add commands to the ``effinfer`` CLI: ``app`` is its :class:`typer.Typer`.
+
+        ``@app.command()`` adds a command; ``app.add_typer(sub, name=...)`` a group.
+        """
+
 
 class StageSpecs:
     """Hooks a :class:`~effinfer.core.technique.Technique` implements as methods."""

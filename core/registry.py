@@ -53,6 +53,8 @@ class Registry:
     techniques: dict[str, TechniqueEntry] = field(default_factory=dict)
     model_aliases: dict[str, ModelAlias] = field(default_factory=dict)
     broken: list[BrokenPlugin] = field(default_factory=list)
+    #: every loaded plugin, as ``(plugin, name, distribution)``
+    plugins: list[tuple[object, str, str]] = field(default_factory=list)
 
     def get(self, name: str) -> type[Technique]:
         """The technique class called ``name``; unknown names get close matches."""
@@ -72,6 +74,7 @@ class Registry:
 
     def add_plugin(self, plugin: ModuleType | object, plugin_name: str, distribution: str) -> None:
         """Run one plugin's registration hooks and record what it adds (or why it broke)."""
+        self.plugins.append((plugin, plugin_name, distribution))
         manager = pluggy.PluginManager(PROJECT)
         manager.add_hookspecs(RegistrationSpecs)
         try:
@@ -86,6 +89,19 @@ class Registry:
             )
         except Exception as error:  # a plugin's bug must not take the framework down
             self._broken(plugin_name, distribution, error)
+
+    def register_commands(self, app: Any) -> None:
+        """Let every loaded plugin add CLI commands; a failing plugin is reported, not fatal."""
+        for plugin, name, distribution in self.plugins:
+            if not hasattr(plugin, "effinfer_register_commands"):
+                continue
+            manager = pluggy.PluginManager(PROJECT)
+            manager.add_hookspecs(RegistrationSpecs)
+            try:
+                manager.register(plugin, name=name)
+                manager.hook.effinfer_register_commands(app=app)
+            except Exception as error:
+                self._broken(name, distribution, error)
 
     def _register_technique(self, cls: Any, plugin: str, distribution: str) -> None:
         from effinfer.taxonomy import load_taxonomy
