@@ -1,0 +1,1 @@
+"""Views: other surveys' classifications mapped onto the primary tree (data files only)."""
