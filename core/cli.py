@@ -22,7 +22,7 @@ console = Console()
 
 
 def _fail(error: Exception) -> None:
-    Console(stderr=True).print(f"[bold red]error:[/] {error}", highlight=False)
+    Console(stderr=True, soft_wrap=True).print(f"[bold red]error:[/] {error}", highlight=False)
     raise typer.Exit(2)
 
 
@@ -58,7 +58,7 @@ def taxonomy(
             node["children"] = [with_counts(child) for child in node.get("children", [])]
             return node
 
-        print(json.dumps([with_counts(root) for root in tree.to_dict()], indent=2))
+        print(json.dumps([with_counts(root) for root in tree.to_dict()["nodes"]], indent=2))
         return
     rich_tree = Tree("[bold]efficient LLM inference[/] (arXiv 2404.14294)")
 
