@@ -14,12 +14,23 @@ from effinfer.core.models import load_model
 DEMO_STACK = ["selective_context:ratio=0.3,unit=word", "rtn:bits=8", "prompt_lookup:num_draft_tokens=8"]
 
 
-def demo_experiments(model: str) -> list[Experiment]:
-    from effinfer.evaluation.data import load_prompts
+def demo_passage(max_chars: int = 1200) -> tuple[str, str]:
+    """The title and lead paragraphs of the first article of the Wikipedia test split."""
+    from effinfer.evaluation.data import load_corpus
 
-    prompt = load_prompts("qa", n_per_category=1)[0]
-    question, documents = prompt.question_and_documents()
-    common = dict(model=model, prompts=[question], documents=documents, generation={"max_new_tokens": 48})
+    article = load_corpus("wikipedia", split="test")[0]
+    lead = ""
+    for paragraph in article["text"].split("\n"):
+        if len(lead) + len(paragraph) > max_chars and lead:
+            break
+        lead = f"{lead}\n{paragraph}".strip()
+    return article["title"], lead
+
+
+def demo_experiments(model: str) -> list[Experiment]:
+    title, passage = demo_passage()
+    question = f"According to the passage above, who or what is {title}? Answer in one sentence."
+    common = dict(model=model, prompts=[question], documents=[passage], generation={"max_new_tokens": 48})
     return [Experiment(name="baseline", **common), Experiment(name="composed", techniques=DEMO_STACK, **common)]
 
 
