@@ -1,0 +1,58 @@
+"""lm-eval bridge: BIG-bench tasks as local YAML tasks, scored with ``HFLM`` wrapping the composed model.
+
+The task files come from :func:`effinfer.evaluation.data.write_lm_eval_tasks` (JSONL data
+plus lm-eval 0.4 YAMLs with ``dataset_path: json``); they load with
+``TaskManager(include_path=..., include_defaults=False)``, so lm-eval never looks at the hub
+or its own task registry. ``HFLM(pretrained=<model object>)`` runs whatever the model-level
+stage produced (quantized layers, pruned blocks...), exactly as it will generate.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from effinfer.evaluation.data import BIGBENCH_TASKS, write_lm_eval_tasks
+
+TaskScores = dict[str, dict[str, Any]]
+
+
+def prepare_tasks(folder: Path, names: list[str], limit: int | None) -> Path:
+    """Write the YAML tasks once; returns the include path."""
+    return write_lm_eval_tasks(folder, names, limit=limit)
+
+
+def lm_eval_scores(model: nn.Module, tokenizer: Any, include_path: Path, names: list[str],
+                   batch_size: int = 16) -> TaskScores:
+    """``{task: {"acc": (mean, stderr), "acc_norm": (mean, stderr), "n": n}}`` through lm-eval."""
+    import lm_eval
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+
+    for noisy in ("lm_eval", "lm-eval"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+    device = str(next(model.parameters()).device)
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=device)
+    manager = TaskManager(include_path=str(include_path), include_defaults=False)
+    lm_names = {BIGBENCH_TASKS[name].lm_eval_name: name for name in names}
+    output = lm_eval.simple_evaluate(model=lm, tasks=list(lm_names), task_manager=manager, log_samples=False,
+                                     verbosity="ERROR", bootstrap_iters=1)  # mean: closed-form stderr
+    scores: TaskScores = {}
+    for lm_name, name in lm_names.items():
+        result = output["results"][lm_name]
+        scores[name] = {
+            "acc": (float(result["acc,none"]), _stderr(result.get("acc_stderr,none"))),
+            "acc_norm": (float(result["acc_norm,none"]), _stderr(result.get("acc_norm_stderr,none"))),
+            "n": int(output["n-samples"][lm_name]["effective"]),
+        }
+    return scores
+
+
+def _stderr(value: Any) -> float:
+    try:
+        return float(value)
+    except (TypeError, ValueError):  # lm-eval writes "N/A" when it cannot compute one
+        return float("nan")

@@ -1,0 +1,111 @@
+"""Memory: weight bytes as stored, KV-cache bytes, peak RSS, CUDA peak.
+
+- **weight bytes**: every parameter *and* buffer (packed quantized weights live in buffers),
+  counted once per storage, so tied embeddings / lm_head count once;
+- **KV-cache bytes**: the tensors held by the cache objects a generation created
+  (:class:`CacheRecorder` wraps the cache factory), unique storages;
+- **peak RSS**: Linux's ``VmHWM`` from ``/proc/self/status``, reset before a phase by writing
+  ``5`` to ``/proc/self/clear_refs``; elsewhere ``resource.getrusage`` (a process-lifetime
+  peak, flagged as not resettable);
+- **CUDA peak**: ``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats``.
+"""
+
+from __future__ import annotations
+
+import resource
+import sys
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from effinfer.core.generation import new_cache
+
+
+def unique_tensor_bytes(tensors: Iterable[torch.Tensor]) -> int:
+    """Bytes of the distinct storages behind ``tensors`` (views and tied tensors count once)."""
+    seen: dict[tuple[str, int], int] = {}
+    for tensor in tensors:
+        if tensor.device.type == "meta":
+            continue
+        storage = tensor.untyped_storage()
+        seen[(str(tensor.device), storage.data_ptr())] = storage.nbytes()
+    return sum(seen.values())
+
+
+def weight_bytes(model: nn.Module) -> int:
+    """Bytes of the model's parameters and buffers as stored (unique storages)."""
+    return unique_tensor_bytes([*model.parameters(), *model.buffers()])
+
+
+def cache_tensors(cache: Any, depth: int = 4) -> list[torch.Tensor]:
+    """Every tensor reachable from a cache object (attributes, lists, dicts), a few levels deep."""
+    if isinstance(cache, torch.Tensor):
+        return [cache]
+    if depth == 0 or cache is None or isinstance(cache, (str, bytes, int, float, bool, nn.Module)):
+        return []
+    if isinstance(cache, dict):
+        children: Iterable[Any] = cache.values()
+    elif isinstance(cache, (list, tuple, set)):
+        children = cache
+    elif hasattr(cache, "__dict__"):
+        children = vars(cache).values()
+    else:
+        return []
+    return [t for child in children for t in cache_tensors(child, depth - 1)]
+
+
+class CacheRecorder:
+    """A cache factory that remembers the caches it builds (for :func:`kv_bytes`)."""
+
+    def __init__(self, factory: Callable[[nn.Module], Any] | None) -> None:
+        self.factory = factory
+        self.caches: list[Any] = []
+
+    def __call__(self, model: nn.Module) -> Any:
+        cache = new_cache(model, self.factory)
+        self.caches.append(cache)
+        return cache
+
+    def reset(self) -> None:
+        self.caches.clear()
+
+    def kv_bytes(self) -> int:
+        """Bytes held by every cache built since the last :meth:`reset`."""
+        return unique_tensor_bytes(t for cache in self.caches for t in cache_tensors(cache))
+
+
+_STATUS = Path("/proc/self/status")
+_CLEAR_REFS = Path("/proc/self/clear_refs")
+
+
+def reset_peak_rss() -> bool:
+    """Reset the kernel's resident-set high-water mark; ``False`` where that is impossible."""
+    try:
+        _CLEAR_REFS.write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_rss_bytes() -> int:
+    """The process's peak resident set size since the last reset (``VmHWM``), in bytes."""
+    try:
+        for line in _STATUS.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024
+
+
+def reset_cuda_peak() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+
+
+def cuda_peak_bytes() -> int | None:
+    return int(torch.cuda.max_memory_allocated()) if torch.cuda.is_available() else None
