@@ -9,6 +9,7 @@ as safetensors in the cache, so later loads take about a second.
 from __future__ import annotations
 
 import hashlib
+import os
 import shutil
 import time
 import zipfile
@@ -165,12 +166,14 @@ def _load_gguf_cached(path: Path, dtype: torch.dtype, device: str) -> tuple[PreT
 
 def _load_hub_id(source: str, dtype: torch.dtype, device: str, known: list[str]
                  ) -> tuple[PreTrainedModel, Any]:
+    offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in {"1", "true", "yes", "on"}
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source)
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
+        tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=offline)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, local_files_only=offline)
     except Exception as error:
         raise ModelSourceError(
-            f"could not load model {source!r} as a Hugging Face id ({type(error).__name__}). "
+            f"could not load model {source!r} as a Hugging Face id ({type(error).__name__}"
+            f"{', HF_HUB_OFFLINE is set' if offline else ''}). "
             f"Use a local folder, a .gguf file or an alias{did_you_mean(source, known)} "
             f"(aliases: {', '.join(known)})"
         ) from error
