@@ -119,7 +119,7 @@ class Evaluator:
         self.bench_id: int | None = None
         self.baseline_record: RunRecord | None = None
         self.reference = Reference()
-        self._corpus_ids: dict[str, torch.Tensor] = {}
+        self._corpus_ids: dict[str, tuple[torch.Tensor, bool]] = {}
         self._tasks_dir: Path | None = None
         self._bandwidth: Bandwidth | None = None
         self._tokenizer: Any = None
@@ -217,6 +217,7 @@ class Evaluator:
             record.error = f"{type(error).__name__}: {error}\n\n" + "".join(traceback.format_exception(error))[-4000:]
         finally:
             record.seconds = self.clock() - started
+            record.environment = self.environment  # now with the measured bandwidth
             gc.collect()
         self._finish_task(task, record)
         if self.store is not None:
@@ -231,7 +232,8 @@ class Evaluator:
         record.add("setup.load_s", applied - loaded, unit="s")
         calibration = (calibration_source(tokenizer, self.runtime.seed)
                        if any(Requirement.CALIBRATION_DATA in t.requires for t in techniques) else None)
-        composed = ComposedModel(model, tokenizer, techniques, calibration=calibration, keep_originals=False)
+        composed = ComposedModel(model, tokenizer, techniques, calibration=calibration, keep_originals=False,
+                                 **self._engine_options())
         try:
             composed.apply()
             record.add("setup.apply_s", self.clock() - applied, unit="s")
@@ -241,14 +243,22 @@ class Evaluator:
             if composed.system is not None:
                 composed.system.cache_factory = recorder
             run = StackRun(record=record, composed=composed, techniques=techniques, suite=self.suite,
-                           reference=self.reference, corpus_ids=lambda name: self.corpus_ids(name, tokenizer),
+                           reference=self.reference,
+                           corpus_ids=lambda name, at_least=None: self.corpus_ids(name, tokenizer, at_least),
                            tasks_dir=self.tasks_dir, bandwidth=self.bandwidth, clock=self.clock,
                            cache_factory=own_factory, recorder=recorder,
                            advance=lambda phase: self._describe(task, f"{record.name}: {phase}"))
             for phase in PHASES:
+                phase_started = self.clock()
                 phase(run)
+                record.add(f"evaluator.{phase.__name__.removesuffix('_phase')}_s", self.clock() - phase_started,
+                           unit="s")
         finally:
             composed.restore()
+
+    def _engine_options(self) -> dict[str, Any]:
+        """The runtime's decode-engine settings, for cores whose ComposedModel takes them."""
+        return {name: getattr(self.runtime, name) for name in ("engine", "compile") if name in Runtime.model_fields}
 
     def _fresh_model(self) -> tuple[Any, Any]:
         """A model nobody else holds: reloaded from its source, or a deep copy of the given object."""
@@ -260,12 +270,24 @@ class Evaluator:
 
     # ------------------------------------------------------------------ shared inputs
 
-    def corpus_ids(self, name: str, tokenizer: Any) -> torch.Tensor:
-        """The token ids of a corpus's test split (tokenized once per evaluator)."""
-        if name not in self._corpus_ids:
-            text = corpus_text(name, split="test")
-            self._corpus_ids[name] = tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"][0]
-        return self._corpus_ids[name]
+    def corpus_ids(self, name: str, tokenizer: Any, at_least: int | None = None) -> torch.Tensor:
+        """Token ids of a corpus's test split: at least ``at_least`` tokens (all when ``None``).
+
+        Only as much text as needed is tokenized (a slow tokenizer on 2 M characters takes
+        many seconds); the ids are kept for the evaluator's lifetime and extended on demand.
+        """
+        text = corpus_text(name, split="test")
+        ids, complete = self._corpus_ids.get(name, (None, False))
+        chars = 8 * at_least if at_least else len(text)
+        while ids is None or (not complete and (at_least is None or len(ids) < at_least)):
+            complete = chars >= len(text)
+            piece = text if complete else text[:text.rfind(" ", 0, chars) + 1 or chars]
+            ids = tokenizer(piece, return_tensors="pt", add_special_tokens=False)["input_ids"][0]
+            if not complete:
+                ids = ids[:-1]  # the token at the cut may differ from the whole text's tokenization
+            chars *= 2
+        self._corpus_ids[name] = (ids, complete)
+        return ids
 
     def tasks_dir(self) -> Path:
         """The lm-eval YAML tasks of the suite, written once per evaluator."""

@@ -25,8 +25,11 @@ Metric names (``<corpus>``, ``<task>``, ``<cell>`` = ``p<prompt tokens>_b<batch>
 from __future__ import annotations
 
 import math
+import shutil
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -36,11 +39,9 @@ from effinfer.core.generation import GenerationConfig, GenerationResult
 from effinfer.core.stages import Request
 from effinfer.core.technique import Technique
 from effinfer.evaluation.data import load_prompts
-from effinfer.evaluation.data.bigbench import task_examples
 from effinfer.evaluation.metrics import memory
 from effinfer.evaluation.metrics.fidelity import FidelityAccumulator, GreedyMatch, ReferenceDistributions
-from effinfer.evaluation.metrics.lm_eval_bridge import lm_eval_scores
-from effinfer.evaluation.metrics.multiple_choice import score_examples
+from effinfer.evaluation.metrics.lm_eval_bridge import lm_eval_scores, prepare_tasks, rewrite_questions
 from effinfer.evaluation.metrics.perplexity import perplexity, plan_windows
 from effinfer.evaluation.metrics.roofline import roofline
 from effinfer.evaluation.metrics.speculative import SpeculativeStats
@@ -89,7 +90,7 @@ class StackRun:
     techniques: list[Technique]
     suite: Suite
     reference: Reference
-    corpus_ids: Callable[[str], torch.Tensor]
+    corpus_ids: Callable[..., torch.Tensor]  # (corpus, at_least tokens or None) -> ids
     tasks_dir: Callable[[], Any]
     bandwidth: Callable[[], float | None]
     clock: Clock
@@ -142,8 +143,9 @@ def perplexity_phase(run: StackRun) -> None:
         run.reference.distributions = collector = ReferenceDistributions(fidelity.max_positions)
     elif fidelity is not None and run.reference.distributions is not None:
         collector = FidelityAccumulator(run.reference.distributions)
+    needed = None if spec.max_windows is None else spec.window + (spec.max_windows - 1) * (spec.stride or spec.window)
     for position, corpus in enumerate(spec.corpora):
-        ids = run.corpus_ids(corpus)
+        ids = run.corpus_ids(corpus, needed)
         windows = plan_windows(len(ids), spec.window, spec.stride, spec.max_windows)
         result = perplexity(run.model, run.tokenizer, ids, windows, cache_factory=run.cache_factory,
                             on_window=collector.add if collector is not None and position == 0 else None,
@@ -176,13 +178,18 @@ def tasks_phase(run: StackRun) -> None:
         return
     run.advance("tasks")
     if kind.data_level:
-        # the data stage must rewrite each question; lm-eval has no hook for that
+        # the data stage rewrites each question before the model scores it
         def transform(question: str) -> str:
             return run.composed.transform_request(Request.from_text(question)).text()
 
-        scores = {name: score_examples(run.model, run.tokenizer, task_examples(name, spec.limit), transform)
-                  for name in spec.names}
-        scorer = "direct log-likelihood scorer, data stage applied to each question"
+        folder = Path(tempfile.mkdtemp(prefix="effinfer-tasks-data-"))
+        try:
+            include = prepare_tasks(folder, spec.names, spec.limit)
+            rewrite_questions(include, spec.names, transform)
+            scores = lm_eval_scores(run.model, run.tokenizer, include, spec.names, spec.batch_size)
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+        scorer = "lm-eval HFLM, data stage applied to each question"
     else:
         scores = lm_eval_scores(run.model, run.tokenizer, run.tasks_dir(), spec.names, spec.batch_size)
         scorer = "lm-eval HFLM"
@@ -203,19 +210,18 @@ def tasks_phase(run: StackRun) -> None:
 
 
 def speed_prompts(ids: torch.Tensor, tokenizer: Any, length: int, batch: int) -> list[str]:
-    """``batch`` different texts of about ``length`` tokens, cut from the end of a corpus."""
+    """``batch`` different texts of about ``length`` tokens: consecutive spans from the corpus's start."""
     needed = length * batch
     if len(ids) < needed:
         raise ValueError(f"the corpus has {len(ids)} tokens; a {length}×{batch} speed cell needs {needed}")
-    start = len(ids) - needed
-    return [tokenizer.decode(ids[start + b * length:start + (b + 1) * length].tolist()) for b in range(batch)]
+    return [tokenizer.decode(ids[b * length:(b + 1) * length].tolist()) for b in range(batch)]
 
 
 def speed_phase(run: StackRun) -> None:
     spec = run.suite.speed
     if spec is None:
         return
-    ids = run.corpus_ids("wikipedia")
+    ids = run.corpus_ids("wikipedia", max(spec.prompt_lengths) * max(spec.batch_sizes))
     config = GenerationConfig(max_new_tokens=spec.new_tokens, chat_template=False)
     for length in spec.prompt_lengths:
         for batch in spec.batch_sizes:
@@ -345,6 +351,8 @@ def weights_phase(run: StackRun) -> None:
 
 def peak_memory_phase(run: StackRun) -> None:
     """Peak RSS / CUDA peak since :func:`start_peak_tracking` (speed grid + generation)."""
+    if run.suite.memory is None or not run.suite.memory.track_peak:
+        return
     peak = memory.peak_rss_bytes()
     run.record.add("memory.peak_rss_bytes", peak, unit="B", higher_is_better=False,
                    params={"window": "speed grid and generation" if run.state.get("rss_reset")
@@ -355,6 +363,8 @@ def peak_memory_phase(run: StackRun) -> None:
 
 
 def start_peak_tracking(run: StackRun) -> None:
+    if run.suite.memory is None or not run.suite.memory.track_peak:
+        return
     run.state["rss_reset"] = memory.reset_peak_rss()
     memory.reset_cuda_peak()
 

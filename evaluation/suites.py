@@ -1,6 +1,6 @@
 """Named evaluation suites: how much of each measurement one evaluation runs.
 
-``quick`` is for tests and CI (about half a minute per technique on a 2-core CPU for the
+``tiny`` is for unit tests with tiny random models (seconds), ``quick`` is for smoke tests and CI (about half a minute per technique on a 2-core CPU for the
 135M default model), ``standard`` produces the numbers in the docs, ``full`` runs every
 example and window the data sources hold. A suite is a pydantic model, so a custom one is
 a dict or YAML file away::
@@ -83,11 +83,16 @@ class SpeedSpec(BaseModel):
 
 
 class MemorySpec(BaseModel):
-    """Weight bytes, KV-cache bytes at a context length, peak RSS (and CUDA peak)."""
+    """Peak memory tracking; weight bytes are always measured, KV-cache bytes in the speed grid.
+
+    The KV cache is measured on the caches built during the speed grid's batch-1 run with the
+    longest prompt (every cache the decoding strategy creates, a draft model's included).
+    """
 
     model_config = ConfigDict(extra="forbid")
 
-    kv_context: int = Field(1024, ge=1, description="context length at which the KV cache is measured")
+    track_peak: bool = Field(True, description="reset and read peak RSS (and CUDA peak) around the speed "
+                                               "grid and the generation phase")
 
 
 class RooflineSpec(BaseModel):
@@ -128,6 +133,16 @@ class Suite(BaseModel):
 
 
 SUITES: dict[str, Suite] = {
+    "tiny": Suite(
+        name="tiny",
+        description="seconds, for unit tests with tiny random models (effinfer.core.testing.tiny_llama)",
+        perplexity=PerplexitySpec(window=64, max_windows=2),
+        tasks=TasksSpec(names=["general_knowledge"], limit=8, batch_size=8),
+        fidelity=FidelitySpec(max_positions=128),
+        generation=GenerationSpec(categories=["summarize"], n_per_category=1, max_new_tokens=8, max_chars=900),
+        speed=SpeedSpec(prompt_lengths=[32], batch_sizes=[1], new_tokens=4, warmup=1, repeats=2),
+        roofline=RooflineSpec(buffer_mib=16, repeats=2),
+    ),
     "quick": Suite(
         name="quick",
         description="minutes for a whole bench on a 2-core CPU: tests, CI, smoke checks",
@@ -137,7 +152,6 @@ SUITES: dict[str, Suite] = {
         generation=GenerationSpec(categories=["summarize", "code_edit"], n_per_category=1, max_new_tokens=32,
                                   max_chars=900),
         speed=SpeedSpec(prompt_lengths=[128], batch_sizes=[1], new_tokens=16, warmup=1, repeats=3),
-        memory=MemorySpec(kv_context=1024),
         roofline=RooflineSpec(buffer_mib=128, repeats=3),
     ),
     "standard": Suite(
@@ -149,7 +163,6 @@ SUITES: dict[str, Suite] = {
         fidelity=FidelitySpec(max_positions=4096),
         generation=GenerationSpec(n_per_category=2, max_new_tokens=128),
         speed=SpeedSpec(prompt_lengths=[128, 512], batch_sizes=[1, 4], new_tokens=64, warmup=1, repeats=5),
-        memory=MemorySpec(kv_context=2048),
         roofline=RooflineSpec(buffer_mib=512, repeats=5),
     ),
     "full": Suite(
@@ -162,14 +175,13 @@ SUITES: dict[str, Suite] = {
         generation=GenerationSpec(n_per_category=4, max_new_tokens=256),
         speed=SpeedSpec(prompt_lengths=[128, 512, 1024], batch_sizes=[1, 4, 16], new_tokens=128, warmup=2,
                         repeats=5),
-        memory=MemorySpec(kv_context=4096),
         roofline=RooflineSpec(buffer_mib=1024, repeats=7),
     ),
 }
 
 
 def get_suite(suite: str | Path | Suite | dict) -> Suite:
-    """A suite by name (``quick``/``standard``/``full``), from a YAML file, a dict, or as given."""
+    """A suite by name (``tiny``/``quick``/``standard``/``full``), from a YAML file, a dict, or as given."""
     if isinstance(suite, Suite):
         return suite
     if isinstance(suite, dict):

@@ -40,7 +40,7 @@ def weight_bytes(model: nn.Module) -> int:
     return unique_tensor_bytes([*model.parameters(), *model.buffers()])
 
 
-def cache_tensors(cache: Any, depth: int = 4) -> list[torch.Tensor]:
+def cache_tensors(cache: Any, depth: int = 6) -> list[torch.Tensor]:
     """Every tensor reachable from a cache object (attributes, lists, dicts), a few levels deep."""
     if isinstance(cache, torch.Tensor):
         return [cache]

@@ -4,8 +4,8 @@ The text is tokenized once and cut into windows of ``window`` tokens starting ev
 ``stride`` tokens (``stride == window``: disjoint windows). Each window predicts only the
 tokens no earlier window predicted, so every target token is scored once, with up to
 ``window - stride`` tokens of extra left context (the Hugging Face "perplexity of
-fixed-length models" recipe). The first token of the text has no context and is never
-scored.
+fixed-length models" recipe). A token with no context is never scored: the first token of
+the text, and with disjoint windows the first token of every window (as in that recipe).
 
 Token perplexity is ``exp(total NLL / scored tokens)``; word perplexity is
 ``exp(total NLL / words)``, words being the whitespace-separated words of the scored text.

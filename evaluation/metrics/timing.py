@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Generic, TypeVar
+
+import torch
 
 T = TypeVar("T")
 Clock = Callable[[], float]
@@ -68,3 +71,18 @@ class Summary:
             q1, _, q3 = statistics.quantiles(samples, n=4, method="inclusive")
             return cls(statistics.median(samples), q1, q3, len(samples), "iqr")
         return cls(statistics.median(samples), min(samples), max(samples), len(samples), "minmax")
+
+
+@contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """Run a block with ``n`` torch intra-op threads, then restore the previous count.
+
+    Tiny models run fastest on one thread, and on a shared, busy machine two contending
+    threads can be ten times slower than one.
+    """
+    previous = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
