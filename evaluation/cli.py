@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from pydantic import ValidationError
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
@@ -33,11 +34,16 @@ BUILTIN_DISTRIBUTION = "effinfer"
 #: cross-level compositions benched by default, when all their techniques are registered
 DEFAULT_COMPOSITIONS = (
     "rtn+prompt_lookup",
-    "selective_context+prompt_lookup",
     "selective_context+rtn+prompt_lookup",
     "gptq+prompt_lookup",
     "awq+self_speculative",
 )
+
+#: configs for built-ins whose defaults cannot run alone (a technique class may instead set
+#: a ``bench_config`` dict attribute, which takes precedence)
+FALLBACK_CONFIGS: dict[str, dict[str, Any]] = {
+    "draft_model": {"techniques": ["rtn:bits=4"]},  # its default draft would be the target itself
+}
 
 results_app = typer.Typer(help="Browse, compare and export stored evaluation runs.", no_args_is_help=True)
 
@@ -58,10 +64,16 @@ def parse_composition(text: str) -> list[TechniqueSpec]:
     return [parse_technique(p) for p in parts]
 
 
+def bench_config(cls: type, name: str) -> dict[str, Any]:
+    """The config a default bench uses: ``cls.bench_config``, a fallback above, or the defaults."""
+    config = getattr(cls, "bench_config", None)
+    return dict(config) if isinstance(config, dict) else dict(FALLBACK_CONFIGS.get(name, {}))
+
+
 def default_stacks(registry: Registry, runtime: Runtime) -> tuple[list[list[TechniqueSpec]], list[str]]:
     """Every built-in technique alone plus the default compositions; and what was left out, with why."""
     skipped: list[str] = []
-    usable: list[str] = []
+    usable: dict[str, TechniqueSpec] = {}
     for name in registry.names():
         entry = registry.techniques[name]
         if entry.distribution != BUILTIN_DISTRIBUTION:
@@ -69,12 +81,19 @@ def default_stacks(registry: Registry, runtime: Runtime) -> tuple[list[list[Tech
         if Requirement.CUDA in entry.technique.requires and not runtime.device.startswith("cuda"):
             skipped.append(f"{name} (requires CUDA; run with --device cuda)")
             continue
-        usable.append(name)
-    stacks = [[TechniqueSpec(name=name)] for name in usable]
+        config = bench_config(entry.technique, name)
+        try:
+            entry.technique.Config.model_validate(config)
+        except ValidationError as error:
+            skipped.append(f"{name} (its default config cannot run: {error.errors()[0]['msg']}; "
+                           f"bench it with -t {name}:key=value,...)")
+            continue
+        usable[name] = TechniqueSpec(name=name, config=config)
+    stacks = [[spec] for spec in usable.values()]
     for composition in DEFAULT_COMPOSITIONS:
         parts = parse_composition(composition)
         if all(p.name in usable for p in parts):
-            stacks.append(parts)
+            stacks.append([usable[p.name] if not p.config else p for p in parts])
     return stacks, skipped
 
 
@@ -99,6 +118,7 @@ def bench_command(
     store: Annotated[Path | None, typer.Option(help="results database (default: $EFFINFER_RESULTS or the cache)")] = None,
     out: Annotated[Path | None, typer.Option(help="folder for report.md and plots (default: ./results/bench-<id>)")] = None,
     redo: Annotated[bool, typer.Option("--redo", help="measure again stacks already stored")] = False,
+    baseline_only: Annotated[bool, typer.Option("--baseline-only", help="measure only the baseline")] = False,
     device: Annotated[str, typer.Option(help="cpu or cuda[:N]")] = "cpu",
     threads: Annotated[int | None, typer.Option(min=1, help="torch threads (default: torch's choice)")] = None,
 ) -> None:
@@ -114,7 +134,7 @@ def bench_command(
     try:
         runtime = Runtime(device=device, threads=threads)
         chosen_suite = get_suite(suite)
-        stacks, skipped = chosen_stacks(technique, compose, get_registry(), runtime)
+        stacks, skipped = ([], []) if baseline_only else chosen_stacks(technique, compose, get_registry(), runtime)
     except (EffinferError, ValueError) as error:
         _fail(error)
     for line in skipped:

@@ -193,3 +193,16 @@ def test_cli_bench_and_results(tmp_path, tiny_model_dir):
     assert csv_out.output.splitlines()[0].startswith("run_id,bench_id,stack")
     missing = runner.invoke(app, ["results", "list", "--store", str(tmp_path / "none.db")])
     assert missing.exit_code == 2
+
+
+def test_default_bench_stacks(registry):
+    from effinfer.core.experiment import Runtime
+    from effinfer.evaluation.cli import default_stacks, parse_composition
+
+    stacks, skipped = default_stacks(registry, Runtime())
+    names = ["+".join(t.name for t in stack) for stack in stacks]
+    assert {"rtn", "prompt_lookup", "selective_context", "selective_context+rtn+prompt_lookup"} <= set(names)
+    assert not {"boom", "drop_layers"} & set(names)  # only built-ins (distribution "effinfer")
+    assert [t.config for t in parse_composition("a+b:bits=4")] == [{}, {"bits": 4}]
+    with pytest.raises(ValueError, match="empty part"):
+        parse_composition("a++b")

@@ -1,0 +1,26 @@
+"""The quick suite on the real SmolLM2-135M: one technique against the baseline (about a minute)."""
+
+from __future__ import annotations
+
+import pytest
+
+from effinfer.evaluation import Evaluator
+
+pytestmark = [pytest.mark.real_model, pytest.mark.slow]
+
+
+def test_quick_suite_with_prompt_lookup_on_smollm2():
+    with Evaluator("smollm2-135m-instruct", suite="quick", store=False) as evaluator:
+        record = evaluator.evaluate(["prompt_lookup"])
+    base = record.baseline
+    assert base.ok and record.ok, (base.error, record.error)
+    # DATA-SOURCES.md: ≈21 token perplexity on 1024-token windows; shorter windows score a little higher
+    assert 15 < base.value("perplexity.wikipedia.token") < 35
+    assert base.value("accuracy.mean.acc") > 0.3  # chance is about 0.2 on these two tasks
+    assert 134_515_008 * 4 <= base.value("memory.weight_bytes") < 134_515_008 * 4 * 1.01  # tied embeddings once
+    assert base.value("speed.p128_b1.decode_tok_s") > 0.5
+    # a lossless decoding strategy: same greedy outputs, drafts accepted, perplexity copied
+    assert record.value("fidelity.greedy_identical") == 1.0
+    assert any(note.startswith("lossless claim verified") for note in record.notes)
+    assert record.value("speculative.acceptance_rate") > 0
+    assert record.metrics["perplexity.wikipedia.token"].inherited
