@@ -49,6 +49,9 @@ BUILTIN_DISTRIBUTION = "effinfer"
 PLUGIN_TUTORIAL = "guides/write-a-plugin.md"
 EVALUATOR_CONCEPT = "concepts/evaluator.md"
 MAX_RESULT_ROWS = 12
+#: benchmark scripts write their tables here, one markdown file per table, in a folder named
+#: after the taxonomy node; each node page shows its folder's tables (sorted by file name)
+BENCHMARK_TABLES_DIR = Path("benchmarks") / "results"
 log = logging.getLogger("mkdocs.plugins.effinfer")
 
 
@@ -209,6 +212,19 @@ class Results:
         return technique in self.by_technique
 
 
+def load_benchmark_tables(root: str | Path | None = None) -> dict[str, list[str]]:
+    """Node id → the markdown tables benchmark scripts wrote for it (``benchmarks/results/<node>/*.md``).
+
+    ``root`` defaults to ``$EFFINFER_BENCHMARK_TABLES``, else ``benchmarks/results`` in the
+    current directory (the checkout, when mkdocs builds the site).
+    """
+    folder = Path(root or os.environ.get("EFFINFER_BENCHMARK_TABLES") or BENCHMARK_TABLES_DIR)
+    if not folder.is_dir():
+        return {}
+    return {node.name: [table.read_text().strip() for table in sorted(node.glob("*.md"))]
+            for node in sorted(folder.iterdir()) if node.is_dir()}
+
+
 def load_results(path: str | Path | None = None) -> Results:
     """Read the results store (``path``, else the default database) without ever creating one.
 
@@ -349,13 +365,14 @@ class SiteBuilder:
     """Builds every generated page; :meth:`pages` maps docs paths to text (or PNG bytes)."""
 
     def __init__(self, taxonomy: Taxonomy | None = None, registry: Registry | None = None,
-                 results: Results | None = None) -> None:
+                 results: Results | None = None, benchmark_tables: dict[str, list[str]] | None = None) -> None:
         from effinfer.core.registry import get_registry
         from effinfer.taxonomy import load_taxonomy
 
         self.taxonomy = taxonomy or load_taxonomy()
         self.registry = registry or get_registry()
         self.results = results if results is not None else load_results()
+        self.benchmark_tables = benchmark_tables if benchmark_tables is not None else load_benchmark_tables()
         self.view = self._load_view()
         self.plots: dict[str, bytes] = {}
 
@@ -451,6 +468,12 @@ class SiteBuilder:
             lines += [f"- {self.technique_link(page, e)} — {self.node_link(page, self.taxonomy.get(e.technique.node))}"
                       for e in below]
             lines.append("")
+        tables = self.benchmark_tables.get(node.id, [])
+        if tables:
+            lines += ["## Benchmarks", "",
+                      f"Tables written by the scripts in {code('benchmarks/')} (each says the command that made it).", ""]
+            for table in tables:
+                lines += [re.sub(r"^#{1,2} ", "### ", table, flags=re.MULTILINE), ""]
         return "\n".join(lines)
 
     def card(self, entry: TechniqueEntry, page: str) -> list[str]:

@@ -16,7 +16,8 @@ from effinfer.core import Paper, Technique, hookimpl
 from effinfer.core.registry import build_registry
 from effinfer.taxonomy import load_taxonomy, load_view
 from effinfer.taxonomy import site
-from effinfer.taxonomy.site import Results, SiteBuilder, generate_pages, load_results, node_page
+from effinfer.taxonomy.site import (Results, SiteBuilder, generate_pages, load_benchmark_tables, load_results,
+                                    node_page)
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
@@ -266,3 +267,16 @@ def test_results_table_has_a_fallback_without_the_report_module(tmp_path, monkey
     table = site.results_table(results.by_technique["rtn"].records)
     assert table.splitlines()[0] == "| stack | perplexity | accuracy | decode tok/s |"
     assert "| rtn:bits=8 | 10.10 ±0.10 | 0.490 ±0.010 | 120.0 |" in table
+
+
+def test_benchmark_tables_appear_on_their_node_page(tmp_path, monkeypatch, registry):
+    folder = tmp_path / STRUCTURED
+    folder.mkdir()
+    (folder / "b.md").write_text("## Second table\n\n| a |\n|---|\n| 2 |\n")
+    (folder / "a.md").write_text("## First table\n\n| a |\n|---|\n| 1 |\n")
+    monkeypatch.setenv("EFFINFER_BENCHMARK_TABLES", str(tmp_path))
+    assert load_benchmark_tables() == {STRUCTURED: [(folder / n).read_text().strip() for n in ("a.md", "b.md")]}
+    text = generate_pages(registry=registry, results=Results())[node_page(STRUCTURED, True)]
+    section = text[text.index("## Benchmarks"):]
+    assert section.index("### First table") < section.index("### Second table")
+    assert load_benchmark_tables(tmp_path / "missing") == {}
