@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 
+from effinfer.core.calibration import calibration_source
 from effinfer.core.compose import Completion, ComposedModel, StageReport
 from effinfer.core.experiment import Experiment
 from effinfer.core.generation import GenerationResult
@@ -15,6 +16,8 @@ from effinfer.core.models import load_model
 from effinfer.core.registry import Registry
 from effinfer.core.stages import Request
 from effinfer.core.technique import Requirement
+
+__all__ = ["ExperimentRun", "apply_runtime", "calibration_source", "run_experiment"]
 
 
 @dataclass
@@ -31,20 +34,6 @@ def apply_runtime(experiment: Experiment) -> None:
     torch.manual_seed(experiment.runtime.seed)
     if experiment.runtime.threads:
         torch.set_num_threads(experiment.runtime.threads)
-
-
-def calibration_source(tokenizer: Any, seed: int) -> Any:
-    """Seeded calibration batches from the calibration split of the Wikipedia corpus."""
-
-    def batches(n_samples: int, seq_len: int) -> torch.Tensor:
-        from effinfer.evaluation.data import corpus_text  # lazy: only techniques that calibrate pay
-
-        ids = tokenizer(corpus_text("wikipedia", split="calibration"), return_tensors="pt")["input_ids"][0]
-        generator = torch.Generator().manual_seed(seed)
-        starts = torch.randint(0, len(ids) - seq_len - 1, (n_samples,), generator=generator)
-        return torch.stack([ids[s:s + seq_len] for s in starts.tolist()])
-
-    return batches
 
 
 def run_experiment(experiment: Experiment, registry: Registry | None = None, model: Any = None,
