@@ -34,12 +34,11 @@ from effinfer.evaluation.phases import speed_prompts
 
 
 def speed_only_suite(prompt_tokens: int, new_tokens: int, repeats: int):
-    return get_suite("quick").model_copy(update={
-        "name": "overhead", "perplexity": None, "fidelity": None, "tasks": None, "generation": None,
-        "roofline": None, "memory": None,
-        "speed": {"prompt_lengths": [prompt_tokens], "batch_sizes": [1], "new_tokens": new_tokens, "warmup": 1,
-                  "repeats": repeats},
-    })
+    return get_suite("quick").with_changes(
+        name="overhead", perplexity=None, fidelity=None, tasks=None, generation=None, roofline=None, memory=None,
+        speed={"prompt_lengths": [prompt_tokens], "batch_sizes": [1], "new_tokens": new_tokens, "warmup": 1,
+               "repeats": repeats},
+    )
 
 
 def bare_rates(model, tokenizer, prompt: str, new_tokens: int, repeats: int) -> list[float]:

@@ -6,13 +6,14 @@ example and window the data sources hold. A suite is a pydantic model, so a cust
 a dict or YAML file away::
 
     from effinfer.evaluation.suites import get_suite
-    suite = get_suite("quick").model_copy(update={"speed": {"prompt_lengths": [64, 256]}})
+    suite = get_suite("quick").with_changes(speed={"prompt_lengths": [64, 256]})
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+from typing import Any
 from pathlib import Path
 
 import yaml
@@ -125,6 +126,11 @@ class Suite(BaseModel):
             raise ValueError("the fidelity section compares next-token distributions on the perplexity "
                              "windows; enable the perplexity section or set fidelity to null")
         return self
+
+    def with_changes(self, **sections: Any) -> Suite:
+        """A validated copy with some sections replaced (a dict is validated like YAML input;
+        ``None`` skips a section). Unlike ``model_copy(update=...)`` nothing unvalidated gets in."""
+        return Suite.model_validate({**self.model_dump(), **sections})
 
     def fingerprint(self) -> str:
         """A short hash of everything that changes the numbers (the name excluded)."""

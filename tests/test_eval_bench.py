@@ -206,3 +206,12 @@ def test_default_bench_stacks(registry):
     assert [t.config for t in parse_composition("a+b:bits=4")] == [{}, {"bits": 4}]
     with pytest.raises(ValueError, match="empty part"):
         parse_composition("a++b")
+
+
+def test_suite_with_changes_validates_the_new_sections():
+    suite = get_suite("quick").with_changes(name="custom", speed={"prompt_lengths": [64], "batch_sizes": [2]})
+    assert suite.name == "custom" and suite.speed.prompt_lengths == [64] and suite.speed.batch_sizes == [2]
+    assert suite.speed.repeats == type(suite.speed)().repeats  # unspecified fields take the section's defaults
+    assert get_suite("quick").with_changes(tasks=None).tasks is None
+    with pytest.raises(ValueError, match="prompt_length"):
+        get_suite("quick").with_changes(speed={"prompt_length": [64]})
