@@ -274,7 +274,7 @@ class OutlierInt8Linear(PackedLayer):
         return out.to(x.dtype).reshape(*shape[:-1], self.out_features)
 
     def path(self) -> str:
-        return f"int8×int8 GEMM + {self.outliers.numel()} outlier features in float"
+        return "int8×int8 GEMM (torch._int_mm) + outlier features in float16"  # counts: the technique's note
 
     def metadata(self) -> dict[str, Any]:
         return super().metadata() | {"runtime_threshold": self.runtime_threshold}
