@@ -55,7 +55,7 @@ def test_plugins_json_covers_three_levels_with_node_paper_schema():
     rtn = by_name["rtn"]
     assert rtn["node"] == "model.compression.quantization.ptq.weight_only"
     assert rtn["paper"]["arxiv"] == "2210.17323"
-    assert rtn["config_schema"]["properties"]["bits"]["enum"] == [2, 4, 8]
+    assert rtn["config_schema"]["properties"]["bits"]["enum"] == [2, 3, 4, 8]
     assert by_name["drop_layers"]["distribution"] == "effinfer-example-plugin"
 
 
@@ -87,7 +87,7 @@ def test_run_yaml_on_a_local_model(tmp_path, tiny_model_dir):
 
 def test_run_reports_every_problem_before_loading(tmp_path):
     experiment = tmp_path / "bad.yaml"
-    experiment.write_text("model: /nowhere\ntechniques: [rtn:bits=3, prompt_lokup]\n")
+    experiment.write_text("model: /nowhere\ntechniques: [rtn:bits=5, prompt_lokup]\n")
     result = invoke("run", str(experiment))
     assert result.exit_code == 2
     assert "bits" in result.stderr and "did you mean: prompt_lookup" in result.stderr

@@ -28,7 +28,7 @@ def test_bad_config_value_names_field_and_range():
 
 
 def test_bad_literal_lists_the_choices():
-    assert "allowed: one of 2, 4, 8" in problems_of(techniques=["rtn:bits=3"])
+    assert "allowed: one of 2, 3, 4, 8" in problems_of(techniques=["rtn:bits=5"])
 
 
 def test_unknown_config_field_lists_known_fields():
