@@ -17,9 +17,9 @@ import pluggy
 import torch
 from torch import nn
 
-from effinfer.core.generation import (GenerationConfig, GenerationResult, PlainDecoding, encode_prompts,
-                                      stop_token_ids)
+from effinfer.core.generation import GenerationConfig, GenerationResult, encode_prompts, stop_token_ids
 from effinfer.core.hookspecs import PROJECT, StageSpecs
+from effinfer.core.registry import Registry, get_registry
 from effinfer.core.stages import DataStage, ModelStage, ModulePatcher, Request, SystemStage
 from effinfer.core.technique import Technique
 
@@ -44,12 +44,18 @@ class StageReport:
             technique.notes.clear()
 
 
+def default_strategy(engine: str = "static", compile: bool = False, registry: Registry | None = None) -> Any:
+    """The decode loop used when no technique offers one: the registered engine called ``engine``."""
+    return (registry or get_registry()).engine(engine).factory(compile=compile)
+
+
 class ComposedModel:
     """A model with a technique stack applied; a context manager that undoes it on exit."""
 
     def __init__(self, model: nn.Module, tokenizer: Any, techniques: Sequence[Technique] = (),
                  calibration: Callable[[int, int], torch.Tensor] | None = None,
-                 keep_originals: bool = True) -> None:
+                 keep_originals: bool = True, engine: str = "static", compile: bool = False,
+                 registry: Registry | None = None) -> None:
         self.tokenizer = tokenizer
         self.techniques = list(techniques)
         self.report = StageReport()
@@ -63,7 +69,8 @@ class ComposedModel:
         # in reverse to have the stack run in the order the user wrote it.
         for technique in reversed(self.techniques):
             self.manager.register(technique, name=technique.name)
-        self.strategy: Any = PlainDecoding()
+        self.engine_options = {"engine": engine, "compile": compile}
+        self.strategy: Any = default_strategy(engine, compile, registry)
         self.system: SystemStage | None = None
 
     def __enter__(self) -> ComposedModel:
@@ -80,7 +87,7 @@ class ComposedModel:
         self.model = stage.model
         self.report.collect("model", self.techniques)
 
-        self.system = SystemStage(self.model, self.tokenizer)
+        self.system = SystemStage(self.model, self.tokenizer, extras={"engine": dict(self.engine_options)})
         self.manager.hook.effinfer_configure_system(stage=self.system)
         strategy = self.manager.hook.effinfer_decoding_strategy(stage=self.system)
         if strategy is not None:

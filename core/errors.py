@@ -35,6 +35,15 @@ class UnknownTechniqueError(EffinferError, KeyError):
         return str(self.args[0])
 
 
+class UnknownEngineError(EffinferError, KeyError):
+    def __init__(self, name: str, known: Iterable[str]) -> None:
+        known = sorted(known)
+        super().__init__(f"unknown engine {name!r}{did_you_mean(name, known)} (registered: {', '.join(known)})")
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
 class ExperimentError(EffinferError, ValueError):
     """An experiment failed validation; ``problems`` lists every problem found."""
 

@@ -12,7 +12,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from effinfer.core.errors import ExperimentError, UnknownTechniqueError
+from effinfer.core.errors import ExperimentError, UnknownEngineError, UnknownTechniqueError
 from effinfer.core.generation import GenerationConfig
 from effinfer.core.models import DEFAULT_MODEL
 from effinfer.core.registry import Registry, get_registry
@@ -52,6 +52,13 @@ class Runtime(BaseModel):
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     threads: int | None = Field(None, ge=1, le=512, description="torch intra-op threads")
     seed: int = Field(0, ge=0)
+    engine: str = Field(
+        "static", min_length=1,
+        description="decode loop used when no technique offers a decoding strategy, by registered name "
+                    "(effinfer_register_engines): 'static' (static KV cache, Llama family; other models "
+                    "fall back to hf) or 'hf' (transformers' forward over a DynamicCache, the reference)")
+    compile: bool = Field(False, description="torch.compile the engine's decode step (static engine: tens of "
+                                              "seconds once per shape, cached on disk)")
 
 
 class Experiment(BaseModel):
@@ -106,6 +113,8 @@ def resolve_stack(specs: list[TechniqueSpec], runtime: Runtime, registry: Regist
             problems += format_validation_errors(error, cls.Config, prefix=f"{where}: ")
             continue
         techniques.append(cls(config))
+    if runtime.engine not in registry.engines:
+        problems.append(f"runtime.engine: {UnknownEngineError(runtime.engine, registry.engines)}")
     problems += stack_conflicts(techniques, runtime)
     if problems:
         raise ExperimentError(problems)

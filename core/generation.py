@@ -45,6 +45,8 @@ class GenerationResult:
     accepted_per_step: list[int] = field(default_factory=list)
     #: tokens proposed per verification step (speculative strategies only)
     drafted_per_step: list[int] = field(default_factory=list)
+    #: part of ``decode_seconds`` spent drafting (speculative strategies only)
+    draft_seconds: float = 0.0
 
     @property
     def new_tokens(self) -> int:

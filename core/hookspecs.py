@@ -58,6 +58,27 @@ class RegistrationSpecs:
         """
 
     @hookspec
+    def effinfer_register_engines(self, register: Callable[..., None]) -> None:
+        """Register decode engines: ``register(name, factory, description=...)``.
+
+        An engine is the decode loop an experiment uses when no technique of its stack
+        offers a decoding strategy; ``runtime.engine`` picks one by name (unknown names
+        are refused before any model loads, with close matches). ``factory(compile=bool)``
+        returns a :class:`~effinfer.core.generation.DecodingStrategy`; ``compile`` is
+        ``runtime.compile`` (an engine that cannot compile ignores it). The core
+        registers ``"hf"`` itself (its :class:`~effinfer.core.generation.PlainDecoding`,
+        transformers' forward over a ``DynamicCache``, the reference); the built-in
+        plugin ``effinfer.plugins.system.engine`` registers ``"static"`` (the default).
+        Decoding strategies read the chosen name and ``compile`` from
+        ``SystemStage.extras["engine"]``. A name already taken is reported as a broken
+        plugin and skipped::
+
+            @hookimpl
+            def effinfer_register_engines(register):
+                register("mine", lambda compile=False: MyDecoding(), description="...")
+        """
+
+    @hookspec
     def effinfer_register_commands(self, app: Any) -> None:
         """Add commands to the ``effinfer`` CLI: ``app`` is its :class:`typer.Typer`.
 

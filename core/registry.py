@@ -1,4 +1,4 @@
-"""Discovery of technique plugins through the ``effinfer`` entry-point group.
+"""Discovery of plugins (techniques, model sources, engines) through the ``effinfer`` entry-point group.
 
 Built-in techniques are found exactly like third-party ones: each is a module listed
 under ``[project.entry-points.effinfer]`` that implements
@@ -18,7 +18,7 @@ from typing import Any
 
 import pluggy
 
-from effinfer.core.errors import UnknownTechniqueError, did_you_mean
+from effinfer.core.errors import UnknownEngineError, UnknownTechniqueError, did_you_mean
 from effinfer.core.hookspecs import PROJECT, RegistrationSpecs
 from effinfer.core.technique import Technique, check_technique_class
 
@@ -48,10 +48,32 @@ class ModelAlias:
     distribution: str
 
 
+@dataclass(frozen=True)
+class EngineEntry:
+    name: str
+    #: ``factory(compile=bool)`` → a decoding strategy
+    factory: Callable[..., Any]
+    description: str
+    distribution: str
+
+
+def _hf_engine(compile: bool = False) -> Any:
+    from effinfer.core.generation import PlainDecoding
+
+    return PlainDecoding()
+
+
+def core_engines() -> dict[str, EngineEntry]:
+    """The engine the core itself provides (the reference every other one is checked against)."""
+    return {"hf": EngineEntry("hf", _hf_engine, "transformers' forward over a DynamicCache (the reference)",
+                              "effinfer")}
+
+
 @dataclass
 class Registry:
     techniques: dict[str, TechniqueEntry] = field(default_factory=dict)
     model_aliases: dict[str, ModelAlias] = field(default_factory=dict)
+    engines: dict[str, EngineEntry] = field(default_factory=core_engines)
     broken: list[BrokenPlugin] = field(default_factory=list)
     #: every loaded plugin, as ``(plugin, name, distribution)``
     plugins: list[tuple[object, str, str]] = field(default_factory=list)
@@ -65,6 +87,13 @@ class Registry:
 
     def names(self) -> list[str]:
         return sorted(self.techniques)
+
+    def engine(self, name: str) -> EngineEntry:
+        """The engine called ``name``; unknown names get close matches."""
+        try:
+            return self.engines[name]
+        except KeyError:
+            raise UnknownEngineError(name, self.engines) from None
 
     def at_node(self, node_id: str, *, include_descendants: bool = False) -> list[TechniqueEntry]:
         def here(node: str) -> bool:
@@ -85,6 +114,11 @@ class Registry:
             manager.hook.effinfer_register_model_sources(
                 register=lambda alias, loader, description="": self._register_alias(
                     alias, loader, description, distribution
+                )
+            )
+            manager.hook.effinfer_register_engines(
+                register=lambda name, factory, description="": self._register_engine(
+                    name, factory, description, plugin_name, distribution
                 )
             )
         except Exception as error:  # a plugin's bug must not take the framework down
@@ -128,6 +162,18 @@ class Registry:
     def _register_alias(self, alias: str, loader: Callable[..., Any], description: str,
                         distribution: str) -> None:
         self.model_aliases[alias] = ModelAlias(alias, loader, description, distribution)
+
+    def _register_engine(self, name: str, factory: Callable[..., Any], description: str, plugin: str,
+                         distribution: str) -> None:
+        if not isinstance(name, str) or not name or not callable(factory):
+            error = TypeError(f"register(name, factory) needs a non-empty name and a callable, got {name!r}")
+            self._broken(plugin, distribution, error, with_traceback=False)
+        elif name in self.engines:
+            first = self.engines[name]
+            error = ValueError(f"engine name {name!r} is already registered (distribution {first.distribution})")
+            self._broken(plugin, distribution, error, with_traceback=False)
+        else:
+            self.engines[name] = EngineEntry(name, factory, description, distribution)
 
     def _broken(self, plugin: str, distribution: str, error: BaseException,
                 with_traceback: bool = True) -> None:

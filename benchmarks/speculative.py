@@ -1,0 +1,307 @@
+"""Speculative decoding on SmolLM2-135M: every strategy and its peers, in one run.
+
+    .venv/bin/python benchmarks/speculative.py                    # 2 prompts per category
+    .venv/bin/python benchmarks/speculative.py --per-category 1 --max-new-tokens 64 --no-compile
+
+Same prompts (the versioned prompt set: summarize, qa, code_edit, story, chat), greedy, in
+one process, on 2 threads:
+
+- the engine's plain greedy decoding (compiled) — the baseline of every speed-up;
+- each speculative strategy on the same engine (compiled decode and verification steps);
+- transformers ``generate``: plain, with ``prompt_lookup_num_tokens`` and with
+  ``assistant_model`` (the same draft the ``draft_model`` strategy uses);
+- llama.cpp (``llama-cpp-python``, the ``bench-peers`` extra) on the Q4_1 GGUF, if installed.
+
+Per method: decode tok/s over all prompts and per category, speed-up over the engine's plain
+greedy, mean accepted tokens per verification step, acceptance rate, drafting overhead,
+set-up cost (draft construction, datastore, head training), and whether its greedy output
+is identical to plain greedy's. Writes ``artifacts/speculative_benchmark.json`` and the
+survey's Table 5 redone, ``benchmarks/results/system.inference_engine.speculative_decoding/table5.md``
+(shown on that node's docs page). Timing runs share the CPU with nobody: run it as
+``flock -x /tmp/effinfer-cpu.lock …``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from engine import ARTIFACTS, agreement, machine, machine_load, table_header, time_llama_cpp, write_table  # noqa: E402
+
+from effinfer.core.generation import GenerationConfig, GenerationResult, encode_prompts, stop_token_ids  # noqa: E402
+from effinfer.core.models import DEFAULT_MODEL, load_model  # noqa: E402
+from effinfer.core.registry import get_registry  # noqa: E402
+from effinfer.core.stages import SystemStage  # noqa: E402
+from effinfer.evaluation.data import PROMPT_CATEGORIES, load_prompts  # noqa: E402
+from effinfer.plugins.system.engine import EngineSettings, StaticDecoding  # noqa: E402
+from effinfer.plugins.system.engine.settings import shared_engine  # noqa: E402
+
+#: (row name, technique, config) — the strategies measured, with their settings
+STRATEGIES: list[tuple[str, str, dict[str, Any]]] = [
+    ("prompt_lookup", "prompt_lookup", {"num_draft_tokens": 10}),
+    ("draft_model (drop 22 of 30 layers)", "draft_model", {"techniques": ["drop_layers:drop=22"],
+                                                             "num_draft_tokens": 4}),
+    ("draft_model (int8 rtn copy)", "draft_model", {"techniques": ["rtn:bits=8"], "num_draft_tokens": 4}),
+    ("self_speculative", "self_speculative", {"skip_ratio": 0.4, "num_draft_tokens": 4}),
+    ("self_speculative (skip 20%, stop below p=0.6)", "self_speculative",
+     {"skip_ratio": 0.2, "num_draft_tokens": 4, "confidence_threshold": 0.6}),
+    ("lookahead", "lookahead", {}),
+    ("rest", "rest", {}),
+    # Medusa.bench_config's heads (16 self-generated answers × 96 tokens, 2 epochs; cached once trained)
+    ("medusa", "medusa", {"train_prompts": 16, "train_new_tokens": 96, "epochs": 2}),
+]
+
+#: Table 5 columns that describe a method (the measured ones come from the run)
+DESCRIPTIONS: dict[str, tuple[str, str, str]] = {
+    # technique: (draft, draft construction, verifier)
+    "prompt_lookup": ("n-gram match in prompt + output", "none (lookup)", "greedy chain / speculative sampling"),
+    "draft_model": ("smaller model", "compress a copy of the target with a registered technique",
+                    "chain, speculative sampling (min(1, p/q))"),
+    "self_speculative": ("target with layers skipped", "none (layer subset, shared KV cache)",
+                         "chain, speculative sampling"),
+    "lookahead": ("n-grams from Jacobi trajectories", "none (online pool)", "token tree (+ Jacobi chain)"),
+    "rest": ("retrieved continuations", "suffix array over a corpus", "token tree"),
+    "medusa": ("extra heads on the last hidden state", "heads trained on self-generated text", "token tree"),
+}
+
+
+def strategy_for(technique_name: str, config: dict[str, Any], model: Any, tokenizer: Any, compile: bool
+                 ) -> tuple[Any, Any, float]:
+    """The technique's decoding strategy, as the composition would build it; set-up seconds."""
+    technique = get_registry().get(technique_name)(config)
+    stage = SystemStage(model, tokenizer, extras={"engine": {"engine": "static", "compile": compile}})
+    started = time.perf_counter()
+    strategy = technique.effinfer_decoding_strategy(stage=stage)
+    return technique, strategy, time.perf_counter() - started
+
+
+def run_ours(strategy: Any, model: Any, prompts: list[Any], encoded: list[Any], stops: set[int]
+             ) -> list[GenerationResult]:
+    return [strategy.generate(model, ids, mask, GenerationConfig(max_new_tokens=n), stops)
+            for (ids, mask, n) in encoded]
+
+
+def run_hf(model: Any, encoded: list[Any], stops: set[int], **kwargs: Any) -> list[GenerationResult]:
+    """``generate`` per prompt; decode time = total − the time of a 1-token call."""
+    results = []
+    for ids, mask, n in encoded:
+        def call(tokens: int) -> tuple[float, torch.Tensor]:
+            started = time.perf_counter()
+            with torch.inference_mode():
+                out = model.generate(ids, attention_mask=mask, max_new_tokens=tokens, do_sample=False,
+                                     pad_token_id=model.generation_config.eos_token_id, **kwargs)
+            return time.perf_counter() - started, out
+
+        first, _ = call(1)
+        seconds, out = call(n)
+        results.append(GenerationResult([out[0, ids.shape[1]:].tolist()], first, max(seconds - first, 1e-9),
+                                        0))
+    return results
+
+
+def run_llama(encoded: list[Any], threads: int) -> list[GenerationResult] | None:
+    results = []
+    for ids, _, n in encoded:
+        row = time_llama_cpp(ids, n, 1, threads)
+        if row is None:
+            return None
+        decode = (n - 1) / row["decode_tok_s"]
+        results.append(GenerationResult([row["tokens"]], row["prefill_s"], decode, 0))
+    return results
+
+
+def summarize(results: list[GenerationResult], categories: list[str], reference: list[list[int]] | None
+              ) -> dict[str, Any]:
+    def rate(rows: list[GenerationResult]) -> float:
+        tokens = sum(r.new_tokens - len(r.sequences) for r in rows)
+        return tokens / sum(r.decode_seconds for r in rows)
+
+    per_category = defaultdict(list)
+    for category, result in zip(categories, results):
+        per_category[category].append(result)
+    accepted = [a for r in results for a in r.accepted_per_step]
+    drafted = [d for r in results for d in r.drafted_per_step]
+    steps = sum(r.forward_steps for r in results)
+    summary = {
+        "decode_tok_s": rate(results),
+        "per_category_tok_s": {c: rate(rows) for c, rows in per_category.items()},
+        "new_tokens": sum(r.new_tokens for r in results),
+        "decode_seconds": sum(r.decode_seconds for r in results),
+        "draft_seconds": sum(r.draft_seconds for r in results),
+    }
+    if drafted:
+        summary |= {"mean_accepted": sum(accepted) / len(accepted), "acceptance_rate": sum(accepted) / sum(drafted),
+                    "tokens_per_step": sum(r.new_tokens - 1 for r in results) / max(steps, 1),
+                    "drafted_per_step": sum(drafted) / len(drafted)}
+        per_cat_acc = defaultdict(list)
+        for category, result in zip(categories, results):
+            per_cat_acc[category] += result.accepted_per_step
+        summary["per_category_mean_accepted"] = {c: sum(a) / len(a) if a else 0.0 for c, a in per_cat_acc.items()}
+    if reference is not None:
+        outputs = [r.sequences[0] for r in results]
+        summary["identical_to_plain_greedy"] = sum(o == ref for o, ref in zip(outputs, reference))
+        summary["common_prefix_tokens"] = sum(agreement(o, ref) for o, ref in zip(outputs, reference))
+        summary["prompts"] = len(outputs)
+    return summary
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--per-category", type=int, default=2)
+    parser.add_argument("--max-new-tokens", type=int, default=128)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--no-compile", action="store_true")
+    parser.add_argument("--no-llama-cpp", action="store_true")
+    parser.add_argument("--only", nargs="*", help="row names (substring) to run besides the baseline")
+    parser.add_argument("--out", type=Path, default=ARTIFACTS / "speculative_benchmark.json")
+    parser.add_argument("--no-table", action="store_true", help="do not write benchmarks/results/…/table5.md")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    compile = not args.no_compile
+    report: dict[str, Any] = {"load_before": machine_load(), "threads": args.threads, "compile": compile,
+                              "command": "python benchmarks/speculative.py " + " ".join(sys.argv[1:]),
+                              "torch": torch.__version__, "machine": machine(), "rows": {}}
+    model, tokenizer = load_model(DEFAULT_MODEL)
+    prompts = [p for c in PROMPT_CATEGORIES for p in load_prompts(c, n_per_category=args.per_category)]
+    categories = [p.category for p in prompts]
+    encoded = [(*encode_prompts(tokenizer, [p.messages], chat_template=True), min(p.max_new_tokens, args.max_new_tokens))
+               for p in prompts]
+    stops = stop_token_ids(tokenizer, model, GenerationConfig())
+    longest = max(ids.shape[1] + n for ids, _, n in encoded) + 64
+    settings = EngineSettings(compile=compile)
+    engine = shared_engine(model, settings)
+    for name in ("plain", "target"):  # one capacity for every prompt: compiled shapes are reused
+        engine.cache_for(1, longest, name)
+
+    def measure(row: str, results: list[GenerationResult], extra: dict[str, Any]) -> None:
+        reference = report["rows"].get("engine plain greedy", {}).get("outputs")
+        summary = summarize(results, categories, reference) | extra
+        summary["outputs"] = [r.sequences[0] for r in results]
+        report["rows"][row] = summary
+        accepted = summary.get("mean_accepted")
+        print(f"{row}: {summary['decode_tok_s']:.1f} tok/s"
+              + ("" if accepted is None else f", mean accepted {accepted:.2f}"), flush=True)
+
+    plain = StaticDecoding(settings)
+    started = time.perf_counter()
+    run_ours(plain, model, prompts[:1], encoded[:1], stops)  # compile + warm-up
+    warmup = time.perf_counter() - started
+    measure("engine plain greedy", run_ours(plain, model, prompts, encoded, stops),
+            {"warmup_s": warmup, "compile": engine.compile_report()})
+    wanted = lambda row: not args.only or any(o in row for o in args.only)  # noqa: E731
+    drafts: dict[str, Any] = {}
+    for row, technique_name, config in STRATEGIES:
+        if not wanted(row):
+            continue
+        try:
+            technique, strategy, setup = strategy_for(technique_name, config, model, tokenizer, compile)
+        except Exception as error:  # noqa: BLE001 - a row fails, the benchmark goes on
+            report["rows"][row] = {"error": f"{type(error).__name__}: {error}"}
+            print(f"{row}: FAILED {error}", flush=True)
+            continue
+        if technique_name == "draft_model":
+            drafts[row] = strategy.draft
+            shared_engine(strategy.draft, settings).cache_for(1, longest, "draft")
+        started = time.perf_counter()
+        run_ours(strategy, model, prompts[:1], encoded[:1], stops)
+        warmup = time.perf_counter() - started
+        extra = {"technique": technique_name, "config": config, "setup_s": setup, "warmup_s": warmup,
+                 "notes": list(technique.notes)}
+        report_obj = getattr(technique, "training_report", None)
+        if report_obj is not None:
+            extra["training"] = vars(report_obj) | {"total_seconds": report_obj.total_seconds}
+        measure(row, run_ours(strategy, model, prompts, encoded, stops), extra)
+    if wanted("hf generate"):
+        measure("hf generate", run_hf(model, encoded, stops), {})
+        measure("hf generate + prompt_lookup_num_tokens=10", run_hf(model, encoded, stops, prompt_lookup_num_tokens=10),
+                {})
+        draft_row = next((r for r in drafts if "drop" in r), next(iter(drafts), None))
+        if draft_row is not None:
+            measure(f"hf generate + assistant_model ({draft_row.split('(')[1].rstrip(')')})",
+                    run_hf(model, encoded, stops, assistant_model=drafts[draft_row]), {})
+    if not args.no_llama_cpp and wanted("llama.cpp"):
+        llama = run_llama(encoded, args.threads)
+        if llama is not None:
+            measure("llama.cpp Q4_1 (llama-cpp-python)", llama, {})
+    base = report["rows"]["engine plain greedy"]["decode_tok_s"]
+    for row in report["rows"].values():
+        if "decode_tok_s" in row:
+            row["speedup_vs_engine_plain"] = row["decode_tok_s"] / base
+    report["load_after"] = machine_load()
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=1, default=str))
+    table = table5(report)
+    if not args.no_table:
+        print("wrote", write_table("system.inference_engine.speculative_decoding", "table5", table))
+    print(table)
+
+
+def table5(report: dict[str, Any]) -> str:
+    """The survey's Table 5 redone from this run, plus the peers, as markdown."""
+    rows = report["rows"]
+    base = rows["engine plain greedy"]
+    lines = table_header(
+        "Speculative decoding on SmolLM2-135M-Instruct (survey Table 5, redone)", report["command"],
+        report["threads"], f"; torch {report['torch']}; compiled decode and verification steps: {report['compile']}; "
+        f"machine load (`uptime`) before `{report['load_before']}`, after `{report['load_after']}` (a shared CPU: "
+        "compare ratios within this table, not across runs)")
+    lines += [
+        f"Greedy decoding of {base.get('prompts', len(base['outputs']))} prompts of the versioned prompt set "
+        "(summarize, qa, code_edit, story, chat), batch 1, all methods in one process on the same prompts. Speed-up = "
+        f"decode tok/s ÷ the engine's plain greedy decode tok/s ({base['decode_tok_s']:.1f}). Mean accepted = drafted "
+        "tokens accepted per verification step (τ − 1 in Spec-Bench's terms; each step also emits the target's own "
+        "token); acceptance rate = accepted ÷ drafted tokens (every tree node counts as drafted). Drafting overhead = "
+        "share of decode time spent proposing. Set-up = draft construction / datastore / head training (a cached "
+        "artefact shows what it cost when it was made). Lossless = prompts whose greedy output is identical to plain "
+        "greedy's. HF rows: transformers `generate` (its own decode loop, not the engine) with "
+        "`prompt_lookup_num_tokens` / `assistant_model` — peers, with their speed-up also relative to the engine.",
+        "",
+        "| method | draft | draft construction | verifier | set-up cost | drafting overhead | mean accepted "
+        "| acceptance rate | decode tok/s | speed-up | lossless (identical greedy) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, row in rows.items():
+        if "error" in row:
+            lines.append(f"| {name} | | | | | | | | failed: {row['error'][:80]} | | |")
+            continue
+        draft, construction, verifier = DESCRIPTIONS.get(row.get("technique", ""), ("—", "—", "—"))
+        if name == "engine plain greedy":
+            draft, construction, verifier = "—", "—", "—"
+        setup = f"{row['setup_s']:.1f} s" if "setup_s" in row else "—"
+        if "training" in row:
+            training = row["training"]
+            setup = (f"{training['total_seconds']:.0f} s training ({training['generated_tokens']} self-generated "
+                     f"tokens){' (cached)' if training.get('cached') else ''}")
+        overhead = (f"{row['draft_seconds'] / row['decode_seconds']:.0%} of decode" if row.get("draft_seconds")
+                    else "—")
+        identical = (f"{row['identical_to_plain_greedy']}/{row['prompts']}" if "identical_to_plain_greedy" in row
+                     else "reference")
+        accepted = (f"{row['mean_accepted']:.2f} | {row['acceptance_rate']:.2f}" if "mean_accepted" in row
+                    else "— | —")
+        lines.append(f"| {name} | {draft} | {construction} | {verifier} | {setup} | {overhead} | {accepted} | "
+                     f"{row['decode_tok_s']:.1f} | {row['speedup_vs_engine_plain']:.2f}× | {identical} |")
+    lines += ["", "Per prompt category — decode tok/s (mean accepted tokens):", "",
+              "| method | " + " | ".join(PROMPT_CATEGORIES) + " |", "|---|" + "---|" * len(PROMPT_CATEGORIES)]
+    for name, row in rows.items():
+        if "per_category_tok_s" not in row:
+            continue
+        cells = []
+        for category in PROMPT_CATEGORIES:
+            cell = f"{row['per_category_tok_s'].get(category, float('nan')):.1f}"
+            if "per_category_mean_accepted" in row:
+                cell += f" ({row['per_category_mean_accepted'].get(category, 0.0):.2f})"
+            cells.append(cell)
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,73 @@
+"""Plain decoding on the static engine: the default decoding strategy of experiments.
+
+Same contract and same tokens as the core's :class:`~effinfer.core.generation.PlainDecoding`
+(Hugging Face forward over a ``DynamicCache``, kept as the reference path): batches with
+left padding, greedy or seeded sampling with the same generator calls, stop tokens. The
+per-token Python work is one call of the (optionally compiled) decode step, one token
+selection and one stop check.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from effinfer.core.generation import (GenerationConfig, GenerationResult, PlainDecoding, make_generator,
+                                      select_tokens)
+from effinfer.plugins.system.engine.settings import EngineChoice, EngineSettings
+
+
+class StaticDecoding:
+    """One compiled-or-eager decode step per token over a static KV cache."""
+
+    name = "static"
+
+    def __init__(self, settings: EngineSettings | None = None) -> None:
+        self.choice = EngineChoice(settings or EngineSettings())
+
+    @property
+    def engine(self) -> Any:
+        return self.choice.engine
+
+    def generate(self, model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                 config: GenerationConfig, stop_ids: set[int],
+                 cache_factory: Callable[[nn.Module], Any] | None = None) -> GenerationResult:
+        engine, probe = self.choice.engine_for(model, cache_factory)
+        if engine is None:
+            return PlainDecoding().generate(model, input_ids, attention_mask, config, stop_ids,
+                                            cache_factory=(lambda _: probe) if probe is not None else None)
+        batch, prompt = input_ids.shape
+        cache = engine.cache_for(batch, prompt + config.max_new_tokens, name="plain")
+        if probe is not None:
+            probe.static_kv = cache  # lets a recording cache factory count the static buffers
+        generator = make_generator(config, input_ids.device)
+        stop = torch.tensor(sorted(stop_ids) or [-1], device=input_ids.device)
+
+        started = time.perf_counter()
+        logits = engine.prefill(cache, input_ids, attention_mask).logits[:, -1]
+        prefill_done = time.perf_counter()
+        chosen: list[torch.Tensor] = []
+        finished = torch.zeros(batch, dtype=torch.bool, device=input_ids.device)
+        for step in range(config.max_new_tokens):
+            tokens = select_tokens(logits, config, generator)
+            chosen.append(tokens)
+            finished |= torch.isin(tokens, stop)
+            if step == config.max_new_tokens - 1 or bool(finished.all()):
+                break
+            logits = engine.decode(cache, tokens)
+        done = time.perf_counter()
+        return GenerationResult(cut_at_stop(torch.stack(chosen, dim=1).tolist(), stop_ids),
+                                prefill_done - started, done - prefill_done, len(chosen) - 1)
+
+
+def cut_at_stop(rows: list[list[int]], stop_ids: set[int]) -> list[list[int]]:
+    """Each row up to and including its first stop token."""
+    out = []
+    for row in rows:
+        end = next((i + 1 for i, token in enumerate(row) if token in stop_ids), len(row))
+        out.append(row[:end])
+    return out

@@ -1,0 +1,205 @@
+"""The engine: prefill, a (compilable) one-token decode step, and tree forwards, on a static cache.
+
+In the spirit of gpt-fast (https://github.com/pytorch-labs/gpt-fast): the whole decode
+path is a few functions over pre-allocated tensors. Three operations:
+
+- :meth:`Engine.prefill` — the (left-padded) prompts, eager, last-position logits;
+- :meth:`Engine.decode` — one token per row at the next cache column, fixed shapes, so it
+  can be compiled once per (batch, capacity, layer subset) and reused;
+- :meth:`Engine.forward` — ``k`` tokens arranged as a chain or a token tree (``parents``)
+  after the committed prefix, *not* committed: speculative strategies verify a draft with
+  it and then keep the accepted entries with :meth:`StaticKVCache.commit`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import partial
+
+import torch
+from torch import nn
+
+from effinfer.core.generation import positions_from_mask
+from effinfer.plugins.system.engine.cache import StaticKVCache, round_capacity
+from effinfer.plugins.system.engine.compile import CompiledStep
+from effinfer.plugins.system.engine.forward import DecoderLayout, decoder_forward, lm_logits
+
+
+#: node counts a compiled tree forward is padded to (one compiled graph per bucket)
+TREE_BUCKETS = (16, 32, 64, 128)
+
+
+def tree_width(nodes: int) -> int:
+    """Columns a forward of ``nodes`` nodes may occupy (its padding bucket when compiled)."""
+    return next((b for b in TREE_BUCKETS if b >= nodes), nodes)
+
+
+@dataclass
+class StepOutput:
+    """Float32 logits (``B × k × V``) and final-norm hidden states (``B × k × H``)."""
+
+    logits: torch.Tensor
+    hidden: torch.Tensor
+
+
+def tree_geometry(parents: Sequence[int] | None, k: int, device: torch.device
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Depths (``k``) and the ancestor-or-self mask (``k × k``) of a token tree.
+
+    ``parents[i] < i`` is the node ``i`` hangs under; ``-1`` hangs under the committed
+    prefix. ``None`` is a chain (each token under the previous one).
+    """
+    if parents is None:
+        return torch.arange(k, device=device), torch.ones(k, k, dtype=torch.bool, device=device).tril()
+    if len(parents) != k or any(not -1 <= p < i for i, p in enumerate(parents)):
+        raise ValueError(f"parents must have {k} entries with -1 ≤ parents[i] < i, got {list(parents)}")
+    depth = [0] * k
+    mask = torch.eye(k, dtype=torch.bool, device=device)
+    for i, parent in enumerate(parents):
+        if parent >= 0:
+            depth[i] = depth[parent] + 1
+            mask[i] |= mask[parent]
+    return torch.tensor(depth, device=device), mask
+
+
+class Engine:
+    """A Llama-family model decoded over a static KV cache (see the module docstring)."""
+
+    def __init__(self, model: nn.Module, compile: bool = False, compile_mode: str | None = None) -> None:
+        self.model = model
+        self.layout = DecoderLayout.of(model)
+        parameter = next(model.parameters())
+        self.dtype, self.device = parameter.dtype, parameter.device
+        self.compile = compile
+        self.compile_mode = compile_mode
+        self._steps: dict[tuple[int, ...] | None, CompiledStep] = {}
+        self._tree_steps: dict[tuple[int, ...] | None, CompiledStep] = {}
+        self._caches: dict[str, StaticKVCache] = {}
+
+    # ------------------------------------------------------------------ cache
+
+    def cache_for(self, batch: int, tokens: int, name: str = "default") -> StaticKVCache:
+        """The cache called ``name``, for ``batch`` rows of up to ``tokens`` tokens.
+
+        It is reused while it fits (so compiled steps keep their shapes); users that must not
+        share buffers (a target and its draft on the same model) use different names.
+        """
+        cache = self._caches.get(name)
+        if cache is None or not cache.fits(batch, tokens):
+            self._caches.pop(name, None)  # free the old buffers before allocating
+            cache = StaticKVCache.allocate(self.layout.num_layers, batch, self.layout.num_kv_heads,
+                                           round_capacity(tokens), self.layout.head_dim, self.dtype, self.device)
+            self._caches[name] = cache
+        return cache
+
+    # ------------------------------------------------------------------ prefill
+
+    @torch.inference_mode()
+    def prefill(self, cache: StaticKVCache, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> StepOutput:
+        """Run left-padded prompts into a fresh ``cache``; last-position logits and hidden (``B × 1 × …``)."""
+        prompt = input_ids.shape[1]
+        cache.reset(attention_mask)
+        cache.check_room(prompt)
+        columns = torch.arange(cache.capacity, device=self.device)
+        rows = torch.arange(prompt, device=self.device)
+        causal = columns[None, :] <= rows[:, None]
+        # a padding query sees only itself, so no row of the mask is empty (no NaN)
+        mask = (causal[None] & cache.not_pad[:, None, :]) | (columns[None, None, :] == rows[None, :, None])
+        hidden = decoder_forward(self.layout, input_ids, positions_from_mask(attention_mask), rows, mask,
+                                 cache.keys, cache.values)
+        cache.length = prompt
+        last = hidden[:, -1:]
+        return StepOutput(lm_logits(self.layout, last), last)
+
+    # ------------------------------------------------------------------ decode step
+
+    @torch.inference_mode()
+    def decode(self, cache: StaticKVCache, tokens: torch.Tensor, layers: Sequence[int] | None = None,
+               start: int | None = None) -> torch.Tensor:
+        """Logits (``B × V``) after feeding one token per row at column ``start`` (default: the next).
+
+        With the default ``start`` the token is committed (``cache.length`` grows); an
+        explicit ``start`` writes a speculative entry (self-speculative drafting).
+        """
+        slot = cache.length if start is None else start
+        cache.check_room(slot + 1 - cache.length)
+        step = self.decode_step(layers)
+        logits = step(tokens.view(-1, 1), torch.tensor([slot], device=self.device), cache.keys, cache.values,
+                      cache.not_pad, cache.pad)
+        if start is None:
+            cache.length += 1
+        return logits
+
+    def decode_step(self, layers: Sequence[int] | None = None) -> CompiledStep:
+        key = None if layers is None else tuple(layers)
+        if key not in self._steps:
+            name = "decode step" + ("" if key is None else f" (layers {list(key)})")
+            self._steps[key] = CompiledStep(partial(self._decode, layers=key, fused=False),
+                                            partial(self._decode, layers=key, fused=True),
+                                            self.compile, name, self.compile_mode)
+        return self._steps[key]
+
+    def _decode(self, tokens: torch.Tensor, slot: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                not_pad: torch.Tensor, pad: torch.Tensor, layers: tuple[int, ...] | None, fused: bool
+                ) -> torch.Tensor:
+        columns = torch.arange(keys.shape[3], device=keys.device)
+        mask = (not_pad & (columns <= slot))[:, None, :]
+        positions = slot[None, :] - pad[:, None]
+        hidden = decoder_forward(self.layout, tokens, positions, slot, mask, keys, values, layers, fused)
+        return lm_logits(self.layout, hidden[:, -1], fused)
+
+    # ------------------------------------------------------------------ chains and trees
+
+    @torch.inference_mode()
+    def forward(self, cache: StaticKVCache, tokens: torch.Tensor, parents: Sequence[int] | None = None,
+                start: int | None = None, layers: Sequence[int] | None = None) -> StepOutput:
+        """Feed ``tokens`` (``B × k``) as a chain or tree after column ``start``; nothing is committed.
+
+        When compiling, the input is padded to a bucket of :data:`TREE_BUCKETS` nodes (padding
+        nodes attend only to themselves and are never committed), so one compiled graph
+        serves every tree up to that size.
+        """
+        start = cache.length if start is None else start
+        batch, k = tokens.shape
+        width = tree_width(k) if self.compile else k
+        if start + width > cache.capacity:
+            raise RuntimeError(f"static KV cache full: {start} + {width} tokens > capacity {cache.capacity}")
+        depth, tree = tree_geometry(parents, k, self.device)
+        if width > k:
+            tokens = torch.cat([tokens, tokens.new_zeros(batch, width - k)], dim=1)
+            depth = torch.cat([depth, depth.new_zeros(width - k)])
+            tree = torch.block_diag(tree, torch.eye(width - k, dtype=torch.bool, device=self.device))
+        mask = cache.prefix_mask(start)[:, None, :].expand(batch, width, cache.capacity).clone()
+        mask[:, :, start:start + width] = tree
+        positions = (start - cache.pad)[:, None] + depth[None, :]
+        slots = torch.arange(start, start + width, device=self.device)
+        logits, hidden = self.tree_step(layers)(tokens, positions, slots, mask, cache.keys, cache.values)
+        return StepOutput(logits[:, :k], hidden[:, :k])
+
+    def tree_step(self, layers: Sequence[int] | None = None) -> CompiledStep:
+        key = None if layers is None else tuple(layers)
+        if key not in self._tree_steps:
+            step = partial(self._tree, layers=key)
+            self._tree_steps[key] = CompiledStep(step, step, self.compile, "tree step", self.compile_mode)
+        return self._tree_steps[key]
+
+    def _tree(self, tokens: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, mask: torch.Tensor,
+              keys: torch.Tensor, values: torch.Tensor, layers: tuple[int, ...] | None
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+        hidden = decoder_forward(self.layout, tokens, positions, slots, mask, keys, values, layers)
+        return lm_logits(self.layout, hidden), hidden
+
+    # ------------------------------------------------------------------ reporting
+
+    def compile_report(self) -> dict[str, object]:
+        """Compile wall time per step function and shape, and any failure."""
+        return {
+            "enabled": self.compile,
+            "seconds": sum(step.total_compile_seconds for step in [*self._steps.values(),
+                                                                     *self._tree_steps.values()]),
+            "steps": {step.name: {"active": step.active, "failure": step.failure,
+                                  "compile_seconds": round(step.total_compile_seconds, 2),
+                                  "shapes": len(step.compile_seconds)}
+                      for step in [*self._steps.values(), *self._tree_steps.values()]},
+        }

@@ -1,0 +1,151 @@
+"""A Llama-family decoder forward over a static KV cache, readable top to bottom.
+
+The weights stay in the Hugging Face modules (so a model-level technique that swapped a
+linear layer, dropped blocks or quantized weights is honoured); only the attention is
+re-written, because it has to read and write the pre-allocated cache of
+:mod:`effinfer.plugins.system.engine.cache` at explicit slots and accept an arbitrary
+boolean mask (causal for decoding, a token tree for speculative verification).
+
+``fused=True`` (used inside ``torch.compile``) writes each plain ``nn.Linear`` of a
+one-row step as multiply-and-sum, so that Inductor generates its own memory-bound
+kernel instead of calling MKL's fp32 GEMV, which reaches only ~10 GB/s on the 2-core
+machines of this project (see ``DATA-SOURCES.md``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+#: model types whose decoder block is the Llama block (pre-norm, rotary, GQA, gated MLP)
+SUPPORTED_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2"})
+#: attention classes of those model types (a technique that swaps attention is not bypassed)
+SUPPORTED_ATTENTION = frozenset({"LlamaAttention", "MistralAttention", "Qwen2Attention"})
+#: rows up to which a fused (multiply-and-sum) projection beats the library GEMM
+FUSED_MAX_ROWS = 1
+
+
+class UnsupportedModel(ValueError):
+    """The static engine cannot run this model; the reason says why (the HF path can)."""
+
+
+@dataclass(frozen=True)
+class DecoderLayout:
+    """The modules of a Llama-family causal LM, and its attention geometry."""
+
+    embed: nn.Module
+    layers: tuple[nn.Module, ...]
+    norm: nn.Module
+    rotary: nn.Module
+    lm_head: nn.Module
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    hidden_size: int
+
+    @classmethod
+    def of(cls, model: nn.Module) -> DecoderLayout:
+        """Read the layout of ``model``; raise :class:`UnsupportedModel` with the reason."""
+        config = getattr(model, "config", None)
+        model_type = getattr(config, "model_type", None)
+        if model_type not in SUPPORTED_MODEL_TYPES:
+            raise UnsupportedModel(f"model type {model_type!r} is not one of {sorted(SUPPORTED_MODEL_TYPES)}")
+        if getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True):
+            raise UnsupportedModel("sliding-window attention is not implemented by the static engine")
+        decoder = getattr(model, "model", None)
+        parts = ("embed_tokens", "layers", "norm", "rotary_emb")
+        missing = [p for p in parts if not hasattr(decoder, p)]
+        if missing or getattr(model, "lm_head", None) is None:
+            raise UnsupportedModel(f"the decoder lacks {missing or ['lm_head']}")
+        for index, layer in enumerate(decoder.layers):
+            attention = getattr(layer, "self_attn", None)
+            if type(attention).__name__ not in SUPPORTED_ATTENTION:
+                raise UnsupportedModel(f"layer {index} has attention {type(attention).__name__}, "
+                                       "not a stock Llama-family attention (a technique replaced it?)")
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        return cls(decoder.embed_tokens, tuple(decoder.layers), decoder.norm, decoder.rotary_emb, model.lm_head,
+                   config.num_attention_heads, config.num_key_value_heads, head_dim, config.hidden_size)
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+    def matches(self, model: nn.Module) -> bool:
+        """Whether ``model`` still has these modules (a technique may have swapped some since)."""
+        decoder = getattr(model, "model", None)
+        return (tuple(getattr(decoder, "layers", ())) == self.layers and getattr(decoder, "embed_tokens", None) is
+                self.embed and getattr(decoder, "norm", None) is self.norm and model.lm_head is self.lm_head
+                and all(type(layer.self_attn).__name__ in SUPPORTED_ATTENTION for layer in self.layers))
+
+
+def project(module: nn.Module, x: torch.Tensor, fused: bool) -> torch.Tensor:
+    """``module(x)``; a plain ``nn.Linear`` of a small step as multiply-and-sum when ``fused``."""
+    if fused and type(module) is nn.Linear and x.shape[:-1].numel() <= FUSED_MAX_ROWS:
+        y = (x.unsqueeze(-2) * module.weight).sum(-1)
+        return y if module.bias is None else y + module.bias
+    return module(x)
+
+
+def mlp_forward(mlp: nn.Module, x: torch.Tensor, fused: bool) -> torch.Tensor:
+    """The gated MLP, through :func:`project` when it is the stock one, else the module itself."""
+    names = ("gate_proj", "up_proj", "down_proj")
+    if fused and hasattr(mlp, "act_fn") and all(hasattr(mlp, n) for n in names):
+        gate = mlp.act_fn(project(mlp.gate_proj, x, fused))
+        return project(mlp.down_proj, gate * project(mlp.up_proj, x, fused), fused)
+    return mlp(x)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary position embedding (Su et al., arXiv:2104.09864); ``x`` is ``B × heads × k × d``."""
+    return x * cos[:, None] + rotate_half(x) * sin[:, None]
+
+
+def attention_block(layout: DecoderLayout, layer: nn.Module, index: int, x: torch.Tensor,
+                    cos: torch.Tensor, sin: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                    slots: torch.Tensor, mask: torch.Tensor, fused: bool) -> torch.Tensor:
+    """Self-attention of one layer: write this step's K/V at ``slots``, attend over the cache."""
+    attention = layer.self_attn
+    batch, k, _ = x.shape
+    q = project(attention.q_proj, x, fused).view(batch, k, layout.num_heads, layout.head_dim).transpose(1, 2)
+    key = project(attention.k_proj, x, fused).view(batch, k, layout.num_kv_heads, layout.head_dim).transpose(1, 2)
+    value = project(attention.v_proj, x, fused).view(batch, k, layout.num_kv_heads, layout.head_dim).transpose(1, 2)
+    q, key = apply_rotary(q, cos, sin), apply_rotary(key, cos, sin)
+    keys[index].index_copy_(2, slots, key.to(keys.dtype))
+    values[index].index_copy_(2, slots, value.to(values.dtype))
+    out = F.scaled_dot_product_attention(q, keys[index], values[index], attn_mask=mask[:, None],
+                                         scale=attention.scaling, enable_gqa=layout.num_kv_heads != layout.num_heads)
+    out = out.transpose(1, 2).reshape(batch, k, layout.num_heads * layout.head_dim)
+    return project(attention.o_proj, out, fused)
+
+
+def decoder_forward(layout: DecoderLayout, tokens: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
+                    mask: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                    layers: Sequence[int] | None = None, fused: bool = False) -> torch.Tensor:
+    """Final-norm hidden states (``B × k × hidden``) of ``tokens`` at ``positions``.
+
+    ``slots`` (``k``) are the cache columns the new K/V go to; ``mask`` (``B × k × T``,
+    ``True`` = may attend) covers the whole cache of ``T`` columns. ``layers`` runs only
+    those blocks (layer skipping); the cache of the others is left untouched.
+    """
+    hidden = layout.embed(tokens)
+    cos, sin = layout.rotary(hidden, positions)
+    for index in range(layout.num_layers) if layers is None else layers:
+        layer = layout.layers[index]
+        hidden = hidden + attention_block(layout, layer, index, layer.input_layernorm(hidden), cos, sin,
+                                          keys, values, slots, mask, fused)
+        hidden = hidden + mlp_forward(layer.mlp, layer.post_attention_layernorm(hidden), fused)
+    return layout.norm(hidden)
+
+
+def lm_logits(layout: DecoderLayout, hidden: torch.Tensor, fused: bool = False) -> torch.Tensor:
+    """Float32 next-token logits of final-norm hidden states."""
+    return project(layout.lm_head, hidden, fused).float()
