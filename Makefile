@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.effinfer-installed
 
-.PHONY: demo test docs clean-venv
+.PHONY: bench demo test docs clean-venv
 
 $(STAMP): pyproject.toml setup.py examples/effinfer-example-plugin/pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -12,6 +12,9 @@ $(STAMP): pyproject.toml setup.py examples/effinfer-example-plugin/pyproject.tom
 	$(PY) -m pip install -q -e '.[test,eval,docs]'
 	$(PY) -m pip install -q -e examples/effinfer-example-plugin
 	touch $(STAMP)
+
+bench: $(STAMP)
+	$(VENV)/bin/effinfer bench
 
 demo: $(STAMP)
 	$(VENV)/bin/effinfer demo
