@@ -112,9 +112,9 @@ class QAT(Technique):
     lossless = False
     requires = frozenset({Requirement.CALIBRATION_DATA, Requirement.TRAINING})
     removes_features = frozenset({"dense_weights"})
-    #: `effinfer bench --suite quick`: 4 steps of 2 × 128 tokens (a forward+backward of SmolLM2 plus the
-    #: teacher's forward costs about 10 s a step on 2 cores), so a smoke test, not a useful fine-tune
-    bench_config = {"bits": 4, "group_size": 32, "steps": 4, "batch_size": 2, "seq_len": 128, "n_samples": 16}
+    #: `effinfer bench --suite quick`: 16 steps of 2 × 128 tokens (a forward+backward of SmolLM2 plus the
+    #: teacher's forward take about 2 s a step on an idle 2-core CPU): about half a minute of training
+    bench_config = {"bits": 4, "group_size": 32, "steps": 16, "batch_size": 2, "seq_len": 128, "n_samples": 32}
 
     class Config(WeightQuantConfig):
         data: Literal["calibration", "self_generated"] = Field(
