@@ -89,3 +89,19 @@ def test_kernels_take_strided_inputs(bits, group):
     last = hidden[:, -1:, :]
     assert not last.is_contiguous()
     assert torch.equal(layer(last), layer(last.contiguous()))
+
+
+@pytest.mark.parametrize("zero", ["none", "int", "float"])
+def test_int4_dense_path_equals_the_packed_weight(zero):
+    """``dense_above`` long inputs use the int4 kernel weight dequantized directly: the same weight."""
+    packed = quantize(torch.randn(48, 128), 4, 32, zero == "none", float_zero=zero == "float")
+    layer = QuantizedLinear(packed, None, "kernel", dense_above=4)
+    reference = packed.dequantize()
+    if zero == "int":  # the kernel's zero, (8 - zp) * scale, is a bf16 number: as the kernel computes it
+        offset = (8 - packed.zero_points()) * packed.scales.float()
+        slack = (offset.abs() * 2**-8).repeat_interleave(32, dim=1)
+        assert torch.all((layer.dense_weight() - reference).abs() <= slack)
+    else:
+        assert torch.equal(layer.dense_weight(), reference)
+    long = torch.randn(8, 128)
+    assert torch.allclose(layer(long), long @ layer.dense_weight().t(), atol=1e-5)

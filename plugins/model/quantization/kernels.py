@@ -143,6 +143,16 @@ def int4_weight_only_mm(x: torch.Tensor, packed: torch.Tensor, group_size: int,
     return out.to(x.dtype).reshape(*shape[:-1], scales_and_zeros.shape[1])
 
 
+def int4_kernel_dequantize(packed: torch.Tensor, scales_and_zeros: torch.Tensor, in_features: int,
+                           dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The float weight an int4 kernel weight stands for, ``(code - 8) * scale + zero`` as the kernel computes."""
+    out_features, groups = scales_and_zeros.shape[1], scales_and_zeros.shape[0]
+    codes = int4_kernel_codes(packed, out_features, in_features).view(out_features, groups, -1)
+    pairs = scales_and_zeros.float().transpose(0, 1)                                  # N × G × 2
+    weight = (codes.float() - 8.0) * pairs[..., :1] + pairs[..., 1:]
+    return weight.view(out_features, in_features).to(dtype)
+
+
 def _nibbles(packed: torch.Tensor) -> torch.Tensor:
     """The 4-bit values of a uint8 tensor, low nibble first, flattened."""
     return torch.stack([packed & 0x0F, packed >> 4], dim=-1).flatten()

@@ -133,6 +133,8 @@ class QuantizedLinear(PackedLayer):
         """The dequantized float weight."""
         if self.kernel == "int8":
             return (self.qweight.to(dtype) * self.qscales.to(dtype).unsqueeze(1))
+        if self.kernel == "int4":
+            return kernels.int4_kernel_dequantize(self.qweight, self.scales_and_zeros, self.in_features, dtype)
         if self.mode == "fake":
             return self.weight.to(dtype)
         return self.quantized_weight().dequantize(dtype)
