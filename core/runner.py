@@ -48,7 +48,9 @@ def run_experiment(experiment: Experiment, registry: Registry | None = None, mod
     needs_calibration = any(Requirement.CALIBRATION_DATA in t.requires for t in techniques)
     calibration = calibration_source(tokenizer, experiment.runtime.seed) if needs_calibration else None
     requests = [Request.from_text(p, experiment.documents) for p in experiment.prompts]
-    with ComposedModel(model, tokenizer, techniques, calibration=calibration) as composed:
+    with ComposedModel(model, tokenizer, techniques, calibration=calibration,
+                       engine=experiment.runtime.engine, compile=experiment.runtime.compile,
+                       registry=registry) as composed:
         set_up = time.perf_counter()
         completions, result = composed.generate(requests, experiment.generation)
     return ExperimentRun(experiment, completions, result, composed.report, loaded - started, set_up - loaded)
