@@ -181,6 +181,11 @@ def agreement(tokens: list[int], reference: list[int]) -> int:
     return next((i for i, (a, b) in enumerate(zip(tokens, reference)) if a != b), min(len(tokens), len(reference)))
 
 
+def eos_position(tokens: list[int], eos: int = 2) -> str:
+    """Index of the first EOS (SmolLM2's ``<|im_end|>`` = 2) in ``tokens``, or ``—``."""
+    return str(tokens.index(eos)) if eos in tokens else "—"
+
+
 def roofline(model: Any, context: int, tok_s: float, bandwidth: float) -> dict[str, float]:
     config = model.config
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
@@ -198,7 +203,14 @@ def main() -> None:
     parser.add_argument("--no-llama-cpp", action="store_true")
     parser.add_argument("--out", type=Path, default=ARTIFACTS / "engine_benchmark.json")
     parser.add_argument("--no-table", action="store_true", help="do not write benchmarks/results/…/engine.md")
+    parser.add_argument("--from-json", type=Path, help="only re-render the table of a run's JSON (no timing)")
     args = parser.parse_args()
+    if args.from_json:
+        table = markdown(json.loads(args.from_json.read_text()))
+        if not args.no_table:
+            print("wrote", write_table("system.inference_engine", "engine", table))
+        print(table)
+        return
     torch.set_num_threads(args.threads)
     load_before = machine_load()
     model, tokenizer = load_model(DEFAULT_MODEL)
@@ -251,15 +263,23 @@ def markdown(report: dict[str, Any]) -> str:
         "(first call, Inductor cache on disk). llama.cpp runs the Q4_1 GGUF the model is converted from (it reads "
         "about a sixth of the fp32 bytes per token) with its weight-repacking (AMX/AVX) buffers off, because they "
         "crash on this machine, so its row is a peer, not a like-for-like baseline.", "",
+        "Tokens equal to HF generate: length of the common prefix with `generate`'s greedy tokens; `generate` runs "
+        "with `min_new_tokens`, which forbids EOS, while the other methods run past EOS, so a prefix that ends "
+        "where the method emitted EOS (the EOS column) means identical output up to the end of the answer.", "",
         "| method | decode tok/s | × HF generate | roofline fraction | prefill s | first call s "
-        "| tokens equal to HF generate |", "|---|---|---|---|---|---|---|"]
+        "| tokens equal to HF generate | EOS at |", "|---|---|---|---|---|---|---|---|"]
     for name, row in report["results"].items():
         fraction = row.get("roofline", {}).get("fraction")
         first = row.get("first_call_s")
         lines.append(f"| {name} | {row['decode_tok_s']:.1f} | {row['speedup_vs_hf_generate']:.2f} | "
                      f"{'—' if fraction is None else f'{fraction:.2f}'} | {row['prefill_s']:.2f} | "
                      f"{'—' if first is None else f'{first:.1f}'} | {row['agrees_with_hf_tokens']}/"
-                     f"{report['new_tokens']} |")
+                     f"{report['new_tokens']} | {eos_position(row['tokens'])} |")
+    rows = report["results"]
+    if "engine_compiled" in rows and "engine_eager" in rows and \
+            rows["engine_compiled"]["decode_tok_s"] < rows["engine_eager"]["decode_tok_s"]:
+        lines += ["", "In this run the compiled decode step (Inductor, projections written as multiply-and-sum) is "
+                      "slower than the eager one (MKL GEMV): `runtime.compile` stays off by default."]
     if "llama_cpp_q4_1" not in report["results"]:
         lines += ["", "llama.cpp: not measured in this run (`llama-cpp-python`, the `bench-peers` extra, is not "
                       "installed or `--no-llama-cpp` was given)."]

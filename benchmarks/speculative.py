@@ -102,8 +102,9 @@ def run_hf(model: Any, encoded: list[Any], stops: set[int], **kwargs: Any) -> li
 
         first, _ = call(1)
         seconds, out = call(n)
-        results.append(GenerationResult([out[0, ids.shape[1]:].tolist()], first, max(seconds - first, 1e-9),
-                                        0))
+        # a 1-token answer (or timer noise) leaves no decode time to subtract from: count the whole call
+        decode = seconds - first if seconds > first else seconds
+        results.append(GenerationResult([out[0, ids.shape[1]:].tolist()], first, decode, 0))
     return results
 
 
@@ -187,6 +188,8 @@ def main() -> None:
         summary["outputs"] = [r.sequences[0] for r in results]
         report["rows"][row] = summary
         accepted = summary.get("mean_accepted")
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.with_suffix(".partial.json").write_text(json.dumps(report, indent=1, default=str))
         print(f"{row}: {summary['decode_tok_s']:.1f} tok/s"
               + ("" if accepted is None else f", mean accepted {accepted:.2f}"), flush=True)
 
@@ -219,18 +222,26 @@ def main() -> None:
         if report_obj is not None:
             extra["training"] = vars(report_obj) | {"total_seconds": report_obj.total_seconds}
         measure(row, run_ours(strategy, model, prompts, encoded, stops), extra)
+    def peer(row: str, run: Any) -> None:
+        try:
+            results = run()
+        except Exception as error:  # noqa: BLE001 - a peer fails, the benchmark goes on
+            report["rows"][row] = {"error": f"{type(error).__name__}: {error}"}
+            print(f"{row}: FAILED {error}", flush=True)
+            return
+        if results is not None:
+            measure(row, results, {})
+
     if wanted("hf generate"):
-        measure("hf generate", run_hf(model, encoded, stops), {})
-        measure("hf generate + prompt_lookup_num_tokens=10", run_hf(model, encoded, stops, prompt_lookup_num_tokens=10),
-                {})
+        peer("hf generate", lambda: run_hf(model, encoded, stops))
+        peer("hf generate + prompt_lookup_num_tokens=10",
+             lambda: run_hf(model, encoded, stops, prompt_lookup_num_tokens=10))
         draft_row = next((r for r in drafts if "drop" in r), next(iter(drafts), None))
         if draft_row is not None:
-            measure(f"hf generate + assistant_model ({draft_row.split('(')[1].rstrip(')')})",
-                    run_hf(model, encoded, stops, assistant_model=drafts[draft_row]), {})
+            peer(f"hf generate + assistant_model ({draft_row.split('(')[1].rstrip(')')})",
+                 lambda: run_hf(model, encoded, stops, assistant_model=drafts[draft_row]))
     if not args.no_llama_cpp and wanted("llama.cpp"):
-        llama = run_llama(encoded, args.threads)
-        if llama is not None:
-            measure("llama.cpp Q4_1 (llama-cpp-python)", llama, {})
+        peer("llama.cpp Q4_1 (llama-cpp-python)", lambda: run_llama(encoded, args.threads))
     base = report["rows"]["engine plain greedy"]["decode_tok_s"]
     for row in report["rows"].values():
         if "decode_tok_s" in row:
