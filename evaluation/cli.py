@@ -102,7 +102,17 @@ def chosen_stacks(techniques: list[str], compositions: list[str], registry: Regi
     if not techniques and not compositions:
         return default_stacks(registry, runtime)
     stacks = [[parse_technique(t)] for t in techniques] + [parse_composition(c) for c in compositions]
-    return stacks, []
+    return [[with_bench_config(spec, registry) for spec in stack] for stack in stacks], []
+
+
+def with_bench_config(spec: TechniqueSpec, registry: Registry) -> TechniqueSpec:
+    """A technique named without options gets the config a default bench would use for it
+    (so ``-t qat`` is as cheap as ``effinfer bench``'s own qat row); given options are kept as written."""
+    entry = registry.techniques.get(spec.name)
+    if spec.config or entry is None:
+        return spec
+    config = bench_config(entry.technique, spec.name)
+    return TechniqueSpec(name=spec.name, config=config) if config else spec
 
 
 # --------------------------------------------------------------------------- bench
@@ -110,7 +120,8 @@ def chosen_stacks(techniques: list[str], compositions: list[str], registry: Regi
 
 def bench_command(
     technique: Annotated[list[str], typer.Option(
-        "--technique", "-t", help="NAME[:key=value,...] benched alone; repeatable")] = [],  # noqa: B006
+        "--technique", "-t", help="NAME[:key=value,...] benched alone (a bare NAME takes the technique's "
+                                 "bench config); repeatable")] = [],  # noqa: B006
     compose: Annotated[list[str], typer.Option(
         "--compose", "-c", help="a stack such as 'selective_context+rtn+prompt_lookup'; repeatable")] = [],  # noqa: B006
     suite: Annotated[str, typer.Option(help="quick, standard, full, or a suite YAML file")] = "quick",

@@ -215,3 +215,14 @@ def test_suite_with_changes_validates_the_new_sections():
     assert get_suite("quick").with_changes(tasks=None).tasks is None
     with pytest.raises(ValueError, match="prompt_length"):
         get_suite("quick").with_changes(speed={"prompt_length": [64]})
+
+
+def test_a_bare_technique_name_takes_its_bench_config(registry):
+    from effinfer.core.experiment import Runtime
+    from effinfer.evaluation.cli import chosen_stacks
+
+    stacks, _ = chosen_stacks(["qat", "qat:steps=3", "rtn"], ["qat+prompt_lookup"], registry, Runtime())
+    qat_bench = registry.techniques["qat"].technique.bench_config
+    assert stacks[0][0].config == qat_bench and stacks[1][0].config == {"steps": 3}
+    assert stacks[2][0].config == {}  # rtn has no bench_config: its defaults already run
+    assert stacks[3][0].config == qat_bench
