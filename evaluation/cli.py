@@ -19,6 +19,7 @@ from typing import Annotated, Any
 import typer
 from pydantic import ValidationError
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
 from effinfer.core import hookimpl
@@ -181,7 +182,8 @@ def _print_and_write(result: Any, store: Any, out: Path | None, suite: str, mode
     folder = out or Path("results") / f"bench-{bench_id}"
     written = write_report(result.records, result.environment, folder, title=title, command=command)
     for record in result.failed:
-        console.print(f"[red]failed[/] {record.name}: {(record.error or '').splitlines()[0]}", highlight=False)
+        console.print(f"[red]failed[/] {escape(record.name)}: {escape((record.error or '').splitlines()[0])}",
+                      highlight=False)
     console.print(f"took {seconds / 60:.1f} min; store {store.path} (bench {bench_id}); "
                   + ", ".join(str(p) for p in written), highlight=False)
 
@@ -230,11 +232,11 @@ def results_list(
             table = Table("bench", "started", "finished", "suite", "model", "runs", "failed", "command")
             for row in db.benches(limit=limit):
                 table.add_row(str(row["id"]), row["started"], row["finished"] or "—", row["suite"], row["model"],
-                              str(row["runs"]), str(row["failed"]), row["command"])
+                              str(row["runs"]), str(row["failed"]), escape(row["command"] or ""))
         else:
             table = Table("run", "stack", "status", "seconds", "metrics", "started")
             for record in db.bench_runs(bench):
-                table.add_row(str(record.run_id), record.name, record.status, f"{record.seconds:.1f}",
+                table.add_row(str(record.run_id), escape(record.name), record.status, f"{record.seconds:.1f}",
                               str(len(record.metrics)), record.started)
         console.print(table)
 

@@ -13,6 +13,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from rich.markup import escape
 from rich.table import Table
 
 from effinfer.evaluation.records import Metric, RunRecord
@@ -144,7 +145,7 @@ def rich_table(records: Sequence[RunRecord], title: str = "", keep_order: bool =
     table = Table(*headers(), title=title or None, show_lines=False, header_style="bold")
     for values in rows(records, keep_order):
         style = "red" if values[-1].startswith("FAILED") else ("bold" if values[0] == "baseline" else None)
-        table.add_row(*values, style=style)
+        table.add_row(*map(escape, values), style=style)  # stack names may hold [brackets]
     return table
 
 

@@ -112,3 +112,14 @@ def test_bench_runs_link_their_baseline(tmp_path):
         runs = store.bench_runs(bench)
     assert [r.name for r in runs] == ["baseline", "rtn"]
     assert runs[1].baseline.name == "baseline" and runs[1].delta("x") == 2.0
+
+
+def test_terminal_table_keeps_brackets_in_stack_names():
+    from rich.console import Console
+
+    from effinfer.evaluation.report import rich_table
+
+    record = a_record("draft_model:techniques=[rtn:bits=4]")
+    console = Console(width=300, record=True)
+    console.print(rich_table([record]))
+    assert "draft_model:techniques=[rtn:bits=4]" in console.export_text()
