@@ -266,10 +266,13 @@ def _add_summary(record: RunRecord, name: str, samples: list[float], unit: str, 
 def _record_kv(run: StackRun, completions: list[Any], batch: int) -> None:
     kv = run.recorder.kv_bytes()
     context = sum(c.prompt_tokens + len(c.tokens) for c in completions)
+    slots = run.recorder.allocated_token_slots()
     run.record.add("memory.kv_cache_bytes", kv, unit="B", higher_is_better=False,
-                   params={"context_tokens": context, "batch": batch})
-    if context:
-        run.record.add("memory.kv_bytes_per_token", kv / context, unit="B/token", higher_is_better=False)
+                   params={"context_tokens": context, "batch": batch, "allocated_token_slots": slots})
+    # per token of cache capacity: a pre-allocated cache holds more slots than the context fills
+    per_token = kv / slots if slots else (kv / context if context else None)
+    if per_token is not None:
+        run.record.add("memory.kv_bytes_per_token", per_token, unit="B/token", higher_is_better=False)
 
 
 # --------------------------------------------------------------------------- generation on the prompt set

@@ -204,7 +204,8 @@ def markdown_report(records: Sequence[RunRecord], environment: dict[str, Any], *
         "baseline's; time to first token and decode tokens/s (median [IQR or min–max] of timed runs, "
         "warm-up excluded; ×ratio vs baseline) at batch 1, longest prompt of the speed grid; decode tokens/s "
         "on the prompt set; accepted draft tokens per verification step; weight bytes as stored; KV-cache "
-        "bytes per token; measured decode speed as a fraction of the memory roofline. `= base`: the stack "
+        "bytes per token slot (of the allocated capacity, for a pre-allocated cache); measured decode speed "
+        "as a fraction of the memory roofline. `= base`: the stack "
         "cannot change this number, copied from the baseline.", "",
     ]
     for plot in plots:

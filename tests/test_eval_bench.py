@@ -226,3 +226,16 @@ def test_a_bare_technique_name_takes_its_bench_config(registry):
     assert stacks[0][0].config == qat_bench and stacks[1][0].config == {"steps": 3}
     assert stacks[2][0].config == {}  # rtn has no bench_config: its defaults already run
     assert stacks[3][0].config == qat_bench
+
+
+def test_kv_bytes_per_token_is_the_arithmetic_on_the_static_engine(tiny_model):
+    record = evaluate([], model=tiny_model, suite=SUITE, store=False)
+    config = tiny_model[0].config
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    per_token = 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim * 4  # keys + values, fp32
+    metric = record.metrics["memory.kv_bytes_per_token"]
+    # capacity-based, so unfilled pre-allocated slots do not inflate it; the static cache's padding
+    # mask adds about one byte per slot
+    assert per_token <= metric.value < per_token + 2
+    held = record.metrics["memory.kv_cache_bytes"]
+    assert held.params["allocated_token_slots"] * metric.value == held.value

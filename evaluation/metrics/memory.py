@@ -76,6 +76,18 @@ class CacheRecorder:
         """Bytes held by every cache built since the last :meth:`reset`."""
         return unique_tensor_bytes(t for cache in self.caches for t in cache_tensors(cache))
 
+    def allocated_token_slots(self) -> int | None:
+        """Token positions the recorded caches allocated up front (batch × capacity of a static
+        engine's buffers, attribute ``static_kv``); ``None`` when a cache grows with its tokens."""
+        slots = 0
+        for cache in self.caches:
+            static = getattr(cache, "static_kv", None)
+            keys = getattr(static, "keys", None)
+            if keys is None or keys.dim() != 5:  # layers × batch × kv_heads × capacity × head_dim
+                return None
+            slots += keys.shape[1] * keys.shape[3]
+        return slots or None
+
 
 _STATUS = Path("/proc/self/status")
 _CLEAR_REFS = Path("/proc/self/clear_refs")
