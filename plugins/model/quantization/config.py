@@ -12,7 +12,9 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
 from effinfer.core.stages import ModelStage
-from effinfer.plugins.model.quantization.layers import PackedLayer, packed_layers, summarize_paths
+from effinfer.plugins.model.quantization.layers import (PackedLayer, build_quantized_linear, packed_layers,
+                                                       summarize_paths)
+from effinfer.plugins.model.quantization.packing import quantize
 
 BITS_DESCRIPTION = "bits per weight (8, 4, 3 or 2); 8 and 4 have packed CPU kernels"
 GROUP_DESCRIPTION = ("input columns sharing one scale (a multiple of 8 that divides every quantized layer's "
@@ -97,6 +99,23 @@ def swap_note(what: str, before: int, layers: dict[str, PackedLayer]) -> str:
     after = weight_bytes(list(layers.values()))
     return (f"{what}: {before / 2**20:.2f} MiB → {after / 2**20:.2f} MiB in {len(layers)} layers; "
             f"execution: {summarize_paths(layers)}")
+
+
+def swap_in(stage: ModelStage, linears: list[tuple[str, nn.Module]], swapped: dict[str, PackedLayer],
+            what: str) -> str:
+    """Put the packed layers in place of ``linears`` (restored when the composition exits); the note
+    that says what they cost before and after."""
+    before = weight_bytes([m for _, m in linears])
+    for name, layer in swapped.items():
+        stage.patcher.replace_module(stage.model, name, layer)
+    return swap_note(what, before, swapped)
+
+
+def round_to_nearest_linear(weight: torch.Tensor, bias: torch.Tensor | None, name: str,
+                            config: WeightQuantConfig) -> PackedLayer:
+    """``weight`` rounded to the config's grid, packed, and wrapped in the config's execution path."""
+    packed = quantize(weight, config.bits, config.group_size, config.symmetric, float_zero=float_zero(config))
+    return build_quantized_linear(packed, bias, config.execution, name, config.dense_above_tokens)
 
 
 def grid_text(config: WeightQuantConfig) -> str:

@@ -26,7 +26,7 @@ from effinfer.core import Paper, Requirement, Technique, hookimpl
 from effinfer.core.stages import ModelStage
 from effinfer.plugins.model.calibration import activation_stats
 from effinfer.plugins.model.quantization.config import (CalibrationConfig, TargetConfig, maybe_save, selected_linears,
-                                                        swap_note, weight_bytes, weight_math_threads)
+                                                        swap_in, weight_math_threads)
 from effinfer.plugins.model.quantization.layers import OutlierInt8Linear, PackedLayer
 
 
@@ -78,11 +78,8 @@ class LLMInt8(Technique):
                 outliers += features.numel()
                 swapped[name] = OutlierInt8Linear(linear.weight, linear.bias, features,
                                                   config.threshold if config.runtime_outliers else None)
-        before = weight_bytes([m for _, m in linears])
-        for name, layer in swapped.items():
-            stage.patcher.replace_module(stage.model, name, layer)
         features_total = sum(m.in_features for _, m in linears)
-        self.note(swap_note("LLM.int8() vector-wise int8", before, swapped))
+        self.note(swap_in(stage, linears, swapped, "LLM.int8() vector-wise int8"))
         self.note(f"{outliers} of {features_total} input features ({outliers / max(1, features_total):.2%}) exceed "
                   f"|x| > {config.threshold} on {tokens.shape[0]}×{tokens.shape[1]} calibration tokens and stay in "
                   f"float16; runtime decomposition {'on' if config.runtime_outliers else 'off'}; calibrated in "

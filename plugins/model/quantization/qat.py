@@ -35,10 +35,9 @@ from transformers import DynamicCache
 from effinfer.core import Paper, Requirement, Technique, hookimpl
 from effinfer.core.stages import ModelStage
 from effinfer.plugins.model.quantization.config import (WeightQuantConfig, float_zero, grid_text, maybe_save,
-                                                        selected_linears, swap_note, weight_bytes,
+                                                        round_to_nearest_linear, selected_linears, swap_in,
                                                         weight_math_threads)
-from effinfer.plugins.model.quantization.layers import PackedLayer, build_quantized_linear
-from effinfer.plugins.model.quantization.packing import check_group_size, fake_quantize, quantize
+from effinfer.plugins.model.quantization.packing import check_group_size, fake_quantize
 
 
 class FakeQuantLinear(nn.Module):
@@ -139,17 +138,10 @@ class QAT(Technique):
         data_seconds = time.perf_counter() - started
         layers = selected_linears(stage.model, config.skip_modules)
         trained, losses, train_seconds = self._train(stage.model, layers, tokens)
-        swapped: dict[str, PackedLayer] = {}
         with weight_math_threads():
-            for (name, linear), weight in zip(layers, trained):
-                packed = quantize(weight, config.bits, config.group_size, config.symmetric,
-                                  float_zero=float_zero(config))
-                swapped[name] = build_quantized_linear(packed, linear.bias, config.execution, name,
-                                                       config.dense_above_tokens)
-        before = weight_bytes([m for _, m in layers])
-        for name, layer in swapped.items():
-            stage.patcher.replace_module(stage.model, name, layer)
-        self.note(swap_note(f"QAT {grid_text(config)}", before, swapped))
+            swapped = {name: round_to_nearest_linear(weight, linear.bias, name, config)
+                       for (name, linear), weight in zip(layers, trained)}
+        self.note(swap_in(stage, layers, swapped, f"QAT {grid_text(config)}"))
         rss = peak_rss_gib()
         trained_tokens = config.steps * config.batch_size * config.seq_len
         self.note(f"QAT cost: data ({config.data}, {tokens.shape[0]}×{tokens.shape[1]} tokens) {data_seconds:.1f} s, "

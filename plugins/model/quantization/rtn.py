@@ -20,10 +20,9 @@ from torch import nn
 from effinfer.core import Paper, Technique, hookimpl
 from effinfer.core.stages import ModelStage
 from effinfer.plugins.model.quantization.config import (BITS_DESCRIPTION, GROUP_DESCRIPTION, WeightQuantConfig,
-                                                        float_zero, grid_text, maybe_save, selected_linears, swap_note,
-                                                        weight_bytes, weight_math_threads)
-from effinfer.plugins.model.quantization.layers import PackedLayer, QuantizedLinear, build_quantized_linear
-from effinfer.plugins.model.quantization.packing import quantize
+                                                        grid_text, maybe_save, round_to_nearest_linear,
+                                                        selected_linears, swap_in, weight_math_threads)
+from effinfer.plugins.model.quantization.layers import QuantizedLinear
 
 __all__ = ["RTN", "QuantizedLinear", "linear_layers"]
 
@@ -63,19 +62,10 @@ class RTN(Technique):
     def effinfer_transform_model(self, stage: ModelStage) -> None:
         config = self.config
         layers = selected_linears(stage.model, config.skip_modules)
-        swapped: dict[str, PackedLayer] = {}
         with weight_math_threads():
-            for name, linear in layers:
-                weight = quantize(linear.weight, config.bits, config.group_size, config.symmetric,
-                                  float_zero=float_zero(config))
-                swapped[name] = build_quantized_linear(weight, linear.bias, config.execution, name,
-                                                       config.dense_above_tokens)
-        before = weight_bytes([linear for _, linear in layers])
-        for name, layer in swapped.items():
-            stage.patcher.replace_module(stage.model, name, layer)
-        note = swap_note(f"quantized {len(layers)} linear layers to "
-                         f"{grid_text(config)}", before, swapped)
-        self.note(note)
+            swapped = {name: round_to_nearest_linear(linear.weight, linear.bias, name, config)
+                       for name, linear in layers}
+        self.note(swap_in(stage, layers, swapped, f"quantized {len(layers)} linear layers to {grid_text(config)}"))
         maybe_save(stage, config.save_dir, self)
 
 

@@ -32,7 +32,7 @@ from effinfer.core.stages import ModelStage
 from effinfer.plugins.model.calibration import activation_stats
 from effinfer.plugins.model.quantization.scaling import ScaleGroup, check_block, fold_scales
 from effinfer.plugins.model.quantization.config import (CalibrationConfig, TargetConfig, maybe_save, selected_linears,
-                                                        swap_note, weight_bytes, weight_math_threads)
+                                                        swap_in, weight_math_threads)
 from effinfer.plugins.model.quantization.layers import Int8DynamicLinear, PackedLayer
 from effinfer.plugins.model.quantization.layerwise import decoder_layers
 
@@ -104,10 +104,7 @@ class SmoothQuant(Technique):
             for name, linear in linears:
                 act_scale = (act_absmax[name].amax() / 127.0).clamp(min=1e-8) if static else None
                 swapped[name] = Int8DynamicLinear(linear.weight, linear.bias, act_scale)
-        before = weight_bytes([m for _, m in linears])
-        for name, layer in swapped.items():
-            stage.patcher.replace_module(stage.model, name, layer)
-        self.note(swap_note("W8A8 (int8 per-channel weights, int8 activations)", before, swapped))
+        self.note(swap_in(stage, linears, swapped, "W8A8 (int8 per-channel weights, int8 activations)"))
         self.note(f"calibrated on {tokens.shape[0]}×{tokens.shape[1]} tokens in "
                   f"{time.perf_counter() - started:.1f} s; linear layers outside the decoder blocks stay in float")
         maybe_save(stage, config.save_dir, self)
