@@ -24,6 +24,7 @@ import subprocess
 import sys
 import time
 import zipfile
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -33,8 +34,10 @@ from effinfer.core.cache import cache_dir
 from effinfer.core.generation import GenerationConfig, PlainDecoding, encode_prompts
 from effinfer.core.models import BUILTIN_ALIASES, DEFAULT_MODEL, load_model
 from effinfer.evaluation.data import load_prompts
+from effinfer.evaluation.environment import cpu_model
 from effinfer.evaluation.metrics.memory import weight_bytes
 from effinfer.evaluation.metrics.roofline import measure_bandwidth
+from effinfer.evaluation.metrics.roofline import roofline as evaluator_roofline
 from effinfer.plugins.system.engine import EngineSettings, StaticDecoding
 
 ARTIFACTS = Path(__file__).resolve().parent.parent / "artifacts"
@@ -47,18 +50,12 @@ def machine() -> str:
     import os
     import platform
 
-    model = platform.processor() or "unknown CPU"
-    try:
-        model = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                     if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
     try:
         pages = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
         memory = f", {pages / 2**30:.0f} GiB RAM"
     except (ValueError, OSError):
         memory = ""
-    return f"{model}, {os.cpu_count()} logical CPUs{memory}, {platform.system()} {platform.machine()}"
+    return f"{cpu_model()}, {os.cpu_count()} logical CPUs{memory}, {platform.system()} {platform.machine()}"
 
 
 def table_header(title: str, command: str, threads: int, extra: str = "") -> list[str]:
@@ -187,12 +184,11 @@ def eos_position(tokens: list[int], eos: int = 2) -> str:
 
 
 def roofline(model: Any, context: int, tok_s: float, bandwidth: float) -> dict[str, float]:
+    """The evaluator's roofline for one decode step over ``context`` cached fp32 tokens."""
     config = model.config
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     kv = 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim * context * 4
-    per_token = weight_bytes(model) + kv
-    limit = bandwidth / per_token
-    return {"bytes_per_token": per_token, "roofline_tok_s": limit, "fraction": tok_s / limit}
+    return asdict(evaluator_roofline(weight_bytes(model), kv, bandwidth, tok_s))
 
 
 def main() -> None:
