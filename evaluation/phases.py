@@ -38,7 +38,7 @@ from effinfer.core.compose import ComposedModel
 from effinfer.core.generation import GenerationConfig, GenerationResult
 from effinfer.core.stages import Request
 from effinfer.core.technique import Technique
-from effinfer.evaluation.data import load_prompts
+from effinfer.data import load_prompts
 from effinfer.evaluation.metrics import memory
 from effinfer.evaluation.metrics.fidelity import FidelityAccumulator, GreedyMatch, ReferenceDistributions
 from effinfer.evaluation.metrics.lm_eval_bridge import lm_eval_scores, prepare_tasks, rewrite_questions

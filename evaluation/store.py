@@ -25,7 +25,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from effinfer.core.cache import cache_dir
+from effinfer.data.cache import cache_dir
 from effinfer.evaluation.records import Metric, RunRecord, StackSpec
 
 RESULTS_ENV = "EFFINFER_RESULTS"

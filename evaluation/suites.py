@@ -26,7 +26,7 @@ class PerplexitySpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     corpora: list[str] = Field(default_factory=lambda: ["wikipedia"],
-                               description="corpus names of effinfer.evaluation.data (test split)")
+                               description="corpus names of effinfer.data (test split)")
     window: int = Field(1024, ge=8, le=32768, description="tokens per window")
     stride: int | None = Field(None, ge=1, description="window step; None = disjoint windows (stride = window)")
     max_windows: int | None = Field(None, ge=1, description="windows per corpus; None = the whole split")
@@ -45,7 +45,7 @@ class TasksSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     names: list[str] = Field(default_factory=lambda: ["general_knowledge", "phrase_relatedness"],
-                             description="tasks of effinfer.evaluation.data.BIGBENCH_TASKS")
+                             description="tasks of effinfer.data.BIGBENCH_TASKS")
     limit: int | None = Field(None, ge=1, description="examples per task (seeded subset); None = all")
     batch_size: int = Field(16, ge=1, le=512, description="lm-eval log-likelihood batch size")
 

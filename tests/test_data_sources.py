@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from effinfer.evaluation import data
-from effinfer.evaluation.data import _store, bigbench, corpora, prompts
+from effinfer.data import _store, bigbench, corpora, prompts
 
 MARKUP = ("{{", "}}", "[[", "]]", "<ref", "</ref", "{|", "|}", "thumb|", "Category:", "__TOC__")
 

@@ -1,4 +1,4 @@
-"""The generated docs pages (effinfer.taxonomy.site), checked without running mkdocs."""
+"""The generated docs pages (effinfer.tools.site), checked without running mkdocs."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from effinfer.core import Paper, Technique, hookimpl
 from effinfer.core.registry import build_registry
 from effinfer.taxonomy import load_taxonomy, load_view
 from effinfer.taxonomy import site
-from effinfer.taxonomy.site import (Results, SiteBuilder, generate_pages, load_benchmark_tables, load_results,
+from effinfer.tools.site import (Results, SiteBuilder, generate_pages, load_benchmark_tables, load_results,
                                     node_page)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -228,7 +228,7 @@ def test_docs_commands_come_through_the_public_hook(monkeypatch, tmp_path):
     import typer
 
     points = {ep.name: ep.value for ep in importlib.metadata.entry_points(group="effinfer")}
-    assert points.get("docs") == "effinfer.taxonomy.site"
+    assert points.get("docs") == "effinfer.tools.site"
     app = typer.Typer()
     app.command("noop")(lambda: None)
     site.effinfer_register_commands(app)

@@ -52,8 +52,8 @@ def test_tutorial_blocks_are_the_tested_files():
     example = ROOT / "examples" / PACKAGE
     for name in ("pyproject.toml", "src/effinfer_example_plugin/__init__.py"):
         assert files[name] == (example / name).read_text()
-    assert "def effinfer_register_commands(app" in blocks["effinfer/taxonomy/site.py (excerpt)"]
-    assert "--8<--" not in blocks["effinfer/taxonomy/site.py (excerpt)"]
+    assert "def effinfer_register_commands(app" in blocks["effinfer/tools/site.py (excerpt)"]
+    assert "--8<--" not in blocks["effinfer/tools/site.py (excerpt)"]
 
 
 def test_the_tutorial_package_installs_and_its_tests_pass(tmp_path):

@@ -13,7 +13,7 @@ from torch import nn
 
 from effinfer.core.generation import GenerationResult, PlainDecoding, encode_prompts, new_cache, prefill
 from effinfer.core.testing import tiny_llama
-from effinfer.evaluation.data import load_task
+from effinfer.data import load_task
 from effinfer.evaluation.metrics import memory
 from effinfer.evaluation.metrics.fidelity import (FidelityAccumulator, GreedyMatch, ReferenceDistributions,
                                                   common_prefix)

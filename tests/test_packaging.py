@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-SUBPACKAGES = ["core", "plugins", "taxonomy", "kernels", "evaluation"]
+SUBPACKAGES = ["core", "data", "plugins", "taxonomy", "kernels", "evaluation", "tools"]
 CHECK = f"""
 import importlib, importlib.util, json
 mods = {{name: importlib.import_module('effinfer.' + name).__file__ for name in {SUBPACKAGES!r}}}

@@ -128,7 +128,7 @@ def test_activation_stats_are_cached_per_model_and_batch(tiny):
 
 def test_calibration_source_is_seeded_and_cached(monkeypatch, tiny):
     _, tokenizer = tiny
-    import effinfer.evaluation.data as data
+    import effinfer.data as data
 
     calls = []
     monkeypatch.setattr(data, "corpus_text", lambda name, split: calls.append((name, split)) or TEXT)

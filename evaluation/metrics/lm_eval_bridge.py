@@ -1,6 +1,6 @@
 """lm-eval bridge: BIG-bench tasks as local YAML tasks, scored with ``HFLM`` wrapping the composed model.
 
-The task files come from :func:`effinfer.evaluation.data.write_lm_eval_tasks` (JSONL data
+The task files come from :func:`effinfer.data.write_lm_eval_tasks` (JSONL data
 plus lm-eval 0.4 YAMLs with ``dataset_path: json``); they load with
 ``TaskManager(include_path=..., include_defaults=False)``, so lm-eval never looks at the hub
 or its own task registry. ``HFLM(pretrained=<model object>)`` runs whatever the model-level
@@ -20,7 +20,7 @@ from typing import Any
 import yaml
 from torch import nn
 
-from effinfer.evaluation.data import BIGBENCH_TASKS, write_lm_eval_tasks
+from effinfer.data import BIGBENCH_TASKS, write_lm_eval_tasks
 
 TaskScores = dict[str, dict[str, Any]]
 

@@ -12,16 +12,17 @@
 
 from __future__ import annotations
 
-import resource
-import sys
 from collections.abc import Callable, Iterable
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
 from effinfer.core.generation import new_cache
+from effinfer.core.memory import cuda_peak_bytes, peak_rss_bytes, reset_cuda_peak, reset_peak_rss
+
+__all__ = ["CacheRecorder", "cache_tensors", "cuda_peak_bytes", "peak_rss_bytes", "reset_cuda_peak",
+           "reset_peak_rss", "unique_tensor_bytes", "weight_bytes"]
 
 
 def unique_tensor_bytes(tensors: Iterable[torch.Tensor]) -> int:
@@ -87,37 +88,3 @@ class CacheRecorder:
                 return None
             slots += keys.shape[1] * keys.shape[3]
         return slots or None
-
-
-_STATUS = Path("/proc/self/status")
-_CLEAR_REFS = Path("/proc/self/clear_refs")
-
-
-def reset_peak_rss() -> bool:
-    """Reset the kernel's resident-set high-water mark; ``False`` where that is impossible."""
-    try:
-        _CLEAR_REFS.write_text("5")
-        return True
-    except OSError:
-        return False
-
-
-def peak_rss_bytes() -> int:
-    """The process's peak resident set size since the last reset (``VmHWM``), in bytes."""
-    try:
-        for line in _STATUS.read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak if sys.platform == "darwin" else peak * 1024
-
-
-def reset_cuda_peak() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.reset_peak_memory_stats()
-
-
-def cuda_peak_bytes() -> int | None:
-    return int(torch.cuda.max_memory_allocated()) if torch.cuda.is_available() else None

@@ -1,7 +1,7 @@
 """A direct zero-shot multiple-choice scorer, the reference for the lm-eval bridge.
 
 It scores exactly as lm-eval's ``multiple_choice`` output type does for the BIG-bench YAML
-tasks of :mod:`effinfer.evaluation.data.bigbench`: context ``"Q: {question}\\nA:"``, each
+tasks of :mod:`effinfer.data.bigbench`: context ``"Q: {question}\\nA:"``, each
 choice as the continuation ``" {choice}"`` (trailing context spaces moved into the
 continuation, the pair tokenized whole and split at the context's length), ``acc`` =
 argmax of the summed log-likelihood, ``acc_norm`` = argmax of the log-likelihood per
@@ -69,7 +69,7 @@ def score_examples(model: nn.Module, tokenizer: Any, examples: Iterable[dict[str
                    progress: Callable[[], None] | None = None) -> dict[str, tuple[float, float] | int]:
     """``{"acc": (mean, stderr), "acc_norm": (mean, stderr), "n": n}`` over the examples.
 
-    Each example has ``question``, ``choices`` and ``gold`` (see :func:`~effinfer.evaluation.data.load_task`).
+    Each example has ``question``, ``choices`` and ``gold`` (see :func:`~effinfer.data.load_task`).
     ``transform`` rewrites the question first (a data-level technique's data stage).
     """
     acc: list[float] = []

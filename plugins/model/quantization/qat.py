@@ -33,6 +33,7 @@ from torch import nn
 from transformers import DynamicCache
 
 from effinfer.core import Paper, Requirement, Technique, hookimpl
+from effinfer.core.memory import peak_rss_bytes
 from effinfer.core.stages import ModelStage
 from effinfer.plugins.model.quantization.config import (WeightQuantConfig, float_zero, grid_text, maybe_save,
                                                         round_to_nearest_linear, selected_linears, swap_in,
@@ -91,13 +92,8 @@ def distillation_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Ten
     return -(teacher.float().softmax(-1) * student.float().log_softmax(-1)).sum(-1).mean()
 
 
-def peak_rss_gib() -> float | None:
-    try:
-        from effinfer.evaluation.metrics.memory import peak_rss_bytes
-
-        return peak_rss_bytes() / 2**30
-    except ImportError:  # pragma: no cover - the evaluation package ships with effinfer
-        return None
+def peak_rss_gib() -> float:
+    return peak_rss_bytes() / 2**30
 
 
 class QAT(Technique):
@@ -147,7 +143,7 @@ class QAT(Technique):
         self.note(f"QAT cost: data ({config.data}, {tokens.shape[0]}×{tokens.shape[1]} tokens) {data_seconds:.1f} s, "
                   f"training {train_seconds:.1f} s for {config.steps} steps ({trained_tokens} tokens, "
                   f"{train_seconds / config.steps:.2f} s/step), loss ({config.loss}) {losses[0]:.4f} → "
-                  f"{losses[-1]:.4f}" + (f", peak RSS {rss:.2f} GiB" if rss is not None else ""))
+                  f"{losses[-1]:.4f}, peak RSS {rss:.2f} GiB")
         maybe_save(stage, config.save_dir, self)
 
     def _training_tokens(self, stage: ModelStage) -> torch.Tensor:

@@ -23,7 +23,7 @@ import torch
 def use_effinfer_inductor_cache() -> None:
     """Point Inductor's on-disk caches at the effinfer cache (a user's setting wins)."""
     if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
-        from effinfer.core.cache import cache_dir
+        from effinfer.data.cache import cache_dir
 
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(cache_dir() / "inductor")
 

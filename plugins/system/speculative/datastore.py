@@ -114,8 +114,8 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
 
 def build_datastore(tokenizer: Any, corpora: list[str], split: str) -> tuple[Datastore, Path, bool]:
     """The datastore of ``corpora`` (``split``), from the cache or built now; ``(store, path, cached)``."""
-    from effinfer.core.cache import cache_dir
-    from effinfer.evaluation.data import load_corpus
+    from effinfer.data.cache import cache_dir
+    from effinfer.data import load_corpus
 
     key = hashlib.sha256(json.dumps([corpora, split, tokenizer_fingerprint(tokenizer)]).encode()).hexdigest()[:16]
     path = cache_dir() / "rest" / f"{'-'.join(corpora)}-{split}-{key}.npz"

@@ -78,7 +78,7 @@ def model_fingerprint(model: nn.Module) -> str:
 
 def training_prompts(count: int, corpora: list[str]) -> list[str]:
     """``count`` instruction prompts over passages of the corpora's calibration split."""
-    from effinfer.evaluation.data import load_corpus
+    from effinfer.data import load_corpus
 
     passages = []
     for name in corpora:
@@ -172,7 +172,7 @@ def _epochs(heads: MedusaHeads, lm_head: nn.Module, features: torch.Tensor, targ
 
 def train_medusa(model: nn.Module, tokenizer: Any, options: Any, settings: Any) -> tuple[MedusaHeads, TrainingReport]:
     """Heads for ``model`` from the cache, or trained now on self-generated text."""
-    from effinfer.core.cache import cache_dir
+    from effinfer.data.cache import cache_dir
 
     heads = MedusaHeads(model.config.hidden_size, options.heads).to(next(model.parameters()).device)
     key_data = [model_fingerprint(model), options.heads, options.train_prompts, options.train_new_tokens,

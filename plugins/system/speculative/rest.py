@@ -10,7 +10,7 @@ verifier. No draft model, no training; quality depends on how much the output re
 the datastore.
 
 Datastore default: the *calibration* splits of the Wikipedia and Shakespeare corpora of
-:mod:`effinfer.evaluation.data`, disjoint from the test split the evaluation prompts are
+:mod:`effinfer.data`, disjoint from the test split the evaluation prompts are
 built from (``split: all`` adds them, at the price of that leak).
 """
 
@@ -68,7 +68,7 @@ class Rest(Technique):
         model_config = ConfigDict(extra="forbid")
 
         corpora: list[str] = Field(default_factory=lambda: ["wikipedia", "shakespeare"],
-                                   description="corpora of effinfer.evaluation.data in the datastore")
+                                   description="corpora of effinfer.data in the datastore")
         split: Literal["calibration", "test", "all"] = Field(
             "calibration", description="corpus split (the evaluation prompts come from 'test')")
         max_suffix: int = Field(16, ge=1, le=64, description="longest context suffix looked up")
@@ -83,7 +83,7 @@ class Rest(Technique):
                 raise ValueError(f"min_suffix ({self.min_suffix}) must be ≤ max_suffix ({self.max_suffix})")
             if not self.corpora:
                 raise ValueError("the datastore needs at least one corpus")
-            from effinfer.evaluation.data import CORPORA
+            from effinfer.data import CORPORA
 
             unknown = [c for c in self.corpora if c not in CORPORA]
             if unknown:

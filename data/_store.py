@@ -28,7 +28,7 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
-from effinfer.core.cache import FetchError, cache_dir, fetch_distribution
+from effinfer.data.cache import FetchError, cache_dir, fetch_distribution
 
 #: Bump when the processing of any source changes; stale caches are then rebuilt.
 PROCESSING_VERSION = "2"
@@ -49,7 +49,7 @@ def data_dir(name: str, version: str) -> Path:
 
 
 def fetch_archive(requirement: str, *, sdist: bool = False) -> Path:
-    """:func:`effinfer.core.cache.fetch_distribution`, plus a fallback for sdists that the
+    """:func:`effinfer.data.cache.fetch_distribution`, plus a fallback for sdists that the
     running pip refuses to download because of a direct URL dependency (see FALLBACK_PIP)."""
     try:
         return fetch_distribution(requirement, sdist=sdist)

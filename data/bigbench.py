@@ -31,7 +31,7 @@ from typing import Any
 import yaml
 from datasets import Dataset, Features, Sequence, Value
 
-from effinfer.evaluation.data import _store
+from effinfer.data import _store
 
 PACKAGE = "bigbench"
 VERSION = "1.0.0"

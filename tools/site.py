@@ -15,7 +15,7 @@ turns three live sources into markdown pages:
 It also writes the CLI reference from the Typer app, plugin commands included.
 
 This module is itself an ordinary plugin of the ``effinfer`` entry-point group
-(``docs = "effinfer.taxonomy.site"``): it adds ``effinfer docs`` through
+(``docs = "effinfer.tools.site"``): it adds ``effinfer docs`` through
 ``effinfer_register_commands``. Its top level imports only the standard library and Typer,
 because every ``effinfer`` process loads it while building the registry.
 """

@@ -49,7 +49,7 @@ from datasets import Dataset, Features, Value
 from mwparserfromhell.nodes import Heading, Tag, Template, Wikilink
 from mwparserfromhell.wikicode import Wikicode
 
-from effinfer.evaluation.data import _store
+from effinfer.data import _store
 
 CALIBRATION_FRACTION = 0.2
 SPLIT_SEED = 1234

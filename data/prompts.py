@@ -29,8 +29,8 @@ from collections.abc import Callable
 
 from pydantic import BaseModel, ConfigDict
 
-from effinfer.evaluation.data import _store
-from effinfer.evaluation.data.corpora import load_corpus
+from effinfer.data import _store
+from effinfer.data.corpora import load_corpus
 
 PROMPT_SET_VERSION = "1"
 CATEGORIES = ("summarize", "qa", "code_edit", "story", "chat")
