@@ -9,10 +9,18 @@ the ``effinfer`` group of ``pyproject.toml``.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from effinfer.core import Paper, Technique, hookimpl
+from effinfer.core.errors import EffinferError
+from effinfer.core.stages import ModelStage
+
+
+class UnsupportedModelError(EffinferError, ValueError):
+    """The model does not have the layout ``drop_layers`` works on."""
 
 
 class DropLayers(Technique):
@@ -28,20 +36,43 @@ class DropLayers(Technique):
         keep_last: bool = Field(True, description="keep the very last layer, drop the ones before it")
 
     @hookimpl
-    def effinfer_transform_model(self, stage) -> None:
-        decoder = stage.model.model
-        layers = list(decoder.layers)
+    def effinfer_transform_model(self, stage: ModelStage) -> None:
+        decoder, layers = decoder_layers(stage.model)
         if self.config.drop >= len(layers):
-            raise ValueError(f"drop={self.config.drop} would remove all {len(layers)} layers")
+            raise UnsupportedModelError(f"drop_layers: drop={self.config.drop} would remove all {len(layers)} "
+                                        f"decoder layers; use drop <= {len(layers) - 1}")
         end = len(layers) - 1 if self.config.keep_last else len(layers)
-        kept = layers[:end - self.config.drop] + layers[end:]
-        stage.patcher.set_attr(decoder, "layers", nn.ModuleList(kept))
-        stage.patcher.set_attr(stage.model.config, "num_hidden_layers", len(kept))
-        for index, layer in enumerate(kept):  # the KV cache is indexed by layer position
-            stage.patcher.set_attr(layer.self_attn, "layer_idx", index)
+        kept = list(range(end - self.config.drop)) + list(range(end, len(layers)))
+        stage.patcher.set_attr(decoder, "layers", nn.ModuleList(layers[i] for i in kept))
+        config = stage.model.config
+        stage.patcher.set_attr(config, "num_hidden_layers", len(kept))
+        if getattr(config, "layer_types", None):  # Qwen2, Gemma3: attention type (full/sliding) per layer
+            stage.patcher.set_attr(config, "layer_types", [config.layer_types[i] for i in kept])
+        for index, i in enumerate(kept):  # the KV cache is indexed by layer position
+            stage.patcher.set_attr(layers[i].self_attn, "layer_idx", index)
         self.note(f"dropped {self.config.drop} of {len(layers)} decoder layers")
 
 
+def decoder_layers(model: nn.Module) -> tuple[nn.Module, nn.ModuleList]:
+    """The decoder and its blocks at ``model.model.layers``, each with ``self_attn.layer_idx``.
+
+    That is the layout of transformers' decoder-only causal LMs (Llama, Qwen2, Gemma3 text); any
+    other model is refused with the reason, before anything is changed.
+    """
+    decoder = getattr(model, "model", None)
+    layers = getattr(decoder, "layers", None)
+    if not isinstance(layers, nn.ModuleList):
+        raise UnsupportedModelError(
+            f"drop_layers needs a decoder-only causal LM with its blocks at model.model.layers (the layout of "
+            f"Llama, Qwen2 and Gemma3 in transformers); {type(model).__name__} has no such list")
+    for index, layer in enumerate(layers):
+        if not isinstance(getattr(getattr(layer, "self_attn", None), "layer_idx", None), int):
+            raise UnsupportedModelError(
+                f"drop_layers renumbers each block's self_attn.layer_idx (its KV-cache slot), but block {index} "
+                f"of {type(model).__name__} ({type(layer).__name__}) has none")
+    return decoder, layers
+
+
 @hookimpl
-def effinfer_register_techniques(register):
+def effinfer_register_techniques(register: Callable[[type], None]) -> None:
     register(DropLayers)
