@@ -51,7 +51,8 @@ TEMPLATES = Path(__file__).parent / "templates" / "plugin"
 PLUGIN_NAME = re.compile(r"^[a-z][a-z0-9]*(_[a-z0-9]+)*$")
 #: names the generated module imports; a class called like one of them would shadow it
 IMPORTED_NAMES = frozenset({"BaseModel", "ConfigDict", "Field", "Paper", "Technique", "Callable",
-                            "ModelStage", "SystemStage", "DataStage", "Request"})
+                            "ModelStage", "SystemStage", "DataStage", "Request", "EffinferError",
+                            "UnsupportedModelError"})
 #: the stage hook each level's skeleton implements (system: a component, not a decoding strategy)
 STAGE_HOOKS = {"model": "effinfer_transform_model", "system": "effinfer_configure_system",
                "data": "effinfer_transform_request"}
