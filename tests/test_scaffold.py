@@ -13,6 +13,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -179,3 +180,17 @@ def test_the_command_comes_through_the_entry_point(registry, cli):
     assert any(plugin is scaffold and name == "scaffold" and distribution == "effinfer"
                for plugin, name, distribution in registry.plugins)
     assert "Write a pip-installable plugin package" in cli("new-plugin", "--help").output
+
+
+def test_the_guide_shows_real_output(tmp_path, monkeypatch, cli):
+    """Every ``$ effinfer new-plugin ...`` of docs/guides/new-plugin.md prints what the page says."""
+    import re
+    import shlex
+
+    page = (Path(__file__).resolve().parents[1] / "docs" / "guides" / "new-plugin.md").read_text()
+    monkeypatch.chdir(tmp_path)
+    sessions = re.findall(r"^\$ effinfer (new-plugin .*)\n((?:(?!\$ |```).*\n)*)", page, re.M)
+    assert len(sessions) == 5
+    for command, shown in sessions:
+        result = cli(*shlex.split(command))
+        assert result.output.strip() == shown.strip(), command

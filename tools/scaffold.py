@@ -260,8 +260,9 @@ def new_plugin_command(
     if spec.level != spec.node.split(".")[0]:
         console.print(f"note: {spec.node} is a {spec.node.split('.')[0]}-level node; the technique acts at "
                       f"the {spec.level} level (its stage hook is {spec.hook})", markup=False)
+    folder = spec.folder if spec.folder.is_absolute() else f"./{spec.folder}"  # pip reads "name[test]" as a name
     console.print("next steps:\n"
-                  f"  pip install -e '{spec.folder}[test]'\n"
+                  f"  pip install -e '{folder}[test]'\n"
                   f"  pytest {spec.folder / 'tests'}\n"
                   f"  effinfer plugins show {spec.name}\n"
                   f"then fill in the TODOs of {spec.folder / 'src' / spec.package / '__init__.py'} "
