@@ -18,6 +18,8 @@ from types import SimpleNamespace
 
 import pytest
 import typer
+from hypothesis import given
+from hypothesis import strategies as st
 from typer.testing import CliRunner
 
 from effinfer.core.errors import EffinferError
@@ -194,3 +196,10 @@ def test_the_guide_shows_real_output(tmp_path, monkeypatch, cli):
     for command, shown in sessions:
         result = cli(*shlex.split(command))
         assert result.output.strip() == shown.strip(), command
+
+
+@given(st.text(max_size=40))
+def test_a_suggested_name_is_always_accepted(text):
+    fix = suggest_name(text)
+    if fix:
+        check_name(fix)

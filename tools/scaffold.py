@@ -133,7 +133,9 @@ def suggest_name(name: str) -> str:
     """A valid plugin name close to ``name`` (``"MyPruner"``, ``"effinfer-my-pruner"`` → ``"my_pruner"``)."""
     snake = re.sub(r"(?<=[a-z0-9])(?=[A-Z])", "_", name.strip()).lower()
     snake = re.sub(r"[^a-z0-9]+", "_", snake).strip("_")
-    snake = re.sub(r"^effinfer_?", "", snake).lstrip("0123456789_")
+    snake = re.sub(r"_+", "_", snake)
+    while snake != (stripped := re.sub(r"^effinfer_?", "", snake).lstrip("0123456789_")):
+        snake = stripped
     return snake if PLUGIN_NAME.match(snake) else ""
 
 
