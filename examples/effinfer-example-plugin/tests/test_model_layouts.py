@@ -1,15 +1,12 @@
-"""drop_layers on the layouts it supports (Llama, Qwen2 with per-layer attention types) and the ones it refuses."""
-
-import copy
+"""drop_layers on the layouts it supports (Llama, Qwen2, Gemma3 with sliding layers) and the ones it refuses."""
 
 import pytest
 import torch
 from torch import nn
-from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from effinfer.core.errors import EffinferError
 from effinfer.core.stages import ModelStage, ModulePatcher
-from effinfer.core.testing import byte_tokenizer, tiny_llama
+from effinfer.core.testing import TINY_FAMILIES, tiny_llama, tiny_model
 from effinfer_example_plugin import DropLayers, UnsupportedModelError
 
 
@@ -53,28 +50,21 @@ def test_dropping_every_layer_is_refused():
         drop(model, drop=2, keep_last=False)
 
 
-def test_qwen2_with_sliding_layers_equals_a_model_built_from_the_kept_blocks():
-    """The per-layer attention types (``config.layer_types``) follow the kept blocks."""
-    tokenizer = byte_tokenizer()
-    config = Qwen2Config(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-                         num_attention_heads=4, num_key_value_heads=2, use_sliding_window=True, sliding_window=4,
-                         max_window_layers=2, initializer_range=0.3, eos_token_id=tokenizer.eos_token_id,
-                         pad_token_id=tokenizer.pad_token_id)
-    torch.manual_seed(0)
-    model = Qwen2ForCausalLM(config).eval()
-    assert config.layer_types == ["full_attention"] * 2 + ["sliding_attention"] * 2
+@pytest.mark.parametrize("family", sorted(TINY_FAMILIES))
+def test_the_dropped_model_equals_one_built_from_the_kept_blocks(family):
+    """Block indices and the per-layer attention types (Gemma3's sliding/full ``layer_types``) follow the blocks."""
+    model, tokenizer = tiny_model(family, layers=4)
     kept = [0, 3]  # drop=2 with keep_last: the two blocks before the last go
-    reference_config = copy.deepcopy(config)
-    reference_config.num_hidden_layers, reference_config.layer_types = 2, [config.layer_types[i] for i in kept]
-    reference = Qwen2ForCausalLM(reference_config).eval()
+    reference, _ = tiny_model(family, layers=2)  # Gemma3: sliding then full, as blocks 0 and 3 of four
     reference.load_state_dict(blocks_renumbered(model.state_dict(), kept))
-    prompt = torch.tensor([tokenizer.encode("a prompt longer than the sliding window")])
+    types = getattr(model.config, "layer_types", None)
+    prompt = torch.tensor([tokenizer.encode("a prompt longer than Gemma's sliding window of eight tokens")])
 
     patcher = drop(model, drop=2)
-    assert model.config.layer_types == ["full_attention", "sliding_attention"]
     assert [layer.self_attn.layer_idx for layer in model.model.layers] == [0, 1]
+    assert getattr(model.config, "layer_types", None) == getattr(reference.config, "layer_types", None)
     assert torch.equal(model.generate(prompt, max_new_tokens=8, do_sample=False),
                        reference.generate(prompt, max_new_tokens=8, do_sample=False))
     patcher.restore()
-    assert model.config.layer_types == config.layer_types and len(model.model.layers) == 4
+    assert getattr(model.config, "layer_types", None) == types and len(model.model.layers) == 4
     assert [layer.self_attn.layer_idx for layer in model.model.layers] == [0, 1, 2, 3]
