@@ -8,7 +8,7 @@
 writes ``~/src/effinfer-head-pruning/``: a ``pyproject.toml`` with the ``effinfer`` entry point,
 ``src/effinfer_head_pruning/__init__.py`` with a :class:`~effinfer.core.Technique` subclass on
 that taxonomy node (a pydantic ``Config``, the stage hook of the level, a paper placeholder), a
-README and ``tests/`` that pass against :func:`effinfer.core.testing.tiny_llama`. The technique
+README and ``tests/`` that pass on :mod:`effinfer.core.testing`'s tiny models. The technique
 is a skeleton: it loads, validates its config and runs its stage without changing anything yet
 (the data-level one cuts long documents, a stand-in for a compressor).
 
