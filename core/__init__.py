@@ -2,10 +2,12 @@
 
 The names a plugin author needs are importable from here::
 
-    from effinfer.core import Technique, Paper, Requirement, hookimpl
+    from effinfer.core import Technique, Paper, Requirement, Feature, hookimpl
 """
 
-from effinfer.core.hookspecs import hookimpl, hookspec
-from effinfer.core.technique import NoConfig, Paper, Requirement, Technique
+from effinfer.core.hookspecs import hookimpl
+from effinfer.core.technique import (BUILTIN_LAYOUTS, GEMMA3, LLAMA, QWEN2, Feature, NoConfig, Paper, Requirement,
+                                     Technique)
 
-__all__ = ["NoConfig", "Paper", "Requirement", "Technique", "hookimpl", "hookspec"]
+__all__ = ["BUILTIN_LAYOUTS", "Feature", "GEMMA3", "LLAMA", "NoConfig", "Paper", "QWEN2", "Requirement", "Technique",
+           "hookimpl"]

@@ -17,11 +17,18 @@ import pluggy
 import torch
 from torch import nn
 
+from effinfer.core.calibration import calibration_source
+from effinfer.core.engines import CacheFactory, DecodeEngine
+from effinfer.core.errors import EffinferError
+from effinfer.core.experiment import Runtime, TechniqueSpec, resolve_stack
 from effinfer.core.generation import GenerationConfig, GenerationResult, encode_prompts, stop_token_ids
 from effinfer.core.hookspecs import PROJECT, StageSpecs
 from effinfer.core.registry import Registry, get_registry
 from effinfer.core.stages import DataStage, ModelStage, ModulePatcher, Request, SystemStage
-from effinfer.core.technique import Technique
+from effinfer.core.technique import Requirement, Technique, layout_problems
+
+#: what ``wrap_cache_factory`` receives and returns: the stack's cache factory (``None``: the default cache)
+CacheFactoryWrapper = Callable[[CacheFactory], CacheFactory]
 
 
 @dataclass
@@ -44,18 +51,33 @@ class StageReport:
             technique.notes.clear()
 
 
-def default_strategy(engine: str = "static", compile: bool = False, registry: Registry | None = None) -> Any:
-    """The decode loop used when no technique offers one: the registered engine called ``engine``."""
-    return (registry or get_registry()).engine(engine).factory(compile=compile)
+def make_engine(name: str | None = None, compile: bool = False, registry: Registry | None = None) -> DecodeEngine:
+    """The registered engine called ``name`` (``None``: the default of ``runtime.engine``), built with ``compile``."""
+    name = name or Runtime.model_fields["engine"].default
+    entry = (registry or get_registry()).engine(name)
+    engine = entry.factory(compile=compile)
+    if not isinstance(engine, DecodeEngine):
+        raise EffinferError(
+            f"engine {name!r} (distribution {entry.distribution}) is broken: its factory returned "
+            f"{type(engine).__name__}, not an effinfer.core.engines.DecodeEngine; register a factory that "
+            "returns a DecodeEngine subclass instance")
+    return engine
 
 
 class ComposedModel:
-    """A model with a technique stack applied; a context manager that undoes it on exit."""
+    """A model with a technique stack applied; a context manager that undoes it on exit.
+
+    ``engine`` is a :class:`~effinfer.core.engines.DecodeEngine` or a registered engine name
+    (``None``: ``runtime.engine``'s default). ``wrap_cache_factory`` is applied to the stack's
+    cache factory once the techniques have configured the system stage, before the decoding
+    strategy is chosen (the evaluator records the caches built that way);
+    :attr:`stack_cache_factory` keeps the stack's own.
+    """
 
     def __init__(self, model: nn.Module, tokenizer: Any, techniques: Sequence[Technique] = (),
                  calibration: Callable[[int, int], torch.Tensor] | None = None,
-                 keep_originals: bool = True, engine: str = "static", compile: bool = False,
-                 registry: Registry | None = None) -> None:
+                 keep_originals: bool = True, engine: DecodeEngine | str | None = None, compile: bool = False,
+                 registry: Registry | None = None, wrap_cache_factory: CacheFactoryWrapper | None = None) -> None:
         self.tokenizer = tokenizer
         self.techniques = list(techniques)
         self.report = StageReport()
@@ -69,9 +91,11 @@ class ComposedModel:
         # in reverse to have the stack run in the order the user wrote it.
         for technique in reversed(self.techniques):
             self.manager.register(technique, name=technique.name)
-        self.engine_options = {"engine": engine, "compile": compile}
-        self.strategy: Any = default_strategy(engine, compile, registry)
+        self.engine = engine if isinstance(engine, DecodeEngine) else make_engine(engine, compile, registry)
+        self.wrap_cache_factory = wrap_cache_factory
+        self.strategy: Any = self.engine.decoding()
         self.system: SystemStage | None = None
+        self.stack_cache_factory: CacheFactory = None
 
     def __enter__(self) -> ComposedModel:
         self.apply()
@@ -87,13 +111,15 @@ class ComposedModel:
         self.model = stage.model
         self.report.collect("model", self.techniques)
 
-        self.system = SystemStage(self.model, self.tokenizer, extras={"engine": dict(self.engine_options)})
+        self.system = SystemStage(self.model, self.tokenizer, engine=self.engine)
         self.manager.hook.effinfer_configure_system(stage=self.system)
+        self.stack_cache_factory = self.system.cache_factory
+        if self.wrap_cache_factory is not None:
+            self.system.cache_factory = self.wrap_cache_factory(self.stack_cache_factory)
         strategy = self.manager.hook.effinfer_decoding_strategy(stage=self.system)
         if strategy is not None:
             self.strategy = strategy
         self.report.collect("system", self.techniques)
-
     def restore(self) -> None:
         if self.patcher.keep_originals:
             self.patcher.restore()
@@ -126,3 +152,33 @@ class ComposedModel:
             for i, (request, tokens) in enumerate(zip(transformed, result.sequences))
         ]
         return completions, result
+
+
+def compose_stack(model: nn.Module, tokenizer: Any, stack: Sequence[Technique | TechniqueSpec | str],
+                  runtime: Runtime | None = None, *, registry: Registry | None = None, keep_originals: bool = True,
+                  wrap_cache_factory: CacheFactoryWrapper | None = None) -> ComposedModel:
+    """The one set-up path: resolve the stack, check it against the loaded model's layout, give it
+    a calibration source if a technique requires one, and compose it on the runtime's engine.
+
+    ``stack`` holds techniques (already resolved) or specs (``"rtn:bits=4"``, resolved here
+    with every problem reported at once). The result is not applied yet: use it as a context
+    manager, or call ``apply()`` and ``restore()``. ``keep_originals=False`` consumes the model
+    (the originals are freed); ``wrap_cache_factory`` wraps the stack's cache factory (see
+    :class:`ComposedModel`). Used by ``run_experiment``, the evaluator and the draft of
+    ``draft_model``.
+    """
+    runtime = runtime or Runtime()
+    registry = registry or get_registry()
+    if all(isinstance(item, Technique) for item in stack):
+        techniques = list(stack)
+    else:
+        specs = [item if isinstance(item, TechniqueSpec) else TechniqueSpec.model_validate(item) for item in stack]
+        techniques = resolve_stack(specs, runtime, registry)
+    problems = layout_problems(techniques, getattr(getattr(model, "config", None), "model_type", None))
+    if problems:
+        raise EffinferError("; ".join(problems))
+    needs_calibration = any(Requirement.CALIBRATION_DATA in t.requires for t in techniques)
+    calibration = calibration_source(tokenizer, runtime.seed) if needs_calibration else None
+    return ComposedModel(model, tokenizer, techniques, calibration=calibration, keep_originals=keep_originals,
+                         engine=runtime.engine, compile=runtime.compile, registry=registry,
+                         wrap_cache_factory=wrap_cache_factory)

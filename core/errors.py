@@ -3,14 +3,28 @@
 from __future__ import annotations
 
 import difflib
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 
-def close_matches(word: str, candidates: Iterable[str], n: int = 3) -> list[str]:
-    """The closest candidates to ``word``: difflib's best, then those containing ``word``."""
-    candidates = list(candidates)
-    fuzzy = difflib.get_close_matches(word, candidates, n=n, cutoff=0.6)
-    contains = [c for c in candidates if word and word in c]
+def close_matches(word: str, candidates: Iterable[str], n: int = 3, cutoff: float = 0.6,
+                  aliases: Mapping[str, Iterable[str]] | None = None) -> list[str]:
+    """The candidates closest to ``word`` (the one close-match helper of effinfer).
+
+    Similarity is difflib's ratio, of the whole strings or of their last dotted segments
+    (``quantisation`` finds ``model.compression.quantization``); ``aliases`` gives some
+    candidates other names they also match by (a taxonomy node's aliases). Candidates
+    containing ``word`` follow the fuzzy matches.
+    """
+    names = {c: [c, *(aliases or {}).get(c, ())] for c in candidates}
+    query = word.strip().lower()
+
+    def score(keys: list[str]) -> float:
+        pairs = [(query, key.lower()) for key in keys] + [(query.rpartition(".")[2], keys[0].rpartition(".")[2])]
+        return max(difflib.SequenceMatcher(None, a, b).ratio() for a, b in pairs)
+
+    scored = sorted(((score(keys), c) for c, keys in names.items()), key=lambda pair: (-pair[0], pair[1]))
+    fuzzy = [c for value, c in scored if value >= cutoff][:n]
+    contains = [c for c in names if query and query in c.lower()]
     return list(dict.fromkeys(fuzzy + contains))[:n]
 
 
@@ -24,12 +38,17 @@ class EffinferError(Exception):
 
 
 class UnknownTechniqueError(EffinferError, KeyError):
-    def __init__(self, name: str, known: Iterable[str]) -> None:
+    """``failed`` maps plugins that failed to load (and may have provided ``name``) to their error."""
+
+    def __init__(self, name: str, known: Iterable[str], failed: Mapping[str, str] | None = None) -> None:
         known = sorted(known)
-        super().__init__(
-            f"unknown technique {name!r}{did_you_mean(name, known)} "
-            f"(run `effinfer plugins` to list all {len(known)})"
-        )
+        if failed:
+            why = "; ".join(f"plugin {plugin!r} failed to load: {error}" for plugin, error in failed.items())
+            message = (f"technique {name!r} is not available: {why} (fix or uninstall that plugin; "
+                       "`effinfer plugins` lists every broken plugin)")
+        else:
+            message = f"unknown technique {name!r}{did_you_mean(name, known)} (run `effinfer plugins` to list all {len(known)})"
+        super().__init__(message)
 
     def __str__(self) -> str:  # KeyError would add quotes around the message
         return str(self.args[0])

@@ -16,7 +16,7 @@ from effinfer.core.errors import ExperimentError, UnknownEngineError, UnknownTec
 from effinfer.core.generation import GenerationConfig
 from effinfer.core.models import DEFAULT_MODEL
 from effinfer.core.registry import Registry, get_registry
-from effinfer.core.technique import Requirement, Technique
+from effinfer.core.technique import Requirement, Technique, layout_problems
 
 
 class TechniqueSpec(BaseModel):
@@ -97,7 +97,13 @@ class Experiment(BaseModel):
         return resolve_stack(self.techniques, self.runtime, registry or get_registry())
 
 
-def resolve_stack(specs: list[TechniqueSpec], runtime: Runtime, registry: Registry) -> list[Technique]:
+def resolve_stack(specs: list[TechniqueSpec], runtime: Runtime, registry: Registry,
+                  layout: str | None = None) -> list[Technique]:
+    """Validate the stack and instantiate its techniques; raise with every problem.
+
+    ``layout`` is the model's Hugging Face ``model_type`` when it is known before loading
+    (:func:`effinfer.core.models.model_layout`): techniques that do not support it are refused.
+    """
     problems: list[str] = []
     techniques: list[Technique] = []
     for position, spec in enumerate(specs):
@@ -115,14 +121,14 @@ def resolve_stack(specs: list[TechniqueSpec], runtime: Runtime, registry: Regist
         techniques.append(cls(config))
     if runtime.engine not in registry.engines:
         problems.append(f"runtime.engine: {UnknownEngineError(runtime.engine, registry.engines)}")
-    problems += stack_conflicts(techniques, runtime)
+    problems += stack_conflicts(techniques, runtime, layout)
     if problems:
         raise ExperimentError(problems)
     return techniques
 
 
-def stack_conflicts(stack: list[Technique], runtime: Runtime) -> list[str]:
-    """Conflicts between techniques of one stack, and requirements the runtime cannot meet."""
+def stack_conflicts(stack: list[Technique], runtime: Runtime, layout: str | None = None) -> list[str]:
+    """Conflicts between techniques of one stack, and requirements the runtime or the model layout cannot meet."""
     problems: list[str] = []
     names = [t.name for t in stack]
     for name in sorted({n for n in names if names.count(n) > 1}):
@@ -138,14 +144,15 @@ def stack_conflicts(stack: list[Technique], runtime: Runtime) -> list[str]:
             if second.name in first.incompatible_with or first.name in second.incompatible_with:
                 problems.append(f"{first.name} and {second.name} are declared incompatible")
     for i, technique in enumerate(stack):
-        removed_before = {f: t.name for t in stack[:i] for f in t.removes_features}
-        for feature in sorted(technique.needs_features & removed_before.keys()):
+        removed_before = {str(f): t.name for t in stack[:i] for f in t.removes_features}
+        for feature in sorted({str(f) for f in technique.needs_features} & removed_before.keys()):
             problems.append(
                 f"{technique.name} needs {feature!r}, which {removed_before[feature]} (earlier in the "
                 f"stack) removes; put {technique.name} before {removed_before[feature]} or drop one"
             )
         if Requirement.CUDA in technique.requires and not runtime.device.startswith("cuda"):
             problems.append(f"{technique.name} requires CUDA but runtime.device is {runtime.device!r}")
+    problems += layout_problems(stack, layout)
     return problems
 
 

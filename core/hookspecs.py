@@ -51,31 +51,33 @@ class RegistrationSpecs:
 
     @hookspec
     def effinfer_register_model_sources(self, register: Callable[..., None]) -> None:
-        """Register model aliases: ``register(alias, loader, description=...)``.
+        """Register model aliases: ``register(alias, loader, description=..., layout=...)``.
 
         ``loader(dtype: torch.dtype, device: str) -> (model, tokenizer)`` builds the
         model. Aliases can then be used wherever a model source string is accepted.
+        ``layout`` (optional) is the Hugging Face ``model_type`` the loader produces, so a
+        stack can be checked against it before the model loads. An alias already taken is
+        reported as a broken plugin and skipped.
         """
 
     @hookspec
     def effinfer_register_engines(self, register: Callable[..., None]) -> None:
         """Register decode engines: ``register(name, factory, description=...)``.
 
-        An engine is the decode loop an experiment uses when no technique of its stack
-        offers a decoding strategy; ``runtime.engine`` picks one by name (unknown names
-        are refused before any model loads, with close matches). ``factory(compile=bool)``
-        returns a :class:`~effinfer.core.generation.DecodingStrategy`; ``compile`` is
-        ``runtime.compile`` (an engine that cannot compile ignores it). The core
-        registers ``"hf"`` itself (its :class:`~effinfer.core.generation.PlainDecoding`,
-        transformers' forward over a ``DynamicCache``, the reference); the built-in
-        plugin ``effinfer.plugins.system.engine`` registers ``"static"`` (the default).
-        Decoding strategies read the chosen name and ``compile`` from
-        ``SystemStage.extras["engine"]``. A name already taken is reported as a broken
-        plugin and skipped::
+        ``factory(compile=bool)`` returns a :class:`~effinfer.core.engines.DecodeEngine`
+        (a subclass, e.g. of :class:`~effinfer.core.engines.HFEngine`, registered as its own
+        factory); ``compile`` is ``runtime.compile`` (an engine that cannot compile ignores
+        it). ``runtime.engine`` picks one by name (unknown names are refused before any
+        model loads, with close matches); the composition puts it on
+        ``SystemStage.engine``, and every decoding strategy decodes through it: its
+        ``decoding()`` is the plain loop, its ``runner(...)`` what speculative strategies
+        drive. The core registers ``"hf"`` (the reference); the built-in plugin
+        ``effinfer.plugins.system.engine`` registers ``"static"`` (the default). A name
+        already taken is reported as a broken plugin and skipped::
 
             @hookimpl
             def effinfer_register_engines(register):
-                register("mine", lambda compile=False: MyDecoding(), description="...")
+                register("mine", MyEngine, description="...")   # class MyEngine(DecodeEngine)
         """
 
     @hookspec

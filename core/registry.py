@@ -2,9 +2,11 @@
 
 Built-in techniques are found exactly like third-party ones: each is a module listed
 under ``[project.entry-points.effinfer]`` that implements
-``effinfer_register_techniques``. A plugin that fails to import, registers on an
-unknown taxonomy node or reuses a name is recorded in :attr:`Registry.broken` with its
-distribution name; everything else still loads.
+``effinfer_register_techniques``. A plugin that fails to import (any exception, a
+``sys.exit`` included), registers on an unknown taxonomy node, breaks the technique
+contract or reuses a name is recorded in :attr:`Registry.broken` with its distribution
+name; everything else still loads. Built-ins (distribution ``effinfer``) load first, so a
+third-party plugin can never replace one: the clashing plugin is the one reported.
 """
 
 from __future__ import annotations
@@ -18,11 +20,14 @@ from typing import Any
 
 import pluggy
 
+from effinfer.core.engines import HFEngine
 from effinfer.core.errors import UnknownEngineError, UnknownTechniqueError, did_you_mean
 from effinfer.core.hookspecs import PROJECT, RegistrationSpecs
 from effinfer.core.technique import Technique, check_technique_class
 
 ENTRY_POINT_GROUP = "effinfer"
+#: the distribution whose plugins are the built-ins
+BUILTIN_DISTRIBUTION = "effinfer"
 
 
 @dataclass(frozen=True)
@@ -38,6 +43,8 @@ class BrokenPlugin:
     distribution: str
     error: str
     detail: str = ""
+    #: the technique it tried to register, when the failure was that technique's
+    technique: str | None = None
 
 
 @dataclass(frozen=True)
@@ -46,27 +53,23 @@ class ModelAlias:
     loader: Callable[..., Any]
     description: str
     distribution: str
+    #: the Hugging Face ``model_type`` the loader produces, when the plugin declares it
+    layout: str | None = None
 
 
 @dataclass(frozen=True)
 class EngineEntry:
     name: str
-    #: ``factory(compile=bool)`` → a decoding strategy
+    #: ``factory(compile=bool)`` → a :class:`~effinfer.core.engines.DecodeEngine`
     factory: Callable[..., Any]
     description: str
     distribution: str
 
 
-def _hf_engine(compile: bool = False) -> Any:
-    from effinfer.core.generation import PlainDecoding
-
-    return PlainDecoding()
-
-
 def core_engines() -> dict[str, EngineEntry]:
     """The engine the core itself provides (the reference every other one is checked against)."""
-    return {"hf": EngineEntry("hf", _hf_engine, "transformers' forward over a DynamicCache (the reference)",
-                              "effinfer")}
+    return {HFEngine.name: EngineEntry(HFEngine.name, HFEngine, "transformers' forward over a DynamicCache "
+                                       "(the reference)", BUILTIN_DISTRIBUTION)}
 
 
 @dataclass
@@ -79,11 +82,17 @@ class Registry:
     plugins: list[tuple[object, str, str]] = field(default_factory=list)
 
     def get(self, name: str) -> type[Technique]:
-        """The technique class called ``name``; unknown names get close matches."""
+        """The technique class called ``name``; unknown names get close matches, or the reason
+        the plugin that provides it failed to load."""
         try:
             return self.techniques[name].technique
         except KeyError:
-            raise UnknownTechniqueError(name, self.techniques) from None
+            raise UnknownTechniqueError(name, self.techniques, self.failed_providers(name)) from None
+
+    def failed_providers(self, name: str) -> dict[str, str]:
+        """Broken plugins that may provide technique ``name``: the ones whose entry point is called
+        ``name`` or whose refused technique is ``name``; ``plugin → error``."""
+        return {b.plugin: b.error for b in self.broken if name in (b.plugin, b.technique)}
 
     def names(self) -> list[str]:
         return sorted(self.techniques)
@@ -112,8 +121,8 @@ class Registry:
                 register=lambda cls: self._register_technique(cls, plugin_name, distribution)
             )
             manager.hook.effinfer_register_model_sources(
-                register=lambda alias, loader, description="": self._register_alias(
-                    alias, loader, description, distribution
+                register=lambda alias, loader, description="", layout=None: self._register_alias(
+                    alias, loader, description, distribution, plugin_name, layout
                 )
             )
             manager.hook.effinfer_register_engines(
@@ -121,7 +130,9 @@ class Registry:
                     name, factory, description, plugin_name, distribution
                 )
             )
-        except Exception as error:  # a plugin's bug must not take the framework down
+        except BaseException as error:  # a plugin's bug (even sys.exit) must not take the framework down
+            if isinstance(error, KeyboardInterrupt):
+                raise
             self._broken(plugin_name, distribution, error)
 
     def register_commands(self, app: Any) -> None:
@@ -134,7 +145,9 @@ class Registry:
             try:
                 manager.register(plugin, name=name)
                 manager.hook.effinfer_register_commands(app=app)
-            except Exception as error:
+            except BaseException as error:
+                if isinstance(error, KeyboardInterrupt):
+                    raise
                 self._broken(name, distribution, error)
 
     def _register_technique(self, cls: Any, plugin: str, distribution: str) -> None:
@@ -150,18 +163,28 @@ class Registry:
                 )
             if cls.name in self.techniques:
                 first = self.techniques[cls.name]
+                fix = ("built-in techniques cannot be replaced: give yours another name"
+                       if first.distribution == BUILTIN_DISTRIBUTION else "rename one of them")
                 raise ValueError(
                     f"technique name {cls.name!r} is already registered by plugin {first.plugin!r} "
-                    f"(distribution {first.distribution}); rename one of them"
+                    f"(distribution {first.distribution}); {fix}"
                 )
         except (TypeError, ValueError) as error:
-            self._broken(plugin, distribution, error, with_traceback=False)
+            name = getattr(cls, "name", None)
+            self._broken(plugin, distribution, error, with_traceback=False,
+                         technique=name if isinstance(name, str) and name not in self.techniques else None)
             return
         self.techniques[cls.name] = TechniqueEntry(cls, plugin, distribution)
 
     def _register_alias(self, alias: str, loader: Callable[..., Any], description: str,
-                        distribution: str) -> None:
-        self.model_aliases[alias] = ModelAlias(alias, loader, description, distribution)
+                        distribution: str, plugin: str, layout: str | None = None) -> None:
+        if alias in self.model_aliases:
+            first = self.model_aliases[alias]
+            error = ValueError(f"model alias {alias!r} is already registered (distribution {first.distribution}); "
+                               "give yours another name")
+            self._broken(plugin, distribution, error, with_traceback=False)
+        else:
+            self.model_aliases[alias] = ModelAlias(alias, loader, description, distribution, layout)
 
     def _register_engine(self, name: str, factory: Callable[..., Any], description: str, plugin: str,
                          distribution: str) -> None:
@@ -170,19 +193,24 @@ class Registry:
             self._broken(plugin, distribution, error, with_traceback=False)
         elif name in self.engines:
             first = self.engines[name]
-            error = ValueError(f"engine name {name!r} is already registered (distribution {first.distribution})")
+            error = ValueError(f"engine name {name!r} is already registered (distribution {first.distribution}); "
+                               "give yours another name")
             self._broken(plugin, distribution, error, with_traceback=False)
         else:
             self.engines[name] = EngineEntry(name, factory, description, distribution)
 
     def _broken(self, plugin: str, distribution: str, error: BaseException,
-                with_traceback: bool = True) -> None:
+                with_traceback: bool = True, technique: str | None = None) -> None:
         detail = "".join(traceback.format_exception(error)) if with_traceback else ""
-        self.broken.append(BrokenPlugin(plugin, distribution, f"{type(error).__name__}: {error}", detail))
+        self.broken.append(BrokenPlugin(plugin, distribution, f"{type(error).__name__}: {error}", detail, technique))
 
 
 def _entry_points() -> Iterable[importlib.metadata.EntryPoint]:
     return importlib.metadata.entry_points(group=ENTRY_POINT_GROUP)
+
+
+def _distribution(entry_point: importlib.metadata.EntryPoint) -> str:
+    return entry_point.dist.name if entry_point.dist else "<unknown distribution>"
 
 
 def build_registry(extra_plugins: Iterable[tuple[object, str]] = ()) -> Registry:
@@ -191,11 +219,14 @@ def build_registry(extra_plugins: Iterable[tuple[object, str]] = ()) -> Registry
     ``extra_plugins`` are ``(module_or_object, name)`` pairs, handy in tests and notebooks.
     """
     registry = Registry()
-    for entry_point in _entry_points():
-        distribution = entry_point.dist.name if entry_point.dist else "<unknown distribution>"
+    # built-ins first (a stable sort keeps each distribution's own order), so they always win a clash
+    for entry_point in sorted(_entry_points(), key=lambda ep: _distribution(ep) != BUILTIN_DISTRIBUTION):
+        distribution = _distribution(entry_point)
         try:
             plugin = entry_point.load()
-        except Exception as error:
+        except BaseException as error:  # ImportError, a bug, or sys.exit at import: report, go on
+            if isinstance(error, KeyboardInterrupt):
+                raise
             registry._broken(entry_point.name, distribution, error)
             continue
         registry.add_plugin(plugin, entry_point.name, distribution)

@@ -8,16 +8,16 @@ from typing import Any
 
 import torch
 
-from effinfer.core.calibration import calibration_source
-from effinfer.core.compose import Completion, ComposedModel, StageReport
+from effinfer.core.compose import Completion, StageReport, compose_stack
+from effinfer.core.errors import ExperimentError
 from effinfer.core.experiment import Experiment
 from effinfer.core.generation import GenerationResult
-from effinfer.core.models import load_model
+from effinfer.core.models import load_model, model_layout
 from effinfer.core.registry import Registry
 from effinfer.core.stages import Request
-from effinfer.core.technique import Requirement
+from effinfer.core.technique import Technique, layout_problems
 
-__all__ = ["ExperimentRun", "apply_runtime", "calibration_source", "run_experiment"]
+__all__ = ["ExperimentRun", "apply_runtime", "check_source_layout", "run_experiment"]
 
 
 @dataclass
@@ -36,21 +36,27 @@ def apply_runtime(experiment: Experiment) -> None:
         torch.set_num_threads(experiment.runtime.threads)
 
 
+def check_source_layout(techniques: list[Technique], source: str) -> None:
+    """Refuse, before loading, a stack a technique of which does not support the source's layout
+    (when the source tells its layout without loading; the composition checks again after)."""
+    problems = layout_problems(techniques, model_layout(source))
+    if problems:
+        raise ExperimentError([f"model {source!r}: {problem}" for problem in problems])
+
+
 def run_experiment(experiment: Experiment, registry: Registry | None = None, model: Any = None,
                    tokenizer: Any = None) -> ExperimentRun:
     """Validate the stack (before loading anything), load the model, apply, generate, restore."""
     techniques = experiment.build_stack(registry)
+    if model is None:
+        check_source_layout(techniques, experiment.model)
     apply_runtime(experiment)
     started = time.perf_counter()
     if model is None:
         model, tokenizer = load_model(experiment.model, experiment.runtime.dtype, experiment.runtime.device)
     loaded = time.perf_counter()
-    needs_calibration = any(Requirement.CALIBRATION_DATA in t.requires for t in techniques)
-    calibration = calibration_source(tokenizer, experiment.runtime.seed) if needs_calibration else None
     requests = [Request.from_text(p, experiment.documents) for p in experiment.prompts]
-    with ComposedModel(model, tokenizer, techniques, calibration=calibration,
-                       engine=experiment.runtime.engine, compile=experiment.runtime.compile,
-                       registry=registry) as composed:
+    with compose_stack(model, tokenizer, techniques, experiment.runtime, registry=registry) as composed:
         set_up = time.perf_counter()
         completions, result = composed.generate(requests, experiment.generation)
     return ExperimentRun(experiment, completions, result, composed.report, loaded - started, set_up - loaded)

@@ -9,6 +9,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from effinfer.core.engines import CacheFactory, DecodeEngine, HFEngine
+
 
 class ModulePatcher:
     """Swaps attributes and submodules and undoes every swap, newest first.
@@ -67,11 +69,18 @@ class ModelStage:
 
 @dataclass
 class SystemStage:
-    """System level: generation components contributed by techniques."""
+    """System level: generation components contributed by techniques.
+
+    ``engine`` is the decode engine the runtime chose (``runtime.engine``): a decoding
+    strategy runs its forwards through it (``engine.decoding()``, ``engine.runner(...)``).
+    Built without a composition it is the core's reference :class:`HFEngine`.
+    ``cache_factory`` is a KV-cache policy a technique contributes (``None``: the default cache).
+    """
 
     model: nn.Module
     tokenizer: Any
-    cache_factory: Callable[[nn.Module], Any] | None = None
+    cache_factory: CacheFactory = None
+    engine: DecodeEngine = field(default_factory=HFEngine)
     extras: dict[str, Any] = field(default_factory=dict)
 
 

@@ -26,12 +26,11 @@ from typing import Any
 
 import torch
 
-from effinfer.core.compose import ComposedModel
+from effinfer.core.compose import compose_stack
 from effinfer.core.experiment import Experiment, Runtime, TechniqueSpec, resolve_stack
 from effinfer.core.models import DEFAULT_MODEL, load_model
 from effinfer.core.registry import Registry, get_registry
-from effinfer.core.runner import calibration_source
-from effinfer.core.technique import Requirement, Technique
+from effinfer.core.technique import Technique
 from effinfer.data import corpus_text
 from effinfer.evaluation.environment import collect_environment, machine_identity
 from effinfer.evaluation.metrics.lm_eval_bridge import prepare_tasks
@@ -230,18 +229,16 @@ class Evaluator:
         model, tokenizer = self._fresh_model()
         applied = self.clock()
         record.add("setup.load_s", applied - loaded, unit="s")
-        calibration = (calibration_source(tokenizer, self.runtime.seed)
-                       if any(Requirement.CALIBRATION_DATA in t.requires for t in techniques) else None)
-        composed = ComposedModel(model, tokenizer, techniques, calibration=calibration, keep_originals=False,
-                                 **self._engine_options())
+        # the one set-up path (calibration, the runtime's engine, layout check); the recorder wraps
+        # the stack's cache factory as the system stage is set up
+        composed = compose_stack(model, tokenizer, techniques, self.runtime, registry=self.registry,
+                                 keep_originals=False, wrap_cache_factory=CacheRecorder)
         try:
             composed.apply()
             record.add("setup.apply_s", self.clock() - applied, unit="s")
             record.notes += [f"{level} · {name}: {note}" for level, name, note in composed.report.entries]
-            own_factory = composed.system.cache_factory if composed.system else None
-            recorder = CacheRecorder(own_factory)
-            if composed.system is not None:
-                composed.system.cache_factory = recorder
+            own_factory = composed.stack_cache_factory
+            recorder = composed.system.cache_factory
             run = StackRun(record=record, composed=composed, techniques=techniques, suite=self.suite,
                            reference=self.reference,
                            corpus_ids=lambda name, at_least=None: self.corpus_ids(name, tokenizer, at_least),

@@ -11,7 +11,6 @@ It lives in ``tree.yaml``; views (``views/*.yaml``) map other surveys' categorie
 
 from __future__ import annotations
 
-import difflib
 import functools
 import re
 from collections.abc import Iterable, Iterator
@@ -19,11 +18,14 @@ from pathlib import Path
 from typing import Any, Literal, cast
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from effinfer.core.errors import EffinferError, close_matches
+from effinfer.core.paper import Paper
 
 __all__ = [
     "DATA_DIR", "LEVELS", "Node", "Paper", "Taxonomy", "TaxonomyError", "UnknownNodeError",
-    "View", "ViewCategory", "available_views", "load_taxonomy", "load_view",
+    "UnknownViewError", "View", "ViewCategory", "available_views", "load_taxonomy", "load_view",
 ]
 
 DATA_DIR = Path(__file__).parent
@@ -31,13 +33,10 @@ TREE_PATH = DATA_DIR / "tree.yaml"
 VIEWS_DIR = DATA_DIR / "views"
 LEVELS = ("data", "model", "system")
 Level = Literal["data", "model", "system"]
-# New-style arXiv ids: YYMM.NNNN (2007-2014) or YYMM.NNNNN (2015-): ASCII digits, month 01-12.
-ARXIV_RE = re.compile(r"(0[7-9]|1[0-4])(0[1-9]|1[0-2])\.[0-9]{4}"
-                      r"|(1[5-9]|[2-9][0-9])(0[1-9]|1[0-2])\.[0-9]{5}")
 SEGMENT_RE = re.compile(r"[a-z][a-z0-9_]*")
 
 
-class TaxonomyError(ValueError):
+class TaxonomyError(EffinferError, ValueError):
     """The taxonomy (or a view) data is invalid; ``node_id`` names the offending node."""
 
     def __init__(self, message: str, node_id: str | None = None) -> None:
@@ -45,7 +44,7 @@ class TaxonomyError(ValueError):
         self.node_id = node_id
 
 
-class UnknownNodeError(KeyError):
+class UnknownNodeError(EffinferError, KeyError):
     """A node id that is not in the taxonomy; the message suggests the closest ids."""
 
     def __init__(self, node_id: str, suggestions: list[str]) -> None:
@@ -57,27 +56,11 @@ class UnknownNodeError(KeyError):
         return str(self.args[0])
 
 
-class Paper(BaseModel):
-    """A key paper of a node, identified by its (new-style) arXiv id."""
+class UnknownViewError(EffinferError, KeyError):
+    """A view name that is not bundled; the message lists the available ones."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
-    title: str = Field(min_length=1)
-    arxiv: str
-    year: int = Field(ge=1990, le=2100)
-
-    @field_validator("arxiv", mode="before")
-    @classmethod
-    def _check_arxiv(cls, value: Any) -> Any:
-        if isinstance(value, float):  # YAML read an unquoted id as a number (2306.11690 -> ...169)
-            raise ValueError(f"arXiv id {value!r} must be a quoted string in YAML")
-        if not isinstance(value, str) or not ARXIV_RE.fullmatch(value):
-            raise ValueError(f"bad arXiv id {value!r}; expected YYMM.NNNNN like '2210.17323'")
-        return value
-
-    @property
-    def url(self) -> str:
-        """The paper's arXiv abstract page."""
-        return f"https://arxiv.org/abs/{self.arxiv}"
+    def __str__(self) -> str:
+        return str(self.args[0])
 
 
 class Node(BaseModel):
@@ -178,17 +161,8 @@ class Taxonomy:
 
     def closest(self, node_id: str, n: int = 3, cutoff: float = 0.6) -> list[str]:
         """Up to ``n`` ids most similar to ``node_id`` (full ids, last segments and aliases)."""
-        query = node_id.strip().lower()
-        last = query.rpartition(".")[2]
-
-        def score(node: Node) -> float:
-            pairs = [(query, node.id), (last, node.segment)]
-            pairs += [(query, alias.lower()) for alias in node.aliases]
-            return max(difflib.SequenceMatcher(None, a, b).ratio() for a, b in pairs)
-
-        scored = sorted(((score(node), node.id) for node in self.nodes.values()),
-                        key=lambda pair: (-pair[0], pair[1]))
-        return [node_id for value, node_id in scored if value >= cutoff][:n]
+        return close_matches(node_id, self.nodes, n=n, cutoff=cutoff,
+                             aliases={node.id: node.aliases for node in self.nodes.values()})
 
     def search(self, text: str) -> list[Node]:
         """Nodes whose id, title or an alias contains ``text`` (case-insensitive)."""
@@ -364,5 +338,5 @@ def load_view(name: str) -> View:
     """A bundled view by name (e.g. ``"2408.03130"``), validated against the primary tree."""
     files = _view_files()
     if name not in files:
-        raise KeyError(f"unknown taxonomy view {name!r}; available: {', '.join(sorted(files))}")
+        raise UnknownViewError(f"unknown taxonomy view {name!r}; available: {', '.join(sorted(files))}")
     return View.from_yaml(files[name])

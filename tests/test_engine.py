@@ -23,9 +23,9 @@ from effinfer.core.errors import ExperimentError
 from effinfer.core.experiment import Experiment, Runtime
 from effinfer.core.generation import GenerationConfig, PlainDecoding, encode_prompts, stop_token_ids
 from effinfer.core.testing import tiny_llama
-from effinfer.plugins.system.engine import Engine, EngineSettings, StaticDecoding, StaticKVCache
+from effinfer.core.engines import DecodeEngine, HFEngine, tree_geometry
+from effinfer.plugins.system.engine import Engine, StaticDecoding, StaticEngine, StaticKVCache
 from effinfer.plugins.system.engine import compile as compile_module
-from effinfer.plugins.system.engine.engine import tree_geometry
 
 PROMPTS = ["The quick brown fox jumps over the lazy dog.", "Hi", "Tell me about the sea, please."]
 
@@ -156,7 +156,7 @@ def test_a_failing_compile_falls_back_to_eager_with_a_warning(tiny, monkeypatch)
 
     monkeypatch.setattr(compile_module.torch, "compile", broken_compile)
     config = GenerationConfig(max_new_tokens=8)
-    strategy = StaticDecoding(EngineSettings(compile=True))
+    strategy = StaticDecoding(StaticEngine(compile=True))
     with pytest.warns(RuntimeWarning, match="inductor exploded"):
         result = run(strategy, model, tokenizer, config)
     assert result.sequences == run(StaticDecoding(), model, tokenizer, config).sequences
@@ -212,7 +212,7 @@ def test_experiments_default_to_the_static_engine_and_can_choose_hf(tiny, tmp_pa
     runtime = Experiment().runtime
     assert (runtime.engine, runtime.compile) == ("static", False)
     with ComposedModel(model, tokenizer, engine="static", compile=False) as composed:
-        assert composed.system.extras["engine"] == {"engine": "static", "compile": False}
+        assert isinstance(composed.system.engine, StaticEngine) and composed.system.engine.compile is False
         static = composed.generate(["Hello"], GenerationConfig(max_new_tokens=8))[1]
     with ComposedModel(model, tokenizer, engine="hf") as composed:
         reference = composed.generate(["Hello"], GenerationConfig(max_new_tokens=8))[1]
@@ -242,12 +242,12 @@ def test_a_third_party_engine_is_chosen_by_name_and_duplicates_are_refused(tiny)
     model, tokenizer = tiny
     made = []
 
-    class Greedy(PlainDecoding):
+    class Mine(HFEngine):
         name = "mine"
 
     def factory(compile=False):
         made.append(compile)
-        return Greedy()
+        return Mine(compile)
 
     plugin = types.ModuleType("my_engine")
     plugin.effinfer_register_engines = hookimpl(lambda register: register("mine", factory, description="demo"))
@@ -259,7 +259,8 @@ def test_a_third_party_engine_is_chosen_by_name_and_duplicates_are_refused(tiny)
     assert "engine name 'static' is already registered" in registry.broken[0].error
     assert registry.engines["static"].factory is not factory
     composed = ComposedModel(model, tokenizer, engine="mine", compile=True, registry=registry)
-    assert isinstance(composed.strategy, Greedy) and made == [True]
+    assert isinstance(composed.engine, Mine) and composed.engine.compile and made == [True]
+    assert isinstance(composed.strategy, PlainDecoding)
     runtime = Runtime(engine="mine")
     assert Experiment(runtime=runtime).build_stack(registry) == []
     with pytest.raises(ExperimentError, match="unknown engine 'mine'"):
@@ -286,9 +287,103 @@ def test_the_compiled_code_path_gives_the_same_tokens(tiny, monkeypatch):
     model, tokenizer = tiny
     monkeypatch.setattr(compile_module.torch, "compile", lambda fn, **kwargs: fn)
     config = GenerationConfig(max_new_tokens=20)
-    compiled = EngineSettings(compile=True)
-    assert run(StaticDecoding(compiled), model, tokenizer, config).sequences == \
+    assert run(StaticDecoding(StaticEngine(compile=True)), model, tokenizer, config).sequences == \
         run(StaticDecoding(), model, tokenizer, config).sequences
-    lookahead = LookaheadDecoding(Lookahead.Config(), compiled)
+    lookahead = LookaheadDecoding(Lookahead.Config(), StaticEngine(compile=True))
     assert run(lookahead, model, tokenizer, config).sequences == run(StaticDecoding(), model, tokenizer, config).sequences
-    assert lookahead.choice.engine.compile_report()["steps"]["tree step"]["shapes"] == 1  # one bucket
+    assert lookahead.engine.compile_report()["steps"]["tree step"]["shapes"] == 1  # one bucket
+
+
+# --------------------------------------------------------------------------- a third-party engine, every strategy
+
+class CountingRunner:
+    """Wraps the core's HF runner and counts what the loop calls."""
+
+    def __init__(self, inner, calls):
+        self.inner, self.calls = inner, calls
+
+    model = property(lambda self: self.inner.model)
+    length = property(lambda self: self.inner.length)
+
+    def __getattr__(self, name):
+        method = getattr(self.inner, name)
+        if name in {"prefill", "forward", "commit", "truncate", "step"}:
+            def counted(*args, **kwargs):
+                self.calls[name] += 1
+                return method(*args, **kwargs)
+            return counted
+        return method
+
+
+class CountingEngine(HFEngine):
+    """A third-party engine: the HF path, counting runner calls and plain decodes."""
+
+    name = "counting"
+    made: list = []
+
+    def __init__(self, compile=False):
+        super().__init__(compile)
+        self.calls = __import__("collections").Counter()
+        self.runner_names = []
+        CountingEngine.made.append(self)
+
+    def decoding(self):
+        self.calls["decoding"] += 1
+        return super().decoding()
+
+    def runner(self, model, tokens, max_nodes, cache_factory=None, name="target"):
+        self.runner_names.append(name)
+        return CountingRunner(super().runner(model, tokens, max_nodes, cache_factory, name), self.calls)
+
+
+SPECULATIVE = {
+    "prompt_lookup": {"num_draft_tokens": 3},
+    "draft_model": {"techniques": ["rtn:bits=8"], "num_draft_tokens": 3},
+    "self_speculative": {"skip_layers": [1], "num_draft_tokens": 2},
+    "lookahead": {"window": 3, "ngram": 2},
+    "rest": {"max_nodes": 4},
+    "medusa": {"heads": 2, "topk": [2, 2], "max_nodes": 4},
+}
+
+
+@pytest.mark.parametrize("name", sorted(SPECULATIVE))
+def test_every_speculative_strategy_runs_on_a_third_party_engine(name, monkeypatch):
+    """The runtime's engine reaches every strategy through SystemStage.engine: its runners do all the work."""
+    import numpy as np
+
+    from effinfer.core.runner import run_experiment
+    from effinfer.core.testing import tiny_llama
+    from effinfer.plugins.system.speculative import medusa, rest
+    from effinfer.plugins.system.speculative.datastore import Datastore
+    from effinfer.plugins.system.speculative.medusa_heads import MedusaHeads, TrainingReport
+
+    trained_on = []
+
+    def quick_heads(model, tokenizer, options, engine):  # no corpus, no training: random heads
+        trained_on.append(engine)
+        torch.manual_seed(0)
+        heads = MedusaHeads(model.config.hidden_size, options.heads).to(next(model.parameters()).dtype)
+        return heads, TrainingReport(0, 0, 0, 0.0, 0.0, 0.0, 0, 0.0, [], cached=True)
+
+    monkeypatch.setattr(medusa, "train_medusa", quick_heads)
+    monkeypatch.setattr(rest, "build_datastore",
+                        lambda tokenizer, corpora, split: (Datastore(np.arange(300) % 40 + 3), Path("."), True))
+    plugin = types.ModuleType("counting_engine")
+    plugin.effinfer_register_engines = hookimpl(lambda register: register("counting", CountingEngine))
+    registry = build_registry([(plugin, "counting_engine")])
+    model, tokenizer = tiny_llama(layers=3, seed=2, dtype=torch.float64)
+    prompts = ["abc abc abc abd", "hello hello"]
+    experiment = Experiment(techniques=[{"name": name, "config": SPECULATIVE[name]}], prompts=prompts, runtime=Runtime(engine="counting"),
+                            generation=GenerationConfig(max_new_tokens=12))
+    CountingEngine.made.clear()
+    result = run_experiment(experiment, registry, model, tokenizer)
+    [engine] = CountingEngine.made
+    assert engine.calls["prefill"] >= 2 and engine.calls["forward"] >= 2 and engine.calls["commit"] >= 2
+    assert engine.runner_names.count("target") == 2  # one per prompt
+    if name in ("draft_model", "self_speculative"):
+        assert {"draft", "self-draft"} & set(engine.runner_names), engine.runner_names
+    if name == "medusa":
+        assert trained_on == [engine]
+    plain = Experiment(prompts=prompts, runtime=Runtime(engine="hf"), generation=experiment.generation)
+    assert [c.tokens for c in result.completions] == \
+        [c.tokens for c in run_experiment(plain, registry, model, tokenizer).completions]

@@ -131,3 +131,154 @@ def test_example_third_party_plugin_is_installed(registry):
     entry = registry.techniques["drop_layers"]
     assert entry.distribution == "effinfer-example-plugin"
     assert entry.technique.node == "model.compression.sparsification.weight_pruning.structured"
+
+
+# --------------------------------------------------------------------------- the contract cannot be misused
+
+
+def test_a_stage_hook_without_hookimpl_is_refused_with_the_fix(monkeypatch):
+    class Forgot(Technique):
+        name, node = "forgot", "model.compression.quantization.qat"
+
+        def effinfer_transform_model(self, stage):  # no @hookimpl: pluggy would never call it
+            pass
+
+    class Misspelt(Technique):
+        name, node = "misspelt", "model.compression.quantization.qat"
+
+        @hookimpl
+        def effinfer_transform_modle(self, stage):
+            pass
+
+    class WrongArgument(Technique):
+        name, node = "wrong_argument", "model.compression.quantization.qat"
+
+        @hookimpl
+        def effinfer_transform_model(self, stge):
+            pass
+
+    fake_entry_points(monkeypatch, {"bad": plugin_module("bad", Forgot, Misspelt, WrongArgument)})
+    built = registry_module.build_registry()
+    errors = [b.error for b in built.broken]
+    assert built.names() == []
+    assert "Forgot.effinfer_transform_model is not decorated with @hookimpl" in errors[0]
+    assert "add `@hookimpl` (from effinfer.core import hookimpl)" in errors[0]
+    assert "effinfer_transform_modle is not a stage hook; did you mean: effinfer_transform_model" in errors[1]
+    assert "takes ['stge'], which the hook does not pass" in errors[2]
+    assert [b.technique for b in built.broken] == ["forgot", "misspelt", "wrong_argument"]
+
+
+def test_features_and_layouts_are_named_constants_and_typos_are_refused(monkeypatch):
+    from effinfer.core import Feature
+
+    typo = make_technique("typo_feature", "model.compression.quantization.qat")
+    typo.needs_features = frozenset({"dense_weight"})
+    layout = make_technique("typo_layout", "model.compression.quantization.qat")
+    layout.layouts = frozenset({"lama"})
+    good = make_technique("good_feature", "model.compression.quantization.qat")
+    good.needs_features = frozenset({Feature.DENSE_WEIGHTS})
+    fake_entry_points(monkeypatch, {"mixed": plugin_module("mixed", typo, layout, good)})
+    built = registry_module.build_registry()
+    assert built.names() == ["good_feature"]
+    errors = " | ".join(b.error for b in built.broken)
+    assert "unknown feature 'dense_weight'; did you mean: dense_weights?" in errors
+    assert "'lama' is not a transformers model type; did you mean: llama" in errors
+
+
+def test_a_technique_of_a_plugin_that_failed_says_why(monkeypatch, tmp_path):
+    (tmp_path / "exiting_plugin.py").write_text("import sys\nsys.exit(3)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    forgot = make_technique("forgot", "model.compression.quantization.qat")
+    forgot.effinfer_transform_model = lambda self, stage: None  # the decorator is lost
+    fake_entry_points(monkeypatch, {"other": plugin_module("other", forgot)})
+    points = [importlib.metadata.EntryPoint("exiting", "exiting_plugin", "effinfer"), *registry_module._entry_points()]
+    monkeypatch.setattr(registry_module, "_entry_points", lambda: points)
+    built = registry_module.build_registry()
+    with pytest.raises(UnknownTechniqueError, match=r"technique 'exiting' is not available: plugin 'exiting' "
+                                                    r"failed to load: SystemExit: 3"):
+        built.get("exiting")
+    with pytest.raises(UnknownTechniqueError, match=r"plugin 'other' failed to load: TypeError: .*@hookimpl"):
+        built.get("forgot")
+    with pytest.raises(UnknownTechniqueError, match=r"unknown technique 'nothing_like_it'"):
+        built.get("nothing_like_it")
+
+
+def test_base_exceptions_at_registration_are_contained_but_ctrl_c_is_not(monkeypatch):
+    exits = types.ModuleType("exits")
+    exits.effinfer_register_techniques = hookimpl(lambda register: sys.exit("bye"))
+    fake_entry_points(monkeypatch, {"exits": exits})
+    assert registry_module.build_registry().broken[0].error == "SystemExit: bye"
+
+    def interrupt(register):
+        raise KeyboardInterrupt
+
+    interrupted = types.ModuleType("interrupted")
+    interrupted.effinfer_register_techniques = hookimpl(interrupt)
+    fake_entry_points(monkeypatch, {"interrupted": interrupted})
+    with pytest.raises(KeyboardInterrupt):
+        registry_module.build_registry()
+
+
+IMPOSTOR = '''
+from effinfer.core import Technique, hookimpl
+
+
+def make(name):
+    class Impostor(Technique):
+        node = "model.compression.quantization.ptq.weight_only"
+
+        @hookimpl
+        def effinfer_transform_model(self, stage):
+            raise RuntimeError("the impostor ran")
+
+    Impostor.name = name
+    return Impostor
+
+
+@hookimpl
+def effinfer_register_techniques(register):
+    register(make("rtn"))
+    register(make("impostor_extra"))
+'''
+
+
+def install_impostor(folder) -> None:
+    """An installed distribution (a .dist-info on sys.path): found by real entry-point discovery."""
+    (folder / "effinfer_impostor.py").write_text(IMPOSTOR)
+    info = folder / "effinfer_impostor-1.0.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: effinfer-impostor\nVersion: 1.0\n")
+    (info / "entry_points.txt").write_text("[effinfer]\nrtn = effinfer_impostor\n")
+
+
+@pytest.mark.parametrize("order", ["discovered", "impostor_first"])
+def test_an_installed_package_cannot_replace_a_builtin(monkeypatch, tmp_path, order):
+    install_impostor(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    found = list(importlib.metadata.entry_points(group="effinfer"))
+    assert any(ep.dist and ep.dist.name == "effinfer-impostor" for ep in found)
+    if order == "impostor_first":
+        found.sort(key=lambda ep: not (ep.dist and ep.dist.name == "effinfer-impostor"))
+        monkeypatch.setattr(registry_module, "_entry_points", lambda: found)
+    built = registry_module.build_registry()
+    entry = built.techniques["rtn"]
+    assert (entry.distribution, entry.technique.__module__) == ("effinfer", "effinfer.plugins.model.quantization.rtn")
+    assert built.techniques["impostor_extra"].distribution == "effinfer-impostor"  # its other names still load
+    [clash] = [b for b in built.broken if b.distribution == "effinfer-impostor"]
+    assert "technique name 'rtn' is already registered by plugin 'rtn' (distribution effinfer)" in clash.error
+    assert "built-in techniques cannot be replaced" in clash.error
+    assert not [b for b in built.broken if b.distribution == "effinfer"]
+
+
+def test_a_technique_needing_dense_weights_after_a_quantizer_is_refused_before_loading():
+    from effinfer.core import Feature
+    from effinfer.core.errors import ExperimentError
+    from effinfer.core.experiment import Experiment
+
+    pruner = make_technique("dense_pruner", "model.compression.sparsification.weight_pruning.structured")
+    pruner.needs_features = frozenset({Feature.DENSE_WEIGHTS})
+    built = registry_module.build_registry([(plugin_module("pruner", pruner), "pruner")])
+    with pytest.raises(ExperimentError, match=r"dense_pruner needs 'dense_weights', which rtn \(earlier in the "
+                                              r"stack\) removes; put dense_pruner before rtn"):
+        Experiment(model="/nonexistent", techniques=["rtn", "dense_pruner"]).build_stack(built)
+    assert [t.name for t in Experiment(techniques=["dense_pruner", "rtn"]).build_stack(built)] == ["dense_pruner", "rtn"]

@@ -23,7 +23,8 @@ from effinfer.core.experiment import Experiment
 from effinfer.core.generation import GenerationConfig, encode_prompts, sampling_probs, stop_token_ids
 from effinfer.core.stages import SystemStage
 from effinfer.core.testing import tiny_llama
-from effinfer.plugins.system.engine import EngineSettings, StaticDecoding
+from effinfer.core.engines import HFEngine
+from effinfer.plugins.system.engine import StaticDecoding, StaticEngine
 from effinfer.plugins.system.speculative.datastore import Datastore, frequent_prefixes, suffix_array
 from effinfer.plugins.system.speculative.draft_model import DraftModel, DraftModelDecoding
 from effinfer.plugins.system.speculative.lookahead import Lookahead, LookaheadDecoding, NgramPool, diagonal_ngrams
@@ -165,7 +166,7 @@ def random_heads(hidden: int, count: int, seed: int) -> MedusaHeads:
     return heads
 
 
-def make_strategy(name: str, seed: int, prompt_ids: list[int], settings: EngineSettings):
+def make_strategy(name: str, seed: int, prompt_ids: list[int], settings):
     if name == "prompt_lookup":
         return PromptLookupDecoding(PromptLookup.Config(num_draft_tokens=1 + seed % 5), settings)
     if name == "draft_model":
@@ -197,22 +198,22 @@ def test_every_greedy_strategy_reproduces_plain_greedy(name, seed, prompt, new_t
     config = GenerationConfig(max_new_tokens=new_tokens)
     stops = stop_token_ids(tokenizer, model, config)
     plain = StaticDecoding().generate(model, ids, mask, config, stops)
-    strategy = make_strategy(name, seed, ids[0][mask[0].bool()].tolist(), EngineSettings())
+    strategy = make_strategy(name, seed, ids[0][mask[0].bool()].tolist(), StaticEngine())
     result = strategy.generate(model, ids, mask, config, stops)
     assert result.sequences == plain.sequences
     assert len(result.accepted_per_step) == len(result.drafted_per_step)
     assert all(0 <= a <= d for a, d in zip(result.accepted_per_step, result.drafted_per_step))
 
 
-@pytest.mark.parametrize("name", ["prompt_lookup", "draft_model", "lookahead", "rest", "medusa"])
+@pytest.mark.parametrize("name", STRATEGIES)
 def test_strategies_are_lossless_on_the_hf_path_too(name):
     model, tokenizer = tiny_llama(layers=3, hidden=32, heads=4, kv_heads=2, intermediate=64, seed=5,
                                   dtype=torch.float64)
     ids, mask = encode_prompts(tokenizer, ["abc abc abc abd", "hello"], chat_template=True)
     config = GenerationConfig(max_new_tokens=20)
     stops = stop_token_ids(tokenizer, model, config)
-    plain = StaticDecoding(EngineSettings(engine="hf")).generate(model, ids, mask, config, stops)
-    strategy = make_strategy(name, 5, ids[0][mask[0].bool()].tolist(), EngineSettings(engine="hf"))
+    plain = HFEngine().decoding().generate(model, ids, mask, config, stops)
+    strategy = make_strategy(name, 5, ids[0][mask[0].bool()].tolist(), HFEngine())
     assert strategy.generate(model, ids, mask, config, stops).sequences == plain.sequences
 
 
@@ -221,19 +222,28 @@ def test_speculation_actually_accepts_tokens_when_the_draft_is_good():
     ids, mask = encode_prompts(tokenizer, ["hello"], chat_template=True)
     config = GenerationConfig(max_new_tokens=30)
     stops = stop_token_ids(tokenizer, model, config)
-    same_model = DraftModelDecoding(DraftModel.Config(source="self", num_draft_tokens=4), draft=model)
+    same_model = DraftModelDecoding(DraftModel.Config(source="self", num_draft_tokens=4), StaticEngine(), draft=model)
     result = same_model.generate(model, ids, mask, config, stops)
     assert result.sequences == StaticDecoding().generate(model, ids, mask, config, stops).sequences
     assert min(result.accepted_per_step[:-1]) == 4  # a perfect draft is always accepted
     assert result.forward_steps < 10
 
 
-def test_self_speculative_refuses_the_hf_path():
-    model, tokenizer = tiny_llama(layers=3, seed=0)
-    ids, mask = encode_prompts(tokenizer, ["hello"], chat_template=True)
-    strategy = SelfSpeculativeDecoding(SelfSpeculative.Config(skip_layers=[1]), EngineSettings(engine="hf"))
-    with pytest.raises(RuntimeError, match="static engine"):
-        strategy.generate(model, ids, mask, GREEDY, set())
+def test_self_speculative_on_the_hf_path_drafts_with_a_layer_skipped_view():
+    """No shared cache there: the draft is the target without the skipped blocks (no weight copied)."""
+    from effinfer.plugins.system.speculative.self_speculative import layer_skipped_view
+
+    model, tokenizer = tiny_llama(layers=4, seed=0, dtype=torch.float64)
+    view = layer_skipped_view(model, (0, 1, 3))
+    assert len(view.model.layers) == 3 and len(model.model.layers) == 4
+    assert view.model.layers[2].self_attn.q_proj is model.model.layers[3].self_attn.q_proj
+    assert view.model.layers[2].self_attn.layer_idx == 2 and model.model.layers[3].self_attn.layer_idx == 3
+    ids, mask = encode_prompts(tokenizer, ["hello there", "abc"], chat_template=True)
+    config = GenerationConfig(max_new_tokens=16)
+    stops = stop_token_ids(tokenizer, model, config)
+    strategy = SelfSpeculativeDecoding(SelfSpeculative.Config(skip_layers=[2]), HFEngine())
+    assert strategy.generate(model, ids, mask, config, stops).sequences == \
+        HFEngine().decoding().generate(model, ids, mask, config, stops).sequences
 
 
 # --------------------------------------------------------------------------- drafters' parts
@@ -274,7 +284,7 @@ def test_medusa_tree_takes_the_most_probable_prefixes():
 
 
 def test_medusa_heads_train_on_self_generated_text(monkeypatch, tmp_path):
-    from effinfer.core import cache
+    from effinfer.data import cache
     from effinfer.plugins.system.speculative import medusa_heads
 
     monkeypatch.setattr(cache, "cache_dir", lambda: tmp_path)
@@ -282,11 +292,11 @@ def test_medusa_heads_train_on_self_generated_text(monkeypatch, tmp_path):
                         lambda count, corpora: [f"Tell me about {w}." for w in "abcdefgh"][:count])
     model, tokenizer = tiny_llama(layers=1, seed=0)
     options = Medusa.Config(heads=2, topk=[2, 2], train_prompts=4, train_new_tokens=16, epochs=2, batch_size=16)
-    heads, report = medusa_heads.train_medusa(model, tokenizer, options, EngineSettings())
+    heads, report = medusa_heads.train_medusa(model, tokenizer, options, StaticEngine())
     assert report.positions > 20 and report.train_seconds > 0 and not report.cached
     assert len(report.head_top1) == 2
     assert all(p.requires_grad for p in model.parameters()), "training must not freeze the model for good"
-    _, again = medusa_heads.train_medusa(model, tokenizer, options, EngineSettings())
+    _, again = medusa_heads.train_medusa(model, tokenizer, options, StaticEngine())
     assert again.cached and again.final_loss == report.final_loss
 
 

@@ -11,14 +11,16 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from effinfer.core.generation import (GenerationConfig, GenerationResult, PlainDecoding, make_generator,
                                       select_tokens)
-from effinfer.plugins.system.engine.settings import EngineChoice, EngineSettings
+
+if TYPE_CHECKING:
+    from effinfer.plugins.system.engine.static import StaticEngine
 
 
 class StaticDecoding:
@@ -26,17 +28,15 @@ class StaticDecoding:
 
     name = "static"
 
-    def __init__(self, settings: EngineSettings | None = None) -> None:
-        self.choice = EngineChoice(settings or EngineSettings())
+    def __init__(self, engine: StaticEngine | None = None) -> None:
+        from effinfer.plugins.system.engine.static import StaticEngine
 
-    @property
-    def engine(self) -> Any:
-        return self.choice.engine
+        self.engine = engine or StaticEngine()
 
     def generate(self, model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                  config: GenerationConfig, stop_ids: set[int],
                  cache_factory: Callable[[nn.Module], Any] | None = None) -> GenerationResult:
-        engine, probe = self.choice.engine_for(model, cache_factory)
+        engine, probe = self.engine.engine_for(model, cache_factory)
         if engine is None:
             return PlainDecoding().generate(model, input_ids, attention_mask, config, stop_ids,
                                             cache_factory=(lambda _: probe) if probe is not None else None)

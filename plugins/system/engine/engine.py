@@ -14,12 +14,12 @@ path is a few functions over pre-allocated tensors. Three operations:
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 from functools import partial
 
 import torch
 from torch import nn
 
+from effinfer.core.engines import StepOutput, tree_geometry
 from effinfer.core.generation import positions_from_mask
 from effinfer.plugins.system.engine.cache import StaticKVCache, round_capacity
 from effinfer.plugins.system.engine.compile import CompiledStep
@@ -35,36 +35,8 @@ def tree_width(nodes: int) -> int:
     return next((b for b in TREE_BUCKETS if b >= nodes), nodes)
 
 
-@dataclass
-class StepOutput:
-    """Float32 logits (``B × k × V``) and final-norm hidden states (``B × k × H``)."""
-
-    logits: torch.Tensor
-    hidden: torch.Tensor
-
-
-def tree_geometry(parents: Sequence[int] | None, k: int, device: torch.device
-                  ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Depths (``k``) and the ancestor-or-self mask (``k × k``) of a token tree.
-
-    ``parents[i] < i`` is the node ``i`` hangs under; ``-1`` hangs under the committed
-    prefix. ``None`` is a chain (each token under the previous one).
-    """
-    if parents is None:
-        return torch.arange(k, device=device), torch.ones(k, k, dtype=torch.bool, device=device).tril()
-    if len(parents) != k or any(not -1 <= p < i for i, p in enumerate(parents)):
-        raise ValueError(f"parents must have {k} entries with -1 ≤ parents[i] < i, got {list(parents)}")
-    depth = [0] * k
-    mask = torch.eye(k, dtype=torch.bool, device=device)
-    for i, parent in enumerate(parents):
-        if parent >= 0:
-            depth[i] = depth[parent] + 1
-            mask[i] |= mask[parent]
-    return torch.tensor(depth, device=device), mask
-
-
 class Engine:
-    """A Llama-family model decoded over a static KV cache (see the module docstring)."""
+    """A Llama, Qwen2 or Gemma 3 model decoded over a static KV cache (see the module docstring)."""
 
     def __init__(self, model: nn.Module, compile: bool = False, compile_mode: str | None = None) -> None:
         self.model = model
@@ -107,7 +79,7 @@ class Engine:
         # a padding query sees only itself, so no row of the mask is empty (no NaN)
         mask = (causal[None] & cache.not_pad[:, None, :]) | (columns[None, None, :] == rows[None, :, None])
         hidden = decoder_forward(self.layout, input_ids, positions_from_mask(attention_mask), rows, mask,
-                                 cache.keys, cache.values)
+                                 cache.keys, cache.values, key_positions=columns[None, :] - cache.pad[:, None])
         cache.length = prompt
         last = hidden[:, -1:]
         return StepOutput(lm_logits(self.layout, last), last)
@@ -146,7 +118,8 @@ class Engine:
         columns = torch.arange(keys.shape[3], device=keys.device)
         mask = (not_pad & (columns <= slot))[:, None, :]
         positions = slot[None, :] - pad[:, None]
-        hidden = decoder_forward(self.layout, tokens, positions, slot, mask, keys, values, layers, fused)
+        hidden = decoder_forward(self.layout, tokens, positions, slot, mask, keys, values, layers, fused,
+                                 key_positions=columns[None, :] - pad[:, None])
         return lm_logits(self.layout, hidden[:, -1], fused)
 
     # ------------------------------------------------------------------ chains and trees
@@ -174,7 +147,10 @@ class Engine:
         mask[:, :, start:start + width] = tree
         positions = (start - cache.pad)[:, None] + depth[None, :]
         slots = torch.arange(start, start + width, device=self.device)
-        logits, hidden = self.tree_step(layers)(tokens, positions, slots, mask, cache.keys, cache.values)
+        key_positions = torch.arange(cache.capacity, device=self.device)[None, :] - cache.pad[:, None]
+        key_positions[:, start:start + width] = positions
+        logits, hidden = self.tree_step(layers)(tokens, positions, slots, mask, cache.keys, cache.values,
+                                                key_positions)
         return StepOutput(logits[:, :k], hidden[:, :k])
 
     def tree_step(self, layers: Sequence[int] | None = None) -> CompiledStep:
@@ -185,9 +161,10 @@ class Engine:
         return self._tree_steps[key]
 
     def _tree(self, tokens: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, mask: torch.Tensor,
-              keys: torch.Tensor, values: torch.Tensor, layers: tuple[int, ...] | None
+              keys: torch.Tensor, values: torch.Tensor, key_positions: torch.Tensor, layers: tuple[int, ...] | None
               ) -> tuple[torch.Tensor, torch.Tensor]:
-        hidden = decoder_forward(self.layout, tokens, positions, slots, mask, keys, values, layers)
+        hidden = decoder_forward(self.layout, tokens, positions, slots, mask, keys, values, layers,
+                                 key_positions=key_positions)
         return lm_logits(self.layout, hidden), hidden
 
     # ------------------------------------------------------------------ reporting

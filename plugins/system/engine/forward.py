@@ -1,10 +1,20 @@
-"""A Llama-family decoder forward over a static KV cache, readable top to bottom.
+"""The decoder forward of the static engine (Llama, Qwen2, Gemma 3 layouts), readable top to bottom.
 
 The weights stay in the Hugging Face modules (so a model-level technique that swapped a
 linear layer, dropped blocks or quantized weights is honoured); only the attention is
 re-written, because it has to read and write the pre-allocated cache of
 :mod:`effinfer.plugins.system.engine.cache` at explicit slots and accept an arbitrary
 boolean mask (causal for decoding, a token tree for speculative verification).
+
+What differs between the three layouts is read from the modules and the config:
+
+- Qwen2: biases on the q/k/v projections (the ``nn.Linear`` modules carry them);
+- Gemma 3 (Gemma Team, arXiv:2503.19786): embeddings scaled by ``sqrt(hidden)`` (its
+  embedding module does it), RMS norms on queries and keys (``q_norm``/``k_norm``), four
+  norms per block (``pre_/post_feedforward_layernorm`` around the MLP, the attention output
+  normed before the residual), ``query_pre_attn_scalar`` as the attention scale, and
+  sliding-window layers (``config.layer_types``) with their own rotary base: a query at
+  position ``p`` sees keys at positions ``> p - sliding_window`` there.
 
 ``fused=True`` (used inside ``torch.compile``) writes each plain ``nn.Linear`` of a
 one-row step as multiply-and-sum, so that Inductor generates its own memory-bound
@@ -14,6 +24,7 @@ machines of this project (see ``DATA-SOURCES.md``).
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -21,12 +32,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-#: model types whose decoder block is the Llama block (pre-norm, rotary, GQA, gated MLP)
-SUPPORTED_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2"})
+#: model types whose decoder block this forward implements
+SUPPORTED_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "gemma3_text"})
 #: attention classes of those model types (a technique that swaps attention is not bypassed)
-SUPPORTED_ATTENTION = frozenset({"LlamaAttention", "MistralAttention", "Qwen2Attention"})
+SUPPORTED_ATTENTION = frozenset({"LlamaAttention", "MistralAttention", "Qwen2Attention", "Gemma3Attention"})
 #: rows up to which a fused (multiply-and-sum) projection beats the library GEMM
 FUSED_MAX_ROWS = 1
+SLIDING = "sliding_attention"
 
 
 class UnsupportedModel(ValueError):
@@ -35,7 +47,7 @@ class UnsupportedModel(ValueError):
 
 @dataclass(frozen=True)
 class DecoderLayout:
-    """The modules of a Llama-family causal LM, and its attention geometry."""
+    """The modules of a supported causal LM, its attention geometry and per-layer attention type."""
 
     embed: nn.Module
     layers: tuple[nn.Module, ...]
@@ -46,6 +58,13 @@ class DecoderLayout:
     num_kv_heads: int
     head_dim: int
     hidden_size: int
+    #: per layer: ``"full_attention"`` or ``"sliding_attention"``
+    layer_types: tuple[str, ...] = ()
+    sliding_window: int | None = None
+    #: Gemma's four norms per block
+    sandwich_norms: bool = False
+    #: the rotary module takes the layer type (one rotary base per attention type)
+    rotary_per_type: bool = False
 
     @classmethod
     def of(cls, model: nn.Module) -> DecoderLayout:
@@ -54,8 +73,9 @@ class DecoderLayout:
         model_type = getattr(config, "model_type", None)
         if model_type not in SUPPORTED_MODEL_TYPES:
             raise UnsupportedModel(f"model type {model_type!r} is not one of {sorted(SUPPORTED_MODEL_TYPES)}")
-        if getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True):
-            raise UnsupportedModel("sliding-window attention is not implemented by the static engine")
+        for option in ("attn_logit_softcapping", "final_logit_softcapping"):
+            if getattr(config, option, None):
+                raise UnsupportedModel(f"{option} is not implemented by the static engine")
         decoder = getattr(model, "model", None)
         parts = ("embed_tokens", "layers", "norm", "rotary_emb")
         missing = [p for p in parts if not hasattr(decoder, p)]
@@ -65,14 +85,28 @@ class DecoderLayout:
             attention = getattr(layer, "self_attn", None)
             if type(attention).__name__ not in SUPPORTED_ATTENTION:
                 raise UnsupportedModel(f"layer {index} has attention {type(attention).__name__}, "
-                                       "not a stock Llama-family attention (a technique replaced it?)")
+                                       "not a stock attention of a supported layout (a technique replaced it?)")
+        layer_types = tuple(getattr(config, "layer_types", None) or ["full_attention"] * len(decoder.layers))
+        if len(layer_types) != len(decoder.layers):  # a technique dropped blocks: keep each block's own type
+            layer_types = tuple(getattr(layer, "attention_type", None) or getattr(layer.self_attn, "layer_type", None)
+                                or "full_attention" for layer in decoder.layers)
+        window = getattr(config, "sliding_window", None) if SLIDING in layer_types else None
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         return cls(decoder.embed_tokens, tuple(decoder.layers), decoder.norm, decoder.rotary_emb, model.lm_head,
-                   config.num_attention_heads, config.num_key_value_heads, head_dim, config.hidden_size)
+                   config.num_attention_heads, config.num_key_value_heads, head_dim, config.hidden_size,
+                   layer_types, window, hasattr(decoder.layers[0], "pre_feedforward_layernorm") if decoder.layers
+                   else False, "layer_type" in inspect.signature(decoder.rotary_emb.forward).parameters)
 
     @property
     def num_layers(self) -> int:
         return len(self.layers)
+
+    def rope(self, hidden: torch.Tensor, positions: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """``(cos, sin)`` per attention type of the layers."""
+        if not self.rotary_per_type:
+            both = self.rotary(hidden, positions)
+            return {kind: both for kind in set(self.layer_types)}
+        return {kind: self.rotary(hidden, positions, kind) for kind in set(self.layer_types)}
 
     def matches(self, model: nn.Module) -> bool:
         """Whether ``model`` still has these modules (a technique may have swapped some since)."""
@@ -118,6 +152,8 @@ def attention_block(layout: DecoderLayout, layer: nn.Module, index: int, x: torc
     q = project(attention.q_proj, x, fused).view(batch, k, layout.num_heads, layout.head_dim).transpose(1, 2)
     key = project(attention.k_proj, x, fused).view(batch, k, layout.num_kv_heads, layout.head_dim).transpose(1, 2)
     value = project(attention.v_proj, x, fused).view(batch, k, layout.num_kv_heads, layout.head_dim).transpose(1, 2)
+    if hasattr(attention, "q_norm"):  # Gemma 3: RMS norm of each head's query and key
+        q, key = attention.q_norm(q), attention.k_norm(key)
     q, key = apply_rotary(q, cos, sin), apply_rotary(key, cos, sin)
     keys[index].index_copy_(2, slots, key.to(keys.dtype))
     values[index].index_copy_(2, slots, value.to(values.dtype))
@@ -129,20 +165,35 @@ def attention_block(layout: DecoderLayout, layer: nn.Module, index: int, x: torc
 
 def decoder_forward(layout: DecoderLayout, tokens: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
                     mask: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
-                    layers: Sequence[int] | None = None, fused: bool = False) -> torch.Tensor:
+                    layers: Sequence[int] | None = None, fused: bool = False,
+                    key_positions: torch.Tensor | None = None) -> torch.Tensor:
     """Final-norm hidden states (``B × k × hidden``) of ``tokens`` at ``positions``.
 
     ``slots`` (``k``) are the cache columns the new K/V go to; ``mask`` (``B × k × T``,
-    ``True`` = may attend) covers the whole cache of ``T`` columns. ``layers`` runs only
-    those blocks (layer skipping); the cache of the others is left untouched.
+    ``True`` = may attend) covers the whole cache of ``T`` columns; ``key_positions``
+    (``B × T``) are the positions of those columns, needed by sliding-window layers.
+    ``layers`` runs only those blocks (layer skipping); the cache of the others is left untouched.
     """
     hidden = layout.embed(tokens)
-    cos, sin = layout.rotary(hidden, positions)
+    rope = layout.rope(hidden, positions)
+    masks = {"full_attention": mask}
+    if layout.sliding_window is not None:
+        if key_positions is None:
+            raise ValueError("a model with sliding-window layers needs the key positions")
+        near = positions[:, :, None] - key_positions[:, None, :] < layout.sliding_window
+        masks[SLIDING] = mask & near
     for index in range(layout.num_layers) if layers is None else layers:
-        layer = layout.layers[index]
-        hidden = hidden + attention_block(layout, layer, index, layer.input_layernorm(hidden), cos, sin,
-                                          keys, values, slots, mask, fused)
-        hidden = hidden + mlp_forward(layer.mlp, layer.post_attention_layernorm(hidden), fused)
+        layer, kind = layout.layers[index], layout.layer_types[index]
+        cos, sin = rope[kind]
+        attended = attention_block(layout, layer, index, layer.input_layernorm(hidden), cos, sin, keys, values,
+                                   slots, masks.get(kind, mask), fused)
+        if layout.sandwich_norms:
+            hidden = hidden + layer.post_attention_layernorm(attended)
+            mlp_out = mlp_forward(layer.mlp, layer.pre_feedforward_layernorm(hidden), fused)
+            hidden = hidden + layer.post_feedforward_layernorm(mlp_out)
+        else:
+            hidden = hidden + attended
+            hidden = hidden + mlp_forward(layer.mlp, layer.post_attention_layernorm(hidden), fused)
     return layout.norm(hidden)
 
 

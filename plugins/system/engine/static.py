@@ -1,10 +1,11 @@
-"""Which engine a generation uses, and when the static engine has to step aside.
+"""The ``"static"`` decode engine, and when it has to step aside for the Hugging Face path.
 
-The composition puts the experiment's runtime choice in ``SystemStage.extras["engine"]``
-(``{"engine": <registered engine name>, "compile": bool}``); decoding strategies read it with
-:meth:`EngineSettings.from_stage` and run on the static engine when it is ``"static"``, on
-the Hugging Face path for any other engine. The static engine runs a Llama-family model with its
-own attention over its own cache, so it steps aside (and the Hugging Face path runs) when
+:class:`StaticEngine` is the :class:`~effinfer.core.engines.DecodeEngine` this plugin
+registers: its plain decoding is :class:`~effinfer.plugins.system.engine.decoding.StaticDecoding`
+and its runners are :class:`~effinfer.plugins.system.engine.runner.StaticRunner` over the
+compute :class:`~effinfer.plugins.system.engine.engine.Engine`. It runs a supported
+decoder (Llama, Qwen2, Gemma 3 layouts) with its own attention over its own cache, so it
+steps aside, with a warning, for the core's Hugging Face path when
 
 - the model is not a supported architecture, or a technique replaced its attention; or
 - the stack contributes a KV-cache policy (a cache factory returning anything but the
@@ -19,30 +20,14 @@ from __future__ import annotations
 
 import warnings
 import weakref
-from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 from torch import nn
 from transformers import DynamicCache
 
+from effinfer.core.engines import CacheFactory, DecodeEngine, HFRunner, Runner
 from effinfer.plugins.system.engine.engine import Engine
 from effinfer.plugins.system.engine.forward import UnsupportedModel
-
-CacheFactory = Callable[[nn.Module], Any] | None
-
-
-@dataclass(frozen=True)
-class EngineSettings:
-    #: a registered engine name; speculative strategies use the static engine only for "static"
-    engine: str = "static"
-    compile: bool = False
-    compile_mode: str | None = None
-
-    @classmethod
-    def from_stage(cls, stage: Any) -> EngineSettings:
-        options = getattr(stage, "extras", {}).get("engine") if stage is not None else None
-        return cls(**options) if options else cls()
 
 
 def probe_cache(model: nn.Module, cache_factory: CacheFactory) -> tuple[bool, Any]:
@@ -56,39 +41,64 @@ def probe_cache(model: nn.Module, cache_factory: CacheFactory) -> tuple[bool, An
 _ENGINES: weakref.WeakKeyDictionary[nn.Module, dict[tuple[bool, str | None], Engine]] = weakref.WeakKeyDictionary()
 
 
-def shared_engine(model: nn.Module, settings: EngineSettings) -> Engine:
-    """One engine per model and compile setting in this process, so compiled steps are reused
+def shared_engine(model: nn.Module, compile: bool = False, compile_mode: str | None = None) -> Engine:
+    """One compute engine per model and compile setting in this process, so compiled steps are reused
     by every strategy (rebuilt when a technique has swapped the model's modules since)."""
     engines = _ENGINES.setdefault(model, {})
-    key = (settings.compile, settings.compile_mode)
+    key = (compile, compile_mode)
     engine = engines.get(key)
     if engine is None or not engine.layout.matches(model):
-        engine = engines[key] = Engine(model, settings.compile, settings.compile_mode)
+        engine = engines[key] = Engine(model, compile, compile_mode)
     return engine
 
 
-class EngineChoice:
-    """Finds the static engine for a model, or says (once, with a warning) why the HF path must run."""
+class StaticEngine(DecodeEngine):
+    """Static KV cache, compilable one-token decode step, tree forwards (see the module docstring)."""
 
-    def __init__(self, settings: EngineSettings) -> None:
-        self.settings = settings
-        self.engine: Engine | None = None
+    name = "static"
+
+    def __init__(self, compile: bool = False, compile_mode: str | None = None) -> None:
+        super().__init__(compile)
+        self.compile_mode = compile_mode
+        #: the compute engine of the last model this engine ran (for :meth:`compile_report`)
+        self.last: Engine | None = None
+        #: why the HF path ran instead (each reason warned once)
         self.reasons: list[str] = []
 
+    def decoding(self) -> Any:
+        from effinfer.plugins.system.engine.decoding import StaticDecoding
+
+        return StaticDecoding(self)
+
+    def runner(self, model: nn.Module, tokens: int, max_nodes: int, cache_factory: CacheFactory = None,
+               name: str = "target") -> Runner:
+        from effinfer.plugins.system.engine.runner import StaticRunner
+
+        engine, probe = self.engine_for(model, cache_factory)
+        if engine is None:
+            return HFRunner(model, probe)
+        runner = StaticRunner(engine, tokens, max_nodes, name)
+        if probe is not None:
+            probe.static_kv = runner.cache  # lets a recording cache factory count the static buffers
+        return runner
+
     def engine_for(self, model: nn.Module, cache_factory: CacheFactory = None) -> tuple[Engine | None, Any]:
-        """``(engine or None, the probed cache object)`` for one generation call."""
+        """``(compute engine or None for the HF path, the probed cache object)`` for one generation."""
         allowed, probe = probe_cache(model, cache_factory)
-        if self.settings.engine != "static":
-            return None, probe
         if not allowed:
             self._fallback(f"the stack's KV-cache policy ({type(probe).__name__}) runs on the HF path")
             return None, probe
         try:
-            self.engine = shared_engine(model, self.settings)
+            self.last = shared_engine(model, self.compile, self.compile_mode)
         except UnsupportedModel as error:
             self._fallback(f"static engine unavailable ({error}); using the HF path")
             return None, probe
-        return self.engine, probe
+        return self.last, probe
+
+    def compile_report(self) -> dict[str, object]:
+        """Compile wall time per step function and shape, and any failure (of the last model run)."""
+        return self.last.compile_report() if self.last is not None else {"enabled": self.compile, "seconds": 0.0,
+                                                                         "steps": {}}
 
     def _fallback(self, reason: str) -> None:
         if reason not in self.reasons:

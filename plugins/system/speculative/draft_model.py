@@ -25,10 +25,7 @@ from torch import nn
 
 from effinfer.core import Paper, Requirement, Technique, hookimpl
 from effinfer.core.stages import SystemStage
-from effinfer.plugins.system.engine.runner import HFRunner, Runner, StaticRunner
-from effinfer.plugins.system.engine.settings import EngineChoice, EngineSettings
-from effinfer.plugins.system.speculative.loop import Session, SpeculativeDecoding, draft_token
-from effinfer.plugins.system.speculative.tree import TokenTree
+from effinfer.plugins.system.speculative.api import DecodeEngine, Session, SpeculativeDecoding, TokenTree, draft_chain
 
 
 def check_draft_stack(specs: list[Any]) -> list[Any]:
@@ -45,13 +42,10 @@ def check_draft_stack(specs: list[Any]) -> list[Any]:
 
 
 def build_draft(target: nn.Module, tokenizer: Any, config: DraftModel.Config) -> tuple[nn.Module, list[str]]:
-    """Load the draft source (or copy the target) and apply the draft's techniques to it."""
-    from effinfer.core.compose import ComposedModel
-    from effinfer.core.experiment import Runtime, resolve_stack
+    """Load the draft source (or copy the target) and apply the draft's techniques to it, through
+    the same set-up path as any experiment (:func:`effinfer.core.compose.compose_stack`)."""
+    from effinfer.core.compose import compose_stack
     from effinfer.core.models import DTYPES, load_model
-    from effinfer.core.registry import get_registry
-    from effinfer.core.runner import calibration_source
-    from effinfer.core.technique import Requirement as Needs
 
     parameter = next(target.parameters())
     if config.source is None:
@@ -65,73 +59,38 @@ def build_draft(target: nn.Module, tokenizer: Any, config: DraftModel.Config) ->
     if draft_vocab != target_vocab:
         raise ValueError(f"draft {origin} has a vocabulary of {draft_vocab} tokens, the target {target_vocab}; "
                          "speculative decoding needs the same tokenizer")
-    techniques = resolve_stack(check_draft_stack(config.techniques), Runtime(), get_registry())
-    calibration = (calibration_source(tokenizer, 0)
-                   if any(Needs.CALIBRATION_DATA in t.requires for t in techniques) else None)
-    composed = ComposedModel(draft, tokenizer, techniques, calibration=calibration, keep_originals=False)
+    composed = compose_stack(draft, tokenizer, check_draft_stack(config.techniques), keep_originals=False)
     composed.apply()
     notes = [f"draft: {origin}"] + [f"draft {name}: {note}" for _, name, note in composed.report.entries]
     return composed.model.eval(), notes
 
 
 class DraftModelDecoding(SpeculativeDecoding):
+    """The draft runs on the same engine as the target (its own runner, named ``"draft"``)."""
+
     name = "draft_model"
 
-    def __init__(self, config: DraftModel.Config, settings: EngineSettings | None = None,
+    def __init__(self, config: DraftModel.Config, engine: DecodeEngine | None = None,
                  draft: nn.Module | None = None, tokenizer: Any = None) -> None:
-        super().__init__(settings)
+        super().__init__(engine)
         self.config = config
         self.max_tree_nodes = config.num_draft_tokens + 1
         self.draft = draft
         self.tokenizer = tokenizer
-        self.draft_choice = EngineChoice(self.settings)
 
     def begin(self, session: Session) -> None:
         if self.draft is None:  # built lazily when the strategy was made without a system stage
-            self.draft, _ = build_draft(self.model_of(session), self.tokenizer, self.config)
-        runner = self.draft_runner(len(session.context) + session.budget + self.max_tree_nodes)
+            self.draft, _ = build_draft(session.model, self.tokenizer, self.config)
+        runner = self.engine.runner(self.draft, len(session.context) + session.budget + self.max_tree_nodes,
+                                    self.max_tree_nodes, name="draft")
         prompt = torch.tensor([session.context[:-1]], device=next(self.draft.parameters()).device)
         runner.prefill(prompt)
         session.state["draft"] = runner
         session.state["fed"] = session.context[:-1]
 
-    def draft_runner(self, tokens: int) -> Runner:
-        engine, _ = self.draft_choice.engine_for(self.draft)
-        return HFRunner(self.draft) if engine is None else StaticRunner(engine, tokens, self.max_tree_nodes, name="draft")
-
     def propose(self, session: Session) -> TokenTree:
-        runner: Runner = session.state["draft"]
-        logits = self.catch_up(runner, session)
-        draft: list[int] = []
-        probs: list[torch.Tensor | None] = []
-        for index in range(self.config.num_draft_tokens):
-            drafted = draft_token(logits, session, self.config.confidence_threshold)
-            if drafted is None:
-                break
-            token, q = drafted
-            draft.append(token)
-            probs.append(q)
-            if index + 1 < self.config.num_draft_tokens:
-                logits = runner.step(token)
-                session.state["fed"].append(token)
-        return TokenTree.chain(session.pending, draft, probs)
-
-    def catch_up(self, runner: Runner, session: Session) -> torch.Tensor:
-        """Roll the draft back to what the target accepted, feed what it has not seen; last logits."""
-        fed: list[int] = session.state["fed"]
-        common = 0
-        limit = min(len(fed), len(session.context) - 1)
-        while common < limit and fed[common] == session.context[common]:
-            common += 1
-        runner.truncate(common)
-        missing = session.context[common:]
-        out = runner.forward(missing)
-        runner.commit(range(len(missing)))
-        session.state["fed"] = list(session.context)
-        return out.logits[-1]
-
-    def model_of(self, session: Session) -> nn.Module:
-        return getattr(session.runner, "model", None) or session.runner.engine.model
+        return draft_chain(session.state["draft"], session, self.config.num_draft_tokens,
+                           self.config.confidence_threshold)
 
 
 class DraftModel(Technique):
@@ -174,14 +133,11 @@ class DraftModel(Technique):
 
     @hookimpl
     def effinfer_decoding_strategy(self, stage: SystemStage) -> DraftModelDecoding:
-        settings = EngineSettings.from_stage(stage)
-        if stage is None:
-            return DraftModelDecoding(self.config, settings)
         draft, notes = build_draft(stage.model, stage.tokenizer, self.config)
         for note in notes:
             self.note(note)
         self.note(f"drafting {self.config.num_draft_tokens} tokens per step")
-        return DraftModelDecoding(self.config, settings, draft, stage.tokenizer)
+        return DraftModelDecoding(self.config, stage.engine, draft, stage.tokenizer)
 
 
 @hookimpl

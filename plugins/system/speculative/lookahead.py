@@ -29,11 +29,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from effinfer.core import Paper, Technique, hookimpl
 from effinfer.core.stages import SystemStage
-from effinfer.plugins.system.engine.engine import StepOutput
-from effinfer.plugins.system.engine.settings import EngineSettings
-from effinfer.plugins.system.speculative.loop import Session, SpeculativeDecoding
-from effinfer.plugins.system.speculative.tree import TokenTree
-from effinfer.plugins.system.speculative.verifier import Verdict
+from effinfer.plugins.system.speculative.api import (DecodeEngine, Session, SpeculativeDecoding, StepOutput,
+                                                     TokenTree, Verdict)
 
 
 class NgramPool:
@@ -75,8 +72,8 @@ def diagonal_ngrams(levels: list[dict[int, int]], outputs: dict[int, int], n: in
 class LookaheadDecoding(SpeculativeDecoding):
     name = "lookahead"
 
-    def __init__(self, config: Lookahead.Config, settings: EngineSettings | None = None) -> None:
-        super().__init__(settings)
+    def __init__(self, config: Lookahead.Config, engine: DecodeEngine | None = None) -> None:
+        super().__init__(engine)
         self.config = config
         self.max_tree_nodes = 1 + config.window + config.max_candidates * (config.ngram - 1)
 
@@ -130,7 +127,6 @@ class Lookahead(Technique):
                "the verification of n-grams harvested from their trajectory; no draft model, no "
                "training, no datastore. Lossless.")
     lossless = True
-    #: what `effinfer bench` runs by default (no set-up)
     bench_config = {"window": 5, "ngram": 3, "max_candidates": 4}
 
     class Config(BaseModel):
@@ -144,7 +140,7 @@ class Lookahead(Technique):
     @hookimpl
     def effinfer_decoding_strategy(self, stage: SystemStage) -> LookaheadDecoding:
         self.note(f"lookahead W={self.config.window}, N={self.config.ngram}, G={self.config.max_candidates}")
-        return LookaheadDecoding(self.config, EngineSettings.from_stage(stage))
+        return LookaheadDecoding(self.config, stage.engine)
 
 
 @hookimpl

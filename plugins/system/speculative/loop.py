@@ -10,7 +10,8 @@ accepted path in the KV cache and records accepted/drafted tokens per step in th
 tokens and acceptance rate come from those lists).
 
 Prompts of a batch are decoded one after the other (batch size 1 per sequence, as in
-Spec-Bench); the target runs on the static engine when it can, else on the HF path.
+Spec-Bench); the target (and any draft) runs on the strategy's engine — the one the
+runtime chose, ``SystemStage.engine`` — through its :class:`~effinfer.core.engines.Runner`.
 """
 
 from __future__ import annotations
@@ -23,11 +24,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from effinfer.core.engines import DecodeEngine, Runner, StepOutput
 from effinfer.core.generation import (GenerationConfig, GenerationResult, make_generator, sampling_probs,
                                       select_tokens)
-from effinfer.plugins.system.engine.engine import StepOutput
-from effinfer.plugins.system.engine.runner import HFRunner, Runner, StaticRunner
-from effinfer.plugins.system.engine.settings import EngineChoice, EngineSettings
 from effinfer.plugins.system.speculative.tree import TokenTree
 from effinfer.plugins.system.speculative.verifier import Verdict, verify
 
@@ -52,6 +51,11 @@ class Session:
     def pending(self) -> int:
         return self.context[-1]
 
+    @property
+    def model(self) -> nn.Module:
+        """The target model."""
+        return self.runner.model
+
 
 def draft_token(logits: torch.Tensor, session: Session, threshold: float = 0.0
                 ) -> tuple[int, torch.Tensor | None] | None:
@@ -63,6 +67,45 @@ def draft_token(logits: torch.Tensor, session: Session, threshold: float = 0.0
     if float(q[token]) < threshold:
         return None
     return token, (q if sample else None)
+
+
+def sync_draft(runner: Runner, session: Session, key: str = "fed") -> torch.Tensor:
+    """Bring a separate draft runner in step with the target: roll it back to the longest common
+    prefix of what it was fed (``session.state[key]``) and the context, feed the rest; its last logits.
+
+    The pending token is fed too, so the logits predict the first token to draft.
+    """
+    fed: list[int] = session.state.get(key, [])
+    common = 0
+    limit = min(len(fed), len(session.context) - 1, runner.length)
+    while common < limit and fed[common] == session.context[common]:
+        common += 1
+    runner.truncate(common)
+    missing = session.context[common:]
+    out = runner.forward(missing)
+    runner.commit(range(len(missing)))
+    session.state[key] = list(session.context)
+    return out.logits[-1]
+
+
+def draft_chain(runner: Runner, session: Session, count: int, threshold: float = 0.0, key: str = "fed"
+                ) -> TokenTree:
+    """Up to ``count`` tokens drafted autoregressively by a separate draft runner (kept in step with
+    :func:`sync_draft`); drafting stops where the draft's confidence falls below ``threshold``."""
+    logits = sync_draft(runner, session, key)
+    draft: list[int] = []
+    probs: list[torch.Tensor | None] = []
+    for index in range(count):
+        drafted = draft_token(logits, session, threshold)
+        if drafted is None:
+            break
+        token, q = drafted
+        draft.append(token)
+        probs.append(q)
+        if index + 1 < count:
+            logits = runner.step(token)
+            session.state[key].append(token)
+    return TokenTree.chain(session.pending, draft, probs)
 
 
 @dataclass
@@ -82,12 +125,15 @@ class SpeculativeDecoding:
     name = "speculative"
     #: the most nodes :meth:`propose` returns (reserved in the KV cache)
     max_tree_nodes = 64
-    #: whether the strategy drafts inside the target's own static cache (needs the static engine)
-    needs_static_engine = False
 
-    def __init__(self, settings: EngineSettings | None = None) -> None:
-        self.settings = settings or EngineSettings()
-        self.choice = EngineChoice(self.settings)
+    def __init__(self, engine: DecodeEngine | None = None) -> None:
+        """``engine``: the decode engine to run on (a technique passes ``stage.engine``; ``None``:
+        the default of ``runtime.engine``)."""
+        if engine is None:
+            from effinfer.core.compose import make_engine
+
+            engine = make_engine()
+        self.engine = engine
 
     # ------------------------------------------------------------------ what strategies implement
 
@@ -121,16 +167,7 @@ class SpeculativeDecoding:
         )
 
     def target_runner(self, model: nn.Module, cache_factory: Any, tokens: int) -> Runner:
-        engine, probe = self.choice.engine_for(model, cache_factory)
-        if engine is None:
-            if self.needs_static_engine:
-                raise RuntimeError(f"{self.name} drafts inside the static engine's cache, which cannot run "
-                                   f"here: {'; '.join(self.choice.reasons) or 'runtime.engine is hf'}")
-            return HFRunner(model, probe)
-        runner = StaticRunner(engine, tokens, self.max_tree_nodes)
-        if probe is not None:
-            probe.static_kv = runner.cache  # lets a recording cache factory count the static buffers
-        return runner
+        return self.engine.runner(model, tokens, self.max_tree_nodes, cache_factory)
 
     def decode_one(self, runner: Runner, prompt: torch.Tensor, config: GenerationConfig,
                    stop_ids: set[int]) -> RowResult:

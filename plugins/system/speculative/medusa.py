@@ -14,17 +14,14 @@ from __future__ import annotations
 
 import itertools
 import math
-from typing import Any
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from effinfer.core import Paper, Requirement, Technique, hookimpl
 from effinfer.core.stages import SystemStage
-from effinfer.plugins.system.engine.settings import EngineSettings
-from effinfer.plugins.system.speculative.loop import Session, SpeculativeDecoding
+from effinfer.plugins.system.speculative.api import DecodeEngine, Session, SpeculativeDecoding, TokenTree
 from effinfer.plugins.system.speculative.medusa_heads import MedusaHeads, TrainingReport, train_medusa
-from effinfer.plugins.system.speculative.tree import TokenTree
 
 
 def candidate_prefixes(probs: torch.Tensor, topk: list[int], max_nodes: int) -> list[list[int]]:
@@ -45,24 +42,19 @@ def candidate_prefixes(probs: torch.Tensor, topk: list[int], max_nodes: int) -> 
 class MedusaDecoding(SpeculativeDecoding):
     name = "medusa"
 
-    def __init__(self, config: Medusa.Config, heads: MedusaHeads, settings: EngineSettings | None = None) -> None:
-        super().__init__(settings)
+    def __init__(self, config: Medusa.Config, heads: MedusaHeads, engine: DecodeEngine | None = None) -> None:
+        super().__init__(engine)
         self.config = config
         self.heads = heads
         self.max_tree_nodes = config.max_nodes + 1
 
     def propose(self, session: Session) -> TokenTree:
-        lm_head = self.lm_head(session)
+        lm_head = session.model.get_output_embeddings()
         with torch.inference_mode():
             probs = self.heads(session.hidden.to(next(self.heads.parameters()).dtype)[None], lm_head)[:, 0]
         probs = probs.float().softmax(-1)
         prefixes = candidate_prefixes(probs, self.config.topk, self.config.max_nodes)
         return TokenTree.from_paths(session.pending, prefixes)
-
-    @staticmethod
-    def lm_head(session: Session) -> Any:
-        runner = session.runner
-        return runner.engine.layout.lm_head if hasattr(runner, "engine") else runner.head
 
 
 class Medusa(Technique):
@@ -76,8 +68,7 @@ class Medusa(Technique):
                "self-distillation) and cached. Lossless with the shared verifier.")
     lossless = True
     requires = frozenset({Requirement.TRAINING})
-    #: what `effinfer bench` runs by default: smaller, quicker-to-train heads than the defaults
-    #: (16 self-generated answers × 96 tokens, 2 epochs: about a minute on 2 cores, then cached)
+    # bench: smaller, quicker-to-train heads (16 answers × 96 tokens, 2 epochs: about a minute on 2 cores)
     bench_config = {"train_prompts": 16, "train_new_tokens": 96, "epochs": 2}
 
     class Config(BaseModel):
@@ -110,17 +101,14 @@ class Medusa(Technique):
 
     @hookimpl
     def effinfer_decoding_strategy(self, stage: SystemStage) -> MedusaDecoding:
-        if stage is None:
-            raise ValueError("medusa trains its heads on the model: it needs the system stage")
-        settings = EngineSettings.from_stage(stage)
-        heads, report = train_medusa(stage.model, stage.tokenizer, self.config, settings)
+        heads, report = train_medusa(stage.model, stage.tokenizer, self.config, stage.engine)
         self.training_report = report
         how = "loaded from cache" if report.cached else "trained"
         self.note(f"{self.config.heads} heads {how}: {report.positions} positions from {report.prompts} "
                   f"self-generated answers ({report.generated_tokens} tokens); cost {report.total_seconds:.0f} s "
                   f"(generate {report.generate_seconds:.0f} s, features {report.feature_seconds:.0f} s, "
                   f"train {report.train_seconds:.0f} s); head top-1 {report.head_top1}")
-        return MedusaDecoding(self.config, heads, settings)
+        return MedusaDecoding(self.config, heads, stage.engine)
 
 
 @hookimpl

@@ -90,13 +90,12 @@ def training_prompts(count: int, corpora: list[str]) -> list[str]:
             for i in range(count)]
 
 
-def self_generate(model: nn.Module, tokenizer: Any, prompts: list[str], new_tokens: int, settings: Any,
+def self_generate(model: nn.Module, tokenizer: Any, prompts: list[str], new_tokens: int, engine: Any,
                   batch_size: int = 8) -> list[list[int]]:
-    """Prompt + greedy answer token ids per prompt, decoded by the static engine in batches."""
+    """Prompt + greedy answer token ids per prompt, decoded by ``engine``'s plain loop in batches."""
     from effinfer.core.generation import GenerationConfig, encode_prompts, stop_token_ids
-    from effinfer.plugins.system.engine.decoding import StaticDecoding
 
-    strategy = StaticDecoding(settings)
+    strategy = engine.decoding()
     config = GenerationConfig(max_new_tokens=new_tokens)
     stops = stop_token_ids(tokenizer, model, config)
     device = next(model.parameters()).device
@@ -170,7 +169,7 @@ def _epochs(heads: MedusaHeads, lm_head: nn.Module, features: torch.Tensor, targ
     return loss_value, (correct / counted.clamp_min(1)).tolist()
 
 
-def train_medusa(model: nn.Module, tokenizer: Any, options: Any, settings: Any) -> tuple[MedusaHeads, TrainingReport]:
+def train_medusa(model: nn.Module, tokenizer: Any, options: Any, engine: Any) -> tuple[MedusaHeads, TrainingReport]:
     """Heads for ``model`` from the cache, or trained now on self-generated text."""
     from effinfer.data.cache import cache_dir
 
@@ -186,7 +185,7 @@ def train_medusa(model: nn.Module, tokenizer: Any, options: Any, settings: Any) 
     torch.manual_seed(options.seed)
     started = time.perf_counter()
     prompts = training_prompts(options.train_prompts, options.corpora)
-    sequences = self_generate(model, tokenizer, prompts, options.train_new_tokens, settings)
+    sequences = self_generate(model, tokenizer, prompts, options.train_new_tokens, engine)
     generated = time.perf_counter()
     from effinfer.core.generation import encode_prompts
 

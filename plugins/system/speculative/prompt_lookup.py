@@ -14,9 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from effinfer.core import Paper, Technique, hookimpl
 from effinfer.core.stages import SystemStage
-from effinfer.plugins.system.engine.settings import EngineSettings
-from effinfer.plugins.system.speculative.loop import Session, SpeculativeDecoding
-from effinfer.plugins.system.speculative.tree import TokenTree
+from effinfer.plugins.system.speculative.api import DecodeEngine, Session, SpeculativeDecoding, TokenTree
 
 
 def find_draft(tokens: list[int], max_ngram: int, min_ngram: int, num_draft: int) -> list[int]:
@@ -32,8 +30,8 @@ def find_draft(tokens: list[int], max_ngram: int, min_ngram: int, num_draft: int
 class PromptLookupDecoding(SpeculativeDecoding):
     name = "prompt_lookup"
 
-    def __init__(self, config: PromptLookup.Config, settings: EngineSettings | None = None) -> None:
-        super().__init__(settings)
+    def __init__(self, config: PromptLookup.Config, engine: DecodeEngine | None = None) -> None:
+        super().__init__(engine)
         self.config = config
         self.max_tree_nodes = config.num_draft_tokens + 1
 
@@ -53,7 +51,6 @@ class PromptLookup(Technique):
                "and verified in one forward pass. Lossless under greedy decoding; strong on "
                "summarization, QA over a passage and code editing, where outputs copy the input.")
     lossless = True
-    #: what `effinfer bench` runs by default (cheap: no set-up)
     bench_config = {"num_draft_tokens": 10, "max_ngram": 3}
 
     class Config(BaseModel):
@@ -73,7 +70,7 @@ class PromptLookup(Technique):
     def effinfer_decoding_strategy(self, stage: SystemStage) -> PromptLookupDecoding:
         self.note(f"decoding with prompt lookup (n-grams {self.config.min_ngram}–{self.config.max_ngram}, "
                   f"up to {self.config.num_draft_tokens} drafted tokens per step)")
-        return PromptLookupDecoding(self.config, EngineSettings.from_stage(stage))
+        return PromptLookupDecoding(self.config, stage.engine)
 
 
 @hookimpl

@@ -23,18 +23,16 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from effinfer.core import Paper, Technique, hookimpl
 from effinfer.core.stages import SystemStage
-from effinfer.plugins.system.engine.settings import EngineSettings
+from effinfer.plugins.system.speculative.api import DecodeEngine, Session, SpeculativeDecoding, TokenTree
 from effinfer.plugins.system.speculative.datastore import Datastore, build_datastore, frequent_prefixes
-from effinfer.plugins.system.speculative.loop import Session, SpeculativeDecoding
-from effinfer.plugins.system.speculative.tree import TokenTree
 
 
 class RestDecoding(SpeculativeDecoding):
     name = "rest"
 
-    def __init__(self, config: Rest.Config, datastore: Datastore | None, settings: EngineSettings | None = None,
+    def __init__(self, config: Rest.Config, datastore: Datastore | None, engine: DecodeEngine | None = None,
                  tokenizer: Any = None) -> None:
-        super().__init__(settings)
+        super().__init__(engine)
         self.config = config
         self.datastore = datastore
         self.tokenizer = tokenizer
@@ -61,8 +59,8 @@ class Rest(Technique):
                "suffix-array datastore over a corpus form a token tree (most frequent prefixes), verified "
                "in one pass with a tree attention mask. Training-free, lossless.")
     lossless = True
-    #: what `effinfer bench` runs by default (the datastore is built once, then cached)
-    bench_config = {"corpora": ["wikipedia", "shakespeare"], "max_nodes": 12}
+    bench_config = {  # the datastore is built once, then cached
+"corpora": ["wikipedia", "shakespeare"], "max_nodes": 12}
 
     class Config(BaseModel):
         model_config = ConfigDict(extra="forbid")
@@ -92,14 +90,11 @@ class Rest(Technique):
 
     @hookimpl
     def effinfer_decoding_strategy(self, stage: SystemStage) -> RestDecoding:
-        settings = EngineSettings.from_stage(stage)
-        if stage is None:
-            return RestDecoding(self.config, None, settings)
         started = time.perf_counter()
         store, path, cached = build_datastore(stage.tokenizer, self.config.corpora, self.config.split)
         self.note(f"datastore of {len(store):,} tokens ({'+'.join(self.config.corpora)}, {self.config.split}) "
                   f"{'loaded' if cached else 'built'} in {time.perf_counter() - started:.1f} s: {path}")
-        return RestDecoding(self.config, store, settings)
+        return RestDecoding(self.config, store, stage.engine)
 
 
 @hookimpl
