@@ -15,11 +15,15 @@ clipping range (``max |w|``) to minimize the output error per group of weights (
 query/key projections, whose errors the attention scores amplify). The scaled, clipped
 weights are quantized round-to-nearest and packed.
 
-The scaling groups of a Llama-style block: ``input_layernorm → q,k,v``, ``v → o`` (only
-when ``v_proj`` and ``o_proj`` have matching widths, i.e. without grouped-query
-attention), ``post_attention_layernorm → gate, up`` and ``up → down``. The loss of a
-group is the summed squared error of its linear layers' outputs (the paper measures the
-block's output; for the projections here this is the same objective term by term).
+The scaling groups of a block: ``input_layernorm → q,k,v``, ``v → o`` (only when
+``v_proj`` and ``o_proj`` have matching widths, i.e. without grouped-query attention),
+the MLP's input norm (``post_attention_layernorm`` in Llama/Qwen2,
+``pre_feedforward_layernorm`` in Gemma) ``→ gate, up`` and ``up → down``; see
+:mod:`~effinfer.plugins.model.quantization.scaling` for Gemma's ``1 + weight`` norms. The
+block's float output is checked unchanged after folding (a block of another layout is
+refused, not damaged). The loss of a group is the summed squared error of its linear
+layers' outputs (the paper measures the block's output; for the projections here this is
+the same objective term by term).
 """
 
 from __future__ import annotations
@@ -40,28 +44,14 @@ from effinfer.plugins.model.quantization.layers import PackedLayer, build_quanti
 from effinfer.plugins.model.quantization.layerwise import (collect_inputs, decoder_layers, first_layer_inputs,
                                                            linears_of, run_layer)
 from effinfer.plugins.model.quantization.packing import check_group_size, fake_quantize, quantize
-from effinfer.plugins.model.quantization.scaling import ScaleGroup, check_block, fold_scales
+from effinfer.plugins.model.quantization.scaling import block_groups, check_function_kept, fold_scales
 
-LLAMA_GROUPS = (
-    ScaleGroup("input_layernorm", ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"]),
-    ScaleGroup("self_attn.v_proj", ["self_attn.o_proj"]),
-    ScaleGroup("post_attention_layernorm", ["mlp.gate_proj", "mlp.up_proj"]),
-    ScaleGroup("mlp.up_proj", ["mlp.down_proj"]),
-)
 NO_CLIP = ("q_proj", "k_proj")
 
 
 def scale_groups(layer: nn.Module) -> list[ScaleGroup]:
-    """The groups of :data:`LLAMA_GROUPS` that this block has and that can be scaled."""
-    check_block(layer, LLAMA_GROUPS, "awq")
-    names = dict(layer.named_modules())
-    groups = []
-    for group in LLAMA_GROUPS:
-        previous = names.get(group.previous)
-        if isinstance(previous, nn.Linear) and previous.out_features != names[group.linears[0]].in_features:
-            continue  # grouped-query attention: v_proj is narrower than o_proj's input
-        groups.append(group)
-    return groups
+    """AWQ's groups of this block: attention norm → q,k,v; v → o (without GQA); MLP norm → gate,up; up → down."""
+    return block_groups(layer, "awq", value_output=True, down_proj=True)
 
 
 FakeQuant = Callable[[torch.Tensor, "torch.Tensor | float"], torch.Tensor]
@@ -153,8 +143,11 @@ class AWQ(Technique):
         for index, layer in enumerate(layers):
             readers = {n: m for n, m in layer.named_modules() if isinstance(m, nn.Linear)}
             inputs = collect_inputs(layer, batches, readers, config.search_tokens)
+            float_output = run_layer(layer, batches[:1])[0].hidden
             with weight_math_threads():
                 searches += self._scale(layer, inputs, stage)
+            check_function_kept(float_output, run_layer(layer, batches[:1])[0].hidden, f"{path}.{index}", "awq")
+            with weight_math_threads():
                 for name, linear in linears_of(layer, f"{path}.{index}", config.skip_modules).items():
                     full = f"{path}.{index}.{name}"
                     swapped[full] = self._quantize(name, linear, inputs[name], full)

@@ -6,7 +6,9 @@ Post-Training Quantization for Large Language Models", ICML 2023, arXiv:2211.104
 Activations are hard to quantize because a few input channels have huge magnitudes;
 weights are easy. With per-channel factors ``s_j = max|X_j|^α / max|W_j|^(1−α)`` the
 product is rewritten ``X W = (X diag(s)⁻¹)(diag(s) W)``: ``1/s`` is folded into the
-preceding RMSNorm (offline, so inference pays nothing) and ``s`` into the weights. ``α``
+preceding RMSNorm (offline, so inference pays nothing; Gemma's ``1 + weight`` norms are
+handled, see :mod:`~effinfer.plugins.model.quantization.scaling`) and ``s`` into the
+weights; the float model's logits are checked unchanged after folding. ``α``
 (0.5 in the paper, more for models with larger outliers) sets how much of the difficulty
 migrates. Then every linear layer of the decoder runs W8A8: int8 weights with one scale
 per output channel, int8 activations with a scale per token computed on the fly (the
@@ -26,21 +28,21 @@ from typing import Literal
 
 import torch
 from pydantic import Field
+from torch import nn
 
 from effinfer.core import Paper, Requirement, Technique, hookimpl
 from effinfer.core.stages import ModelStage
 from effinfer.plugins.model.calibration import activation_stats
-from effinfer.plugins.model.quantization.scaling import ScaleGroup, check_block, fold_scales
+from effinfer.plugins.model.quantization.scaling import (ScaleGroup, block_groups, check_function_kept,
+                                                         fold_scales)
 from effinfer.plugins.model.quantization.config import (CalibrationConfig, TargetConfig, maybe_save, selected_linears,
                                                         swap_in, weight_math_threads)
 from effinfer.plugins.model.quantization.layers import Int8DynamicLinear, PackedLayer
 from effinfer.plugins.model.quantization.layerwise import decoder_layers
 
-SMOOTH_GROUPS = (
-    ScaleGroup("input_layernorm", ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"]),
-    ScaleGroup("post_attention_layernorm", ["mlp.gate_proj", "mlp.up_proj"]),
-)
-DOWN_GROUP = ScaleGroup("mlp.up_proj", ["mlp.down_proj"])
+def smoothing_groups(layer: nn.Module, down_proj: bool = False) -> list[ScaleGroup]:
+    """SmoothQuant's groups of this block: attention norm → q,k,v; MLP norm → gate,up; optionally up → down."""
+    return block_groups(layer, "smoothquant", value_output=False, down_proj=down_proj)
 
 
 def smoothing_factors(act_absmax: torch.Tensor, weights: list[torch.Tensor], alpha: float) -> torch.Tensor:
@@ -79,10 +81,14 @@ class SmoothQuant(Technique):
         tokens = stage.calibration_batches(config.n_samples, config.seq_len)
         stats = activation_stats(stage.model, tokens, config.batch_size)
         path, layers = decoder_layers(stage.model)
-        groups = SMOOTH_GROUPS + ((DOWN_GROUP,) if config.smooth_down_proj else ())
         act_absmax = {name: s.absmax.clone() for name, s in stats.items()}
+        probe = tokens[:1, :64]
+        with torch.no_grad():
+            before = stage.model(input_ids=probe, use_cache=False).logits
+        folded = 0
         for index, layer in enumerate(layers):
-            check_block(layer, groups, "smoothquant")
+            groups = smoothing_groups(layer, config.smooth_down_proj)
+            folded += len(groups)
             for group in groups:
                 names = [f"{path}.{index}.{n}" for n in group.linears]
                 weights = [layer.get_submodule(n).weight.detach().float() for n in group.linears]
@@ -90,7 +96,10 @@ class SmoothQuant(Technique):
                 fold_scales(layer, group, scales, stage.patcher)
                 for name in names:
                     act_absmax[name] = act_absmax[name] / scales
-        self.note(f"smoothed {len(groups) * len(layers)} input groups with α={config.alpha}")
+        with torch.no_grad():
+            check_function_kept(before, stage.model(input_ids=probe, use_cache=False).logits, "the model",
+                                "smoothquant")
+        self.note(f"smoothed {folded} input groups with α={config.alpha}")
         self._quantize(stage, act_absmax, started, tokens)
 
     def _quantize(self, stage: ModelStage, act_absmax: dict[str, torch.Tensor], started: float,
