@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -10,6 +11,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 from rich.tree import Tree
 
 from effinfer.core.errors import EffinferError
@@ -22,8 +24,9 @@ app.add_typer(plugins_app, name="plugins")
 console = Console()
 
 
-def _fail(error: Exception) -> None:
-    Console(stderr=True, soft_wrap=True).print(f"[bold red]error:[/] {error}", highlight=False)
+def _fail(error: Exception | str) -> None:
+    """Print ``error: <message>`` on stderr (literally: a message may quote user text) and exit 2."""
+    Console(stderr=True, soft_wrap=True).print(f"[bold red]error:[/] {escape(str(error))}", highlight=False)
     raise typer.Exit(2)
 
 
@@ -49,7 +52,7 @@ def taxonomy(
         table = Table("category", "maps to (2404.14294 nodes)", "techniques", title=chosen.title)
         for category in chosen.categories:
             names = sorted({e.technique.name for node in category.maps_to for e in registry.at_node(node)})
-            table.add_row(category.title, "\n".join(category.maps_to), ", ".join(names) or "—")
+            table.add_row(Text(category.title), Text("\n".join(category.maps_to)), Text(", ".join(names) or "—"))
         console.print(table)
         return
     if as_json:
@@ -66,9 +69,9 @@ def taxonomy(
     def add(parent: Tree, node_id: str) -> None:
         node = tree.get(node_id)
         names = [e.technique.name for e in registry.at_node(node_id)]
-        label = f"{node.title} [dim]{node.id}[/] [cyan]({counts[node_id]})[/]"
+        label = f"{escape(node.title)} [dim]{escape(node.id)}[/] [cyan]({counts[node_id]})[/]"
         if names:
-            label += " [green]" + ", ".join(names) + "[/]"
+            label += " [green]" + escape(", ".join(names)) + "[/]"
         branch = parent.add(label)
         for child in node.children:
             add(branch, child)
@@ -98,12 +101,13 @@ def plugins(
     for name in registry.names():
         entry = registry.techniques[name]
         cls = entry.technique
-        table.add_row(name, "/".join(cls.levels()), cls.node, "yes" if cls.lossless else "no",
-                      (f"arXiv:{cls.paper.arxiv}" if cls.paper.arxiv else cls.paper.link or "") if cls.paper else "",
-                      entry.distribution)
+        paper = (f"arXiv:{cls.paper.arxiv}" if cls.paper.arxiv else cls.paper.link or "") if cls.paper else ""
+        table.add_row(*(Text(str(cell)) for cell in (name, "/".join(cls.levels()), cls.node,
+                                                      "yes" if cls.lossless else "no", paper, entry.distribution)))
     console.print(table)
     for broken in registry.broken:
-        console.print(f"[red]broken plugin[/] {broken.plugin} ({broken.distribution}): {broken.error}", highlight=False)
+        console.print(f"[red]broken plugin[/] {escape(f'{broken.plugin} ({broken.distribution}): {broken.error}')}",
+                      highlight=False)
 
 
 @plugins_app.command("show")
@@ -117,17 +121,17 @@ def plugins_show(name: str) -> None:
     from effinfer.core.experiment import allowed_range
 
     info = cls.describe()
-    console.print(f"[bold]{cls.name}[/] — {cls.node}\n{cls.summary}")
+    console.print(f"[bold]{escape(cls.name)}[/] — {escape(cls.node)}\n{escape(cls.summary)}", highlight=False)
     if cls.paper:
-        console.print(f"paper: {cls.paper.cite()} {cls.paper.link or ''}", highlight=False)
-    console.print(f"lossless: {cls.lossless}; levels: {', '.join(cls.levels())}; "
-                  f"requires: {', '.join(info['requires']) or 'nothing'}")
+        console.print(Text(f"paper: {cls.paper.cite()} {cls.paper.link or ''}"), highlight=False)
+    console.print(Text(f"lossless: {cls.lossless}; levels: {', '.join(cls.levels())}; "
+                       f"requires: {', '.join(info['requires']) or 'nothing'}"), highlight=False)
     table = Table("field", "type", "default", "allowed", "description", title="config")
     for field_name, field in cls.Config.model_fields.items():
         prop = info["config_schema"].get("properties", {}).get(field_name, {})
         default = field.default_factory() if field.default_factory else field.default
-        table.add_row(field_name, str(field.annotation).replace("typing.", ""), repr(default),
-                      allowed_range(prop), field.description or "")
+        table.add_row(*(Text(cell) for cell in (field_name, str(field.annotation).replace("typing.", ""),
+                                                 repr(default), allowed_range(prop), field.description or "")))
     console.print(table)
 
 
@@ -138,9 +142,9 @@ def run(experiment_file: Path) -> None:
 
     try:
         experiment = Experiment.from_yaml(experiment_file)
-        _run_and_print(experiment)
     except EffinferError as error:
         _fail(error)
+    _run_and_print(experiment)
 
 
 @app.command()
@@ -156,13 +160,11 @@ def generate(
     from effinfer.core.experiment import Experiment
 
     try:
-        experiment = Experiment(model=model, techniques=technique, prompts=[prompt], documents=document,
-                                generation={"max_new_tokens": max_new_tokens})
-        _run_and_print(experiment)
-    except EffinferError as error:
+        experiment = Experiment.checked(model=model, techniques=technique, prompts=[prompt], documents=document,
+                                        generation={"max_new_tokens": max_new_tokens})
+    except (EffinferError, ValueError) as error:  # ValueError: a malformed --technique string
         _fail(error)
-    except ValueError as error:  # a malformed --technique string
-        _fail(error)
+    _run_and_print(experiment)
 
 
 @app.command()
@@ -172,27 +174,63 @@ def demo(
     """Compose a data-, a model- and a system-level technique on the embedded model."""
     from effinfer.core.demo import demo_runs
 
+    from effinfer.core.failures import failure_message
+
     try:
         for heading, result in demo_runs(model):
             console.rule(f"[bold]{escape(heading)}[/]")
             print_run(result, console)
-    except EffinferError as error:
-        _fail(error)
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except Exception as error:  # loading said why, or a technique (plugin hook) raised: name it, no traceback
+        _fail(failure_message(error, get_registry(), "running the demo"))
 
 
 def _run_and_print(experiment: Any) -> None:
-    from effinfer.core.runner import run_experiment
+    """Check everything that can be checked before loading, load (one line per step when the
+    output is not a terminal), run, print. A user's mistake ends in ``error: …``, never a traceback."""
+    from effinfer.core.failures import failure_message
+    from effinfer.core import runner
+    from effinfer.core.models import load_model
+    from effinfer.core.steplog import StepLog
 
-    result = run_experiment(experiment)
+    registry = get_registry()
+    try:
+        experiment.preflight(registry)
+    except EffinferError as error:
+        _fail(error)
+    log = StepLog(console)
+    if log.enabled:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # a redrawn bar is noise in a log file
+    try:
+        check_layout = getattr(runner, "check_source_layout", None)  # the techniques' supported layouts
+        if check_layout is not None:
+            check_layout(experiment.build_stack(registry), experiment.model)
+        started = time.perf_counter()
+        with log.step(f"model {experiment.model} loaded", f"loading model {experiment.model}"):
+            model, tokenizer = load_model(experiment.model, experiment.runtime.dtype, experiment.runtime.device)
+        load_seconds = time.perf_counter() - started
+        stack = " → ".join(t.name for t in experiment.techniques) or "no technique"
+        with log.step(f"{stack} applied and {len(experiment.prompts)} prompt(s) generated"):
+            result = runner.run_experiment(experiment, registry, model=model, tokenizer=tokenizer)
+        result.load_seconds = load_seconds
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except Exception as error:  # loading said why, or a technique (plugin hook) raised: name it, no traceback
+        _fail(failure_message(error, registry, "applying the stack or generating"))
     print_run(result, console)
 
 
 def print_run(result: Any, out: Console) -> None:
+    """What each stage did, the completions and the timings; model output and notes print literally."""
     for level, technique, note in result.report.entries:
-        out.print(f"[magenta]{level:>6}[/] [bold]{technique}[/]: {note}", highlight=False)
+        out.print(f"[magenta]{level:>6}[/] [bold]{escape(str(technique))}[/]: {escape(str(note))}", highlight=False)
     generation = result.generation
     for completion in result.completions:
-        out.print(f"[dim]prompt ({completion.prompt_tokens} tokens)[/] → [green]{completion.text}[/]")
+        out.print(f"[dim]prompt ({completion.prompt_tokens} tokens)[/] → [green]{escape(completion.text)}[/]",
+                  highlight=False)
     rate = generation.new_tokens / generation.decode_seconds if generation.decode_seconds else float("nan")
     out.print(f"[dim]load {result.load_seconds:.1f} s, set-up {result.setup_seconds:.1f} s, "
               f"prefill {generation.prefill_seconds:.2f} s, {generation.new_tokens} tokens at {rate:.1f} tok/s[/]")
@@ -203,8 +241,12 @@ def print_run(result: Any, out: Console) -> None:
 
 
 def main() -> None:
-    get_registry().register_commands(app)  # plugins (the evaluator, docs, third parties) add commands
-    app()
+    try:
+        get_registry().register_commands(app)  # plugins (the evaluator, docs, third parties) add commands
+        app()
+    except KeyboardInterrupt:  # Ctrl-C while starting up (commands handle their own)
+        Console(stderr=True).print("[yellow]interrupted[/]", highlight=False)
+        raise SystemExit(130) from None
 
 
 if __name__ == "__main__":

@@ -10,11 +10,13 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from effinfer.core.errors import ExperimentError, UnknownEngineError, UnknownTechniqueError
 from effinfer.core.generation import GenerationConfig
 from effinfer.core.models import DEFAULT_MODEL
+from effinfer.core.preflight import (load_yaml_text, model_config_problems, model_source_problems,
+                                     output_problems, peek_model_config, runtime_problems)
 from effinfer.core.registry import Registry, get_registry
 from effinfer.core.technique import Requirement, Technique, layout_problems
 
@@ -75,19 +77,66 @@ class Experiment(BaseModel):
     #: context passages given with every prompt (what data-level techniques compress)
     documents: list[str] = Field(default_factory=list)
 
+    @field_validator("prompts")
+    @classmethod
+    def _prompts_given(cls, prompts: list[str]) -> list[str]:
+        if not prompts:
+            raise ValueError("no prompt given; list at least one prompt (or leave `prompts` out for the default)")
+        empty = [i for i, prompt in enumerate(prompts) if not prompt.strip()]
+        if empty:
+            raise ValueError(f"prompt(s) {empty} are empty; give each prompt some text")
+        return prompts
+
     @classmethod
     def from_yaml(cls, path: str | Path) -> Experiment:
+        """Read and validate an experiment file; every problem is an :class:`ExperimentError`
+        (a missing, empty, binary or non-YAML file, a duplicated key, a wrong field)."""
         path = Path(path)
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except FileNotFoundError:
-            raise ExperimentError([f"experiment file {path} does not exist"]) from None
-        except yaml.YAMLError as error:
-            raise ExperimentError([f"{path} is not valid YAML: {error}"]) from None
+        data = cls._read_yaml(path)
         try:
             return cls.model_validate(data)
         except ValidationError as error:
             raise ExperimentError(format_validation_errors(error, cls, prefix=f"{path}: ")) from None
+
+    @staticmethod
+    def _read_yaml(path: Path) -> dict[str, Any]:
+        fields = ", ".join(Experiment.model_fields)
+        if not path.exists():
+            raise ExperimentError([f"experiment file {path} does not exist"])
+        if path.is_dir():
+            raise ExperimentError([f"{path} is a folder, not an experiment file; give a .yaml file "
+                                   "(examples/ has some)"])
+        try:
+            raw = path.read_bytes()
+        except OSError as error:
+            raise ExperimentError([f"cannot read {path}: {error.strerror or error}"]) from None
+        try:
+            if b"\x00" in raw:
+                raise UnicodeDecodeError("utf-8", raw, raw.index(b"\x00"), raw.index(b"\x00") + 1, "NUL byte")
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise ExperimentError([f"{path} is not a text file (binary or not UTF-8); an experiment is a YAML "
+                                   f"file with fields such as {fields}"]) from None
+        try:
+            data = load_yaml_text(text)
+        except yaml.YAMLError as error:
+            raise ExperimentError([f"{path} is not valid YAML: {error}"]) from None
+        if data is None:
+            raise ExperimentError([f"{path} is empty; write the experiment in it (fields: {fields}); "
+                                   "an empty file is not taken as the defaults"])
+        if not isinstance(data, dict):
+            raise ExperimentError([f"{path} holds a YAML {type(data).__name__}, not a mapping of experiment "
+                                   f"fields ({fields})"])
+        return data
+
+    @classmethod
+    def checked(cls, **fields: Any) -> Experiment:
+        """Build an experiment from keyword fields, raising :class:`ExperimentError` (one line per
+        problem, with the allowed range) instead of pydantic's ``ValidationError``."""
+        try:
+            return cls.model_validate(fields)
+        except ValidationError as error:
+            raise ExperimentError(format_validation_errors(error, cls)) from None
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
@@ -95,6 +144,23 @@ class Experiment(BaseModel):
     def build_stack(self, registry: Registry | None = None) -> list[Technique]:
         """Validate the stack and instantiate its techniques; raise with every problem."""
         return resolve_stack(self.techniques, self.runtime, registry or get_registry())
+
+    def preflight(self, registry: Registry | None = None) -> list[Technique]:
+        """Everything that can be checked before loading the model, all problems together:
+        the stack (:meth:`build_stack`), the runtime (CUDA present), the model source (a folder
+        that is a model), output folders (``save_dir``) writable, and each technique's config against the model's ``config.json`` when it
+        can be read without loading (techniques implementing ``check_model_config``)."""
+        problems = (runtime_problems(self.runtime.device) + model_source_problems(self.model)
+                    + output_problems(self.techniques))
+        try:
+            techniques = self.build_stack(registry)
+        except ExperimentError as error:
+            raise ExperimentError(error.problems + problems) from None
+        if not problems:
+            problems = model_config_problems(techniques, peek_model_config(self.model))
+        if problems:
+            raise ExperimentError(problems)
+        return techniques
 
 
 def resolve_stack(specs: list[TechniqueSpec], runtime: Runtime, registry: Registry,
@@ -169,6 +235,9 @@ def format_validation_errors(error: ValidationError, schema: type[BaseModel], pr
         hint = f"; allowed: {allowed}" if allowed else ""
         if item["type"] == "extra_forbidden":
             hint = f"; known fields: {', '.join(parent.get('properties', {})) or 'none'}"
+        if item["type"] == "value_error":  # a validator's own message already says what is allowed
+            lines.append(f"{prefix}{field}: {item['msg'].removeprefix('Value error, ')}{got}")
+            continue
         lines.append(f"{prefix}{field}: {item['msg']}{got}{hint}")
     return lines
 

@@ -17,6 +17,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 from transformers import DynamicCache
 
+from effinfer.core.errors import EffinferError
+
 
 class GenerationConfig(BaseModel):
     """How tokens are chosen and when generation stops."""
@@ -162,10 +164,35 @@ class PlainDecoding:
         return GenerationResult(sequences, prefill_done - started, done - prefill_done, steps)
 
 
+class PromptTooLongError(EffinferError, ValueError):
+    """A prompt (with its chat template and documents) does not fit in the model's context."""
+
+
+#: a tokenizer ``model_max_length`` above this is transformers' "no limit known" placeholder
+_NO_LIMIT = 10**8
+
+
+def context_limit(tokenizer: Any, model: nn.Module | None = None) -> int | None:
+    """The longest input the model takes: its ``max_position_embeddings``, else the tokenizer's
+    ``model_max_length`` when it is a real limit; ``None`` when neither says."""
+    limit = getattr(getattr(model, "config", None), "max_position_embeddings", None) if model is not None else None
+    if isinstance(limit, int) and limit > 0:
+        return limit
+    limit = getattr(tokenizer, "model_max_length", None)
+    return int(limit) if isinstance(limit, int) and 0 < limit < _NO_LIMIT else None
+
+
 def encode_prompts(tokenizer: Any, conversations: Sequence[list[dict[str, str]]] | Sequence[str],
-                   chat_template: bool = True, device: str | torch.device = "cpu"
-                   ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token ids and attention mask for a batch, left-padded, chat template applied."""
+                   chat_template: bool = True, device: str | torch.device = "cpu", *,
+                   max_tokens: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids and attention mask for a batch, left-padded, chat template applied.
+
+    A prompt longer than ``max_tokens`` (default: :func:`context_limit` of the tokenizer) is
+    refused with :class:`PromptTooLongError`, rather than decoded into garbage after minutes
+    of prefill; an empty batch is refused too.
+    """
+    if not conversations:
+        raise ValueError("no prompt to encode; give at least one")
     texts = []
     for item in conversations:
         if chat_template:
@@ -177,7 +204,22 @@ def encode_prompts(tokenizer: Any, conversations: Sequence[list[dict[str, str]]]
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     encoded = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=not chat_template)
+    check_prompt_lengths(encoded["attention_mask"].sum(-1).tolist(),
+                         max_tokens if max_tokens is not None else context_limit(tokenizer))
     return encoded["input_ids"].to(device), encoded["attention_mask"].to(device)
+
+
+def check_prompt_lengths(lengths: Sequence[int], limit: int | None) -> None:
+    """Raise :class:`PromptTooLongError` naming every prompt longer than ``limit`` tokens."""
+    if limit is None:
+        return
+    too_long = [(i, n) for i, n in enumerate(lengths) if n > limit]
+    if too_long:
+        listed = ", ".join(f"prompt {i} has {n} tokens" for i, n in too_long)
+        raise PromptTooLongError(
+            f"{listed}; the model's context is {limit} tokens. Shorten the prompt or its documents "
+            "(a data-level technique such as selective_context compresses documents), or use a "
+            "model with a longer context")
 
 
 def stop_token_ids(tokenizer: Any, model: nn.Module, config: GenerationConfig) -> set[int]:

@@ -8,6 +8,7 @@ This module is an ordinary plugin of the ``effinfer`` entry-point group
 from __future__ import annotations
 
 import csv
+import inspect
 import io
 import json
 import shlex
@@ -19,12 +20,16 @@ from typing import Annotated, Any
 import typer
 from pydantic import ValidationError
 from rich.console import Console
+from rich.errors import MarkupError
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.text import Text
 
 from effinfer.core import hookimpl
-from effinfer.core.errors import EffinferError
-from effinfer.core.experiment import Runtime, TechniqueSpec, parse_technique
+from effinfer.core.errors import EffinferError, ExperimentError
+from effinfer.core.experiment import Runtime, TechniqueSpec, format_validation_errors, parse_technique
+from effinfer.core.preflight import writable_problem
+from effinfer.core.steplog import LineProgress
 from effinfer.core.models import DEFAULT_MODEL
 from effinfer.core.registry import Registry, get_registry
 from effinfer.core.technique import Requirement
@@ -40,17 +45,12 @@ DEFAULT_COMPOSITIONS = (
     "awq+self_speculative",
 )
 
-#: configs for built-ins whose defaults cannot run alone (a technique class may instead set
-#: a ``bench_config`` dict attribute, which takes precedence)
-FALLBACK_CONFIGS: dict[str, dict[str, Any]] = {
-    "draft_model": {"techniques": ["rtn:bits=4"]},  # its default draft would be the target itself
-}
-
 results_app = typer.Typer(help="Browse, compare and export stored evaluation runs.", no_args_is_help=True)
 
 
 def _fail(message: Any) -> None:
-    Console(stderr=True, soft_wrap=True).print(f"[bold red]error:[/] {message}", highlight=False)
+    """Print ``error: <message>`` on stderr (literally: messages quote user text) and exit 2."""
+    Console(stderr=True, soft_wrap=True).print(f"[bold red]error:[/] {escape(str(message))}", highlight=False)
     raise typer.Exit(2)
 
 
@@ -65,10 +65,10 @@ def parse_composition(text: str) -> list[TechniqueSpec]:
     return [parse_technique(p) for p in parts]
 
 
-def bench_config(cls: type, name: str) -> dict[str, Any]:
-    """The config a default bench uses: ``cls.bench_config``, a fallback above, or the defaults."""
+def bench_config(cls: type, name: str = "") -> dict[str, Any]:
+    """The config a default bench uses: the technique class's ``bench_config``, else its defaults."""
     config = getattr(cls, "bench_config", None)
-    return dict(config) if isinstance(config, dict) else dict(FALLBACK_CONFIGS.get(name, {}))
+    return dict(config) if isinstance(config, dict) else {}
 
 
 def default_stacks(registry: Registry, runtime: Runtime) -> tuple[list[list[TechniqueSpec]], list[str]]:
@@ -128,8 +128,12 @@ def bench_command(
     suite: Annotated[str, typer.Option(help="quick, standard, full, or a suite YAML file")] = "quick",
     model: Annotated[str, typer.Option(help="alias, .gguf file, folder or hub id")] = DEFAULT_MODEL,
     store: Annotated[Path | None, typer.Option(help="results database (default: $EFFINFER_RESULTS or the cache)")] = None,
-    out: Annotated[Path | None, typer.Option(help="folder for report.md and plots (default: ./results/bench-<id>)")] = None,
+    out: Annotated[Path | None, typer.Option(help="new folder for report.md and plots (default: ./results/bench-<id>, "
+                                                  "or bench-<id>-<store id> when that is taken)")] = None,
     redo: Annotated[bool, typer.Option("--redo", help="measure again stacks already stored")] = False,
+    redo_drifted: Annotated[bool, typer.Option(
+        "--redo-drifted", help="measure again stored stacks whose baseline drifted during their speed "
+                               "measurement (flagged in the report)")] = False,
     baseline_only: Annotated[bool, typer.Option("--baseline-only", help="measure only the baseline")] = False,
     device: Annotated[str, typer.Option(help="cpu or cuda[:N]")] = "cpu",
     threads: Annotated[int | None, typer.Option(min=1, help="torch threads (default: torch's choice)")] = None,
@@ -137,39 +141,168 @@ def bench_command(
     """Benchmark technique stacks against the baseline: accuracy, fidelity, speed, memory.
 
     Default: the baseline, every built-in technique alone and a few cross-level compositions.
-    Prints the table and writes the store, a markdown report and plots.
+    Every stack is validated before anything is measured. Prints the table and writes the
+    store, a markdown report and plots; exits 1 when a stack failed. An interrupted bench is
+    recorded as interrupted; rerunning the same command resumes it (stored stacks are kept).
     """
-    from effinfer.evaluation.api import bench
-    from effinfer.evaluation.store import ResultsStore
+    from effinfer.evaluation.store import ResultsStore, StoreError
     from effinfer.evaluation.suites import get_suite
 
+    registry = get_registry()
     try:
-        runtime = Runtime(device=device, threads=threads)
+        runtime = Runtime.model_validate({"device": device, "threads": threads})
         chosen_suite = get_suite(suite)
-        stacks, skipped = ([], []) if baseline_only else chosen_stacks(technique, compose, get_registry(), runtime)
+        stacks, skipped = ([], []) if baseline_only else chosen_stacks(technique, compose, registry, runtime)
+        check_stacks(stacks, model, runtime, registry)  # all of them, before the baseline is measured
+    except ValidationError as error:
+        _fail(ExperimentError(format_validation_errors(error, Runtime, prefix="runtime: ")))
     except (EffinferError, ValueError) as error:
         _fail(error)
+    if out is not None and (problem := out_problem(out)):
+        _fail(problem)
+    if out is None and (problem := writable_problem(REPORTS_DIR, "the reports folder")):
+        _fail(f"{problem} (or pass --out)")
+    try:
+        results_store = ResultsStore(store)
+    except StoreError as error:
+        _fail(error)
     for line in skipped:
-        console.print(f"[yellow]skipped[/] {line}", highlight=False)
+        console.print(f"[yellow]skipped[/] {escape(line)}", highlight=False)
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # one reload per stack; the bench has its own progress bars
-    results_store = ResultsStore(store)
     command = "effinfer " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     console.print(f"benching {len(stacks)} stack(s) + baseline on {model}, suite {chosen_suite.name}; "
-                  f"store {results_store.path}", highlight=False)
+                  f"store {results_store.path}", highlight=False, markup=False)
     started = time.perf_counter()
-    with _progress() as progress:
-        result = bench([[], *stacks], suite=chosen_suite, model=model, store=results_store, redo=redo,
-                       runtime=runtime, progress=progress, command=command)
+    try:
+        with _progress() as progress:
+            result = _run_bench(stacks, chosen_suite, model, results_store, runtime, progress, command,
+                                redo=redo, redo_drifted=redo_drifted)
+    except KeyboardInterrupt:
+        _interrupted(results_store)
     seconds = time.perf_counter() - started
-    _print_and_write(result, results_store, out, chosen_suite.name, model, command, seconds)
-    results_store.close()
+    try:
+        _print_and_write(result, results_store, out, chosen_suite.name, model, command, seconds)
+    finally:
+        results_store.close()
+    if result.failed:
+        raise typer.Exit(1)
 
 
-def _progress() -> Progress:
-    return Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+def check_stacks(stacks: list[list[TechniqueSpec]], model: str, runtime: Runtime, registry: Registry) -> None:
+    """Everything ``effinfer run`` checks before loading, for every stack of a bench, all problems
+    together (each prefixed with its stack): names, configs, conflicts, the runtime, the model
+    source, each technique against the model's config, output folders."""
+    from effinfer.core.experiment import Experiment
+    from effinfer.evaluation.evaluator import stack_spec
+
+    problems: list[str] = []
+    for stack in [[], *stacks]:
+        experiment = Experiment(model=model, techniques=stack, runtime=runtime)
+        try:
+            _check_layout(experiment.preflight(registry), model)
+        except ExperimentError as error:
+            own = [p for p in error.problems if p not in problems]  # the model's and runtime's are said once
+            problems += [f"{stack_spec(stack).name}: {p}" for p in own] if stack else own
+    if problems:
+        raise ExperimentError(problems)
+
+
+def _check_layout(techniques: list[Any], model: str) -> None:
+    from effinfer.core import runner
+
+    check = getattr(runner, "check_source_layout", None)  # techniques refusing the model's layout
+    if check is not None:
+        check(techniques, model)
+
+
+def _run_bench(stacks: list[list[TechniqueSpec]], suite: Any, model: str, store: Any, runtime: Runtime,
+               progress: Any, command: str, *, redo: bool, redo_drifted: bool) -> Any:
+    from effinfer.evaluation.api import bench
+
+    options: dict[str, Any] = {}
+    if redo_drifted:
+        if "redo_drifted" not in inspect.signature(bench).parameters:
+            _fail("--redo-drifted needs an evaluator that flags drifted speed measurements; this one does not")
+        options["redo_drifted"] = True
+    return bench([[], *stacks], suite=suite, model=model, store=store, redo=redo, runtime=runtime,
+                 progress=progress, command=command, **options)
+
+
+def _interrupted(store: Any) -> None:
+    """Ctrl-C: the bench is closed as interrupted; say how to resume and exit 130."""
+    bench_id = store.opened[-1] if store.opened else None
+    stored = len(store.runs(bench_id=bench_id)) if bench_id is not None else 0
+    what = (f"bench {bench_id} recorded as interrupted with {stored} run(s) stored" if bench_id is not None
+            else "interrupted before any run was stored")
+    Console(stderr=True, soft_wrap=True).print(
+        f"[yellow]interrupted:[/] {escape(what)}; rerun the same command to resume (stored stacks are not "
+        "measured again)", highlight=False)
+    store.close()
+    raise typer.Exit(130)
+
+
+class _LiteralText(TextColumn):
+    """A description column that shows text that is not valid markup literally instead of crashing."""
+
+    def render(self, task: Any) -> Any:
+        try:
+            return super().render(task)
+        except MarkupError:
+            return Text(task.description)
+
+
+def _progress() -> Any:
+    """Rich progress bars on a terminal; one line per finished step otherwise (logs, nohup, pipes)."""
+    if not console.is_terminal:
+        return LineProgress(console)
+    return Progress(SpinnerColumn(), _LiteralText("{task.description}"), BarColumn(), MofNCompleteColumn(),
                     TimeElapsedColumn(), console=console, transient=False)
+
+
+#: where reports go by default: ``results/bench-<id>`` (``-<store id>`` added when that is taken)
+REPORTS_DIR = Path("results")
+#: the last line of every report.md: which store and bench it was written from (an HTML comment)
+REPORT_MARKER = "<!-- effinfer-report "
+
+
+def out_problem(folder: Path) -> str | None:
+    """Why ``--out`` cannot take this bench's report (checked before the bench), or ``None``."""
+    if (folder / "report.md").exists():
+        owner = _report_owner(folder)
+        whose = f" (bench {owner.get('bench_id')} of {owner.get('store')})" if owner else ""
+        return (f"--out {folder} already holds a report{whose}; reports are never overwritten: choose a new "
+                "folder or delete that one")
+    return writable_problem(folder, "--out")
+
+
+def _report_owner(folder: Path) -> dict[str, Any]:
+    """The store and bench a report was written from (the marker comment ending its report.md)."""
+    try:
+        last = (folder / "report.md").read_text().rstrip().rsplit("\n", 1)[-1]
+    except OSError:
+        return {}
+    if not (last.startswith(REPORT_MARKER) and last.endswith("-->")):
+        return {}
+    try:
+        return dict(json.loads(last.removeprefix(REPORT_MARKER).removesuffix("-->")))
+    except (ValueError, TypeError):
+        return {}
+
+
+def report_folder(store: Any, bench_id: int | None, out: Path | None) -> Path:
+    """``out``, or ``results/bench-<id>``; when that holds another store's (or bench's) report,
+    ``results/bench-<id>-<store id>`` so benches of two stores in one folder keep both reports."""
+    if out is not None:
+        return out
+    if bench_id is None:  # every stack came from the store: a new report of stored runs
+        return REPORTS_DIR / f"stored-{store.store_id}-{time.strftime('%Y%m%d-%H%M%S')}"
+    for folder in (REPORTS_DIR / f"bench-{bench_id}", REPORTS_DIR / f"bench-{bench_id}-{store.store_id}"):
+        owner = _report_owner(folder)
+        if not folder.exists() or (owner.get("store_id") == store.store_id and owner.get("bench_id") == bench_id):
+            return folder
+    return REPORTS_DIR / f"bench-{bench_id}-{store.store_id}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
 def _print_and_write(result: Any, store: Any, out: Path | None, suite: str, model: str, command: str,
@@ -177,20 +310,24 @@ def _print_and_write(result: Any, store: Any, out: Path | None, suite: str, mode
     from effinfer.evaluation.report import rich_table
 
     title = f"effinfer bench — {model}, suite {suite}"
-    console.print(rich_table(result.records, title=title))
-    bench_id = result.bench_id if result.bench_id is not None else "none"
-    folder = out or Path("results") / f"bench-{bench_id}"
-    written = write_report(result.records, result.environment, folder, title=title, command=command)
+    console.print(rich_table(result.records, title=escape(title)))
+    bench_id = result.bench_id
+    folder = report_folder(store, bench_id, out)
+    written = write_report(result.records, result.environment, folder, title=title, command=command,
+                           owner={"store": str(store.path), "store_id": store.store_id, "bench_id": bench_id})
     for record in result.failed:
         console.print(f"[red]failed[/] {escape(record.name)}: {escape((record.error or '').splitlines()[0])}",
                       highlight=False)
-    console.print(f"took {seconds / 60:.1f} min; store {store.path} (bench {bench_id}); "
-                  + ", ".join(str(p) for p in written), highlight=False)
+    console.print(f"took {seconds / 60:.1f} min; store {store.path} (bench {bench_id if bench_id is not None else 'none: all stored'}); "
+                  + ", ".join(str(p) for p in written), highlight=False, markup=False)
 
 
 def write_report(records: list[RunRecord], environment: dict[str, Any], folder: Path, *, title: str,
-                 command: str = "") -> list[Path]:
-    """Write ``report.md``, ``pareto.png`` and ``bars.png`` into ``folder``; return their paths."""
+                 command: str = "", owner: dict[str, Any] | None = None) -> list[Path]:
+    """Write ``report.md``, ``pareto.png`` and ``bars.png`` into ``folder``; return their paths.
+
+    ``owner`` (store path, store id, bench id) is recorded in a comment on report.md's last
+    line, so a later bench never takes this folder for its own report."""
     from effinfer.evaluation.plots import bars_plot, pareto_plot
     from effinfer.evaluation.report import markdown_report
 
@@ -198,8 +335,10 @@ def write_report(records: list[RunRecord], environment: dict[str, Any], folder: 
     pareto = pareto_plot(records, folder / "pareto.png", title=title)
     bars = bars_plot(records, folder / "bars.png", title=title)
     report = folder / "report.md"
-    report.write_text(markdown_report(records, environment, title=title, command=command,
-                                      plots=[pareto.name, bars.name]))
+    text = markdown_report(records, environment, title=title, command=command, plots=[pareto.name, bars.name])
+    if owner is not None:
+        text = text.rstrip("\n") + f"\n\n{REPORT_MARKER}{json.dumps(owner)} -->\n"
+    report.write_text(text)
     return [report, pareto, bars]
 
 
@@ -210,12 +349,16 @@ StoreOption = Annotated[Path | None, typer.Option("--store", help="results datab
 
 
 def _open(store: Path | None) -> Any:
-    from effinfer.evaluation.store import ResultsStore, default_store_path
+    """The results database, to read (read-only when it cannot be written); errors name the fix."""
+    from effinfer.evaluation.store import ResultsStore, StoreError, default_store_path
 
     path = store or default_store_path()
     if not Path(path).exists():
         _fail(f"no results database at {path}; run `effinfer bench` first or pass --store")
-    return ResultsStore(path)
+    try:
+        return ResultsStore.for_reading(path)
+    except StoreError as error:
+        _fail(error)
 
 
 @results_app.command("list")
@@ -229,15 +372,17 @@ def results_list(
 
     with _open(store) as db:
         if bench is None:
-            table = Table("bench", "started", "finished", "suite", "model", "runs", "failed", "command")
+            table = Table("bench", "started", "ended", "status", "suite", "model", "runs", "failed", "command")
             for row in db.benches(limit=limit):
-                table.add_row(str(row["id"]), row["started"], row["finished"] or "—", row["suite"], row["model"],
-                              str(row["runs"]), str(row["failed"]), escape(row["command"] or ""))
+                table.add_row(*(Text(str(cell)) for cell in (
+                    row["id"], row["started"], row["finished"] or "—", row.get("status", ""), row["suite"],
+                    row["model"], row["runs"], row["failed"], row["command"] or "")))
         else:
             table = Table("run", "stack", "status", "seconds", "metrics", "started")
             for record in db.bench_runs(bench):
-                table.add_row(str(record.run_id), escape(record.name), record.status, f"{record.seconds:.1f}",
-                              str(len(record.metrics)), record.started)
+                table.add_row(*(Text(str(cell)) for cell in (record.run_id, record.name, record.status,
+                                                              f"{record.seconds:.1f}", len(record.metrics),
+                                                              record.started)))
         console.print(table)
 
 
@@ -296,6 +441,8 @@ def results_export(
     """Export runs and metrics: CSV (one row per metric) or JSON (one object per run)."""
     if fmt not in ("csv", "json"):
         _fail(f"unknown format {fmt!r}; use csv or json")
+    if output is not None and (problem := _output_file_problem(output)):
+        _fail(problem)
     with _open(store) as db:
         records = db.runs(bench_id=bench)
     text = export_csv(records) if fmt == "csv" else export_json(records)
@@ -303,7 +450,13 @@ def results_export(
         sys.stdout.write(text)
     else:
         output.write_text(text)
-        console.print(f"wrote {len(records)} runs to {output}")
+        console.print(f"wrote {len(records)} runs to {output}", markup=False, highlight=False)
+
+
+def _output_file_problem(output: Path) -> str | None:
+    if output.is_dir():
+        return f"--output {output} is a folder; give a file path, e.g. {output / 'runs.csv'}"
+    return writable_problem(output.parent, f"the folder of --output {output}")
 
 
 EXPORT_COLUMNS = ("run_id", "bench_id", "stack", "status", "model", "suite", "started", "metric", "value",
