@@ -174,7 +174,9 @@ def compose_stack(model: nn.Module, tokenizer: Any, stack: Sequence[Technique | 
     else:
         specs = [item if isinstance(item, TechniqueSpec) else TechniqueSpec.model_validate(item) for item in stack]
         techniques = resolve_stack(specs, runtime, registry)
-    problems = layout_problems(techniques, getattr(getattr(model, "config", None), "model_type", None))
+    config = getattr(model, "config", None)
+    problems = layout_problems(techniques, getattr(config, "model_type", None))
+    problems += [f"{t.name}: {problem}" for t in techniques for problem in t.check_model_config(config) or []]
     if problems:
         raise EffinferError("; ".join(problems))
     needs_calibration = any(Requirement.CALIBRATION_DATA in t.requires for t in techniques)

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Protocol, runtime_checkable
 import torch
 from torch import nn
 from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 
 if TYPE_CHECKING:
     from effinfer.core.generation import DecodingStrategy
@@ -154,8 +155,9 @@ class HFRunner:
 
     Tree forwards pass an explicit 4-D attention mask (transformers uses a 4-D mask as
     given); a model with sliding-window layers (Gemma 3) gets one mask per layer type.
-    Without a cache factory the cache keeps every position of every layer (a
-    sliding-window cache would drop the columns a commit moves).
+    The cache keeps every position of every layer: a default ``DynamicCache`` built with
+    sliding-window layers (which would drop the columns a commit moves) is switched to
+    full layers while still empty; a technique's own cache class is used as it is.
     """
 
     def __init__(self, model: nn.Module, cache: Any = None) -> None:
@@ -163,6 +165,9 @@ class HFRunner:
         self.decoder = model.get_decoder()
         self.head = model.get_output_embeddings()
         self.cache = cache if cache is not None else DynamicCache()
+        if type(self.cache) is DynamicCache and self.cache.get_seq_length() == 0 and any(
+                isinstance(layer, DynamicSlidingWindowLayer) for layer in self.cache.layers):
+            self.cache.layers = [DynamicLayer() for _ in self.cache.layers]
         parameter = next(model.parameters())
         self.device, self.dtype = parameter.device, parameter.dtype
         self.window = sliding_window(model)

@@ -95,6 +95,12 @@ class Technique:
         self.config = config
         self.notes: list[str] = []
 
+    def check_model_config(self, config: Any) -> list[str]:
+        """What in this technique's config does not fit a model with this Hugging Face ``config``
+        (one message per problem, each with the fix). Called before the model loads when its
+        config can be read without loading, and again on the loaded model; default: nothing."""
+        return []
+
     def note(self, message: str) -> None:
         """Record what this technique did; the composition reports it per stage."""
         self.notes.append(message)

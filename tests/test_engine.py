@@ -65,6 +65,31 @@ def test_greedy_tokens_equal_hf_generate_on_a_left_padded_batch(tiny):
     assert ours.sequences == run(PlainDecoding(), model, tokenizer, config).sequences
 
 
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gemma3"])
+def test_greedy_and_logits_equal_hf_on_every_layout(family):
+    """Qwen2's biases; Gemma 3's scaled embeddings, q/k norms, four norms per block and sliding-window
+    layers (the window of 8 tokens is crossed by these prompts): the static engine runs them itself."""
+    from effinfer.core.testing import tiny_model
+
+    model, tokenizer = tiny_model(family, layers=3, seed=1)
+    ids, mask = batch(tokenizer)
+    assert (mask == 0).any() and ids.shape[1] > 16
+    config = GenerationConfig(max_new_tokens=16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # no fallback to the HF path
+        ours = run(StaticDecoding(), model, tokenizer, config)
+    with torch.inference_mode():
+        reference = model.generate(ids, attention_mask=mask, max_new_tokens=16, do_sample=False)
+    for row, tokens in enumerate(ours.sequences):
+        assert tokens == reference[row, ids.shape[1]:].tolist()[:len(tokens)]
+    engine = Engine(model)
+    cache = engine.cache_for(ids.shape[0], ids.shape[1] + 4)
+    logits = engine.prefill(cache, ids, mask).logits[:, -1]
+    with torch.inference_mode():
+        expected = model(input_ids=ids, attention_mask=mask).logits[:, -1].float()
+    torch.testing.assert_close(logits, expected, atol=1e-4, rtol=1e-4)
+
+
 def test_seeded_sampling_equals_the_reference_loop(tiny):
     model, tokenizer = tiny
     config = GenerationConfig(max_new_tokens=16, do_sample=True, seed=7, top_k=40, temperature=0.8)

@@ -282,3 +282,31 @@ def test_a_technique_needing_dense_weights_after_a_quantizer_is_refused_before_l
                                               r"stack\) removes; put dense_pruner before rtn"):
         Experiment(model="/nonexistent", techniques=["rtn", "dense_pruner"]).build_stack(built)
     assert [t.name for t in Experiment(techniques=["dense_pruner", "rtn"]).build_stack(built)] == ["dense_pruner", "rtn"]
+
+
+def test_a_technique_is_checked_against_the_model_layout_before_and_after_loading(monkeypatch, tmp_path):
+    from effinfer.core import LLAMA
+    from effinfer.core import runner as runner_module
+    from effinfer.core.compose import compose_stack
+    from effinfer.core.errors import EffinferError, ExperimentError
+    from effinfer.core.experiment import Experiment
+    from effinfer.core.testing import tiny_qwen2
+
+    llama_only = make_technique("llama_only", "model.compression.quantization.qat")
+    llama_only.layouts = frozenset({LLAMA})
+    built = registry_module.build_registry([(plugin_module("only", llama_only), "only")])
+    model, tokenizer = tiny_qwen2()
+    model.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(runner_module, "load_model", no_loading)
+    experiment = Experiment(model=str(tmp_path), techniques=["llama_only"])
+    with pytest.raises(ExperimentError, match=r"llama_only does not support the 'qwen2' model layout \(it supports: "
+                                              r"llama\)"):
+        runner_module.run_experiment(experiment, built)
+    with pytest.raises(EffinferError, match=r"llama_only does not support the 'qwen2' model layout"):
+        compose_stack(model, tokenizer, ["llama_only"], registry=built)
+    assert llama_only.describe()["layouts"] == ["llama"]

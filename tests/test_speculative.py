@@ -337,6 +337,65 @@ def test_invalid_configs_are_refused_with_the_fix():
 
 
 def test_self_speculative_checks_its_layers_against_the_model(tiny):
+    from effinfer.core.compose import compose_stack
+    from effinfer.core.errors import EffinferError
+
     model, tokenizer = tiny
+    [problem] = SelfSpeculative({"skip_layers": [99]}).check_model_config(model.config)
+    assert problem == "skip_layers [99] are out of range for a model with 2 layers; choose skip_layers between 0 and 1, or use skip_ratio"
+    with pytest.raises(EffinferError, match=r"self_speculative: skip_layers \[99\] are out of range"):
+        compose_stack(model, tokenizer, [SelfSpeculative({"skip_layers": [99]})])
     with pytest.raises(ValueError, match=r"skip_layers \[7\] are out of range for a model with 2 layers"):
         SelfSpeculative({"skip_layers": [7]}).effinfer_decoding_strategy(SystemStage(model, tokenizer))
+
+
+# --------------------------------------------------------------------------- other layouts
+
+
+@pytest.mark.parametrize("engine", ["static", "hf"])
+@pytest.mark.parametrize("family", ["qwen2", "gemma3"])
+@pytest.mark.parametrize("name", STRATEGIES)
+def test_every_strategy_is_lossless_on_qwen2_and_gemma3(name, family, engine):
+    """Qwen2 (q/k/v biases) and Gemma 3 (scaled embeddings, q/k norms, four norms per block,
+    sliding-window layers crossed by these prompts) on the static engine and on the HF path."""
+    from effinfer.core.testing import tiny_model
+
+    model, tokenizer = tiny_model(family, layers=3, hidden=32, intermediate=64, seed=4, dtype=torch.float64)
+    ids, mask = encode_prompts(tokenizer, ["abc abc abc abd, abc abc", "hello"], chat_template=True)
+    if family == "gemma3":
+        assert ids.shape[1] > 2 * model.config.sliding_window
+    config = GenerationConfig(max_new_tokens=16)
+    stops = stop_token_ids(tokenizer, model, config)
+    plain = HFEngine().decoding().generate(model, ids, mask, config, stops)
+    chosen = StaticEngine() if engine == "static" else HFEngine()
+    strategy = make_strategy(name, 4, ids[0][mask[0].bool()].tolist(), chosen)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # the static engine must not step aside
+        result = strategy.generate(model, ids, mask, config, stops)
+    assert result.sequences == plain.sequences
+    assert sum(result.drafted_per_step) > 0 or name == "rest"  # rest's random datastore may have no match
+
+
+def test_the_hf_runner_keeps_every_position_of_a_default_sliding_window_cache():
+    """Gemma 3 on the HF path with a recorder's default cache (sliding-window layers): a tree past the
+    window commits correctly."""
+    from transformers import DynamicCache
+
+    from effinfer.core.testing import tiny_model
+
+    model, tokenizer = tiny_model("gemma3", layers=3, hidden=32, intermediate=64, seed=4, dtype=torch.float64)
+    ids, mask = encode_prompts(tokenizer, ["abc abc abc abd, abc abc", "hello"], chat_template=True)
+    config = GenerationConfig(max_new_tokens=16)
+    stops = stop_token_ids(tokenizer, model, config)
+    made = []
+
+    def recorder(m):
+        made.append(DynamicCache(config=m.config))
+        return made[-1]
+
+    strategy = make_strategy("lookahead", 4, [], HFEngine())
+    result = strategy.generate(model, ids, mask, config, stops, cache_factory=recorder)
+    assert result.sequences == HFEngine().decoding().generate(model, ids, mask, config, stops).sequences
+    assert made and made[0].get_seq_length() > model.config.sliding_window

@@ -18,6 +18,7 @@ no weight copied — decoded by its own runner of the same engine, like a draft 
 from __future__ import annotations
 
 import copy
+from typing import Any
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -146,6 +147,15 @@ class SelfSpeculative(Technique):
         confidence_threshold: float = Field(
             0.0, ge=0.0, lt=1.0, description="stop drafting when the draft's probability of its token "
                                              "falls below this")
+
+    def check_model_config(self, config: Any) -> list[str]:
+        layers = getattr(config, "num_hidden_layers", None)
+        try:
+            if layers is not None:
+                draft_layers(layers, self.config.skip_layers, self.config.skip_ratio)
+        except ValueError as error:
+            return [f"{error}; choose skip_layers between 0 and {layers - 1}, or use skip_ratio"]
+        return []
 
     @hookimpl
     def effinfer_decoding_strategy(self, stage: SystemStage) -> SelfSpeculativeDecoding:
