@@ -74,13 +74,6 @@ class TokenTree:
             depth[node] = depth[parent] + 1
         return depth
 
-    def path_to(self, node: int) -> list[int]:
-        """Node indices from the root to ``node``."""
-        path = [node]
-        while self.parents[path[-1]] >= 0:
-            path.append(self.parents[path[-1]])
-        return path[::-1]
-
     def pruned(self, max_depth: int, max_nodes: int | None = None) -> TokenTree:
         """The nodes at depth ≤ ``max_depth`` (and the first ``max_nodes``), renumbered."""
         depth = self.depths()
