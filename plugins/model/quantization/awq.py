@@ -44,13 +44,14 @@ from effinfer.plugins.model.quantization.layers import PackedLayer, build_quanti
 from effinfer.plugins.model.quantization.layerwise import (collect_inputs, decoder_layers, first_layer_inputs,
                                                            linears_of, run_layer)
 from effinfer.plugins.model.quantization.packing import check_group_size, fake_quantize, quantize
-from effinfer.plugins.model.quantization.scaling import block_groups, check_function_kept, fold_scales
+from effinfer.plugins.model.quantization.scaling import (ScaleGroup, block_groups, check_function_kept,
+                                                         fold_scales)
 
 NO_CLIP = ("q_proj", "k_proj")
 
 
 def scale_groups(layer: nn.Module) -> list[ScaleGroup]:
-    """AWQ's groups of this block: attention norm → q,k,v; v → o (without GQA); MLP norm → gate,up; up → down."""
+    """AWQ's groups of a block: attention norm → q,k,v; v → o (without GQA); MLP norm → gate,up; up → down."""
     return block_groups(layer, "awq", value_output=True, down_proj=True)
 
 
