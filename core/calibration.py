@@ -6,7 +6,8 @@ draws ``n_samples`` windows of ``seq_len`` tokens at seeded random offsets of a 
 replacement, as GPTQ (arXiv:2210.17323) and AWQ (arXiv:2306.00978) draw theirs. The
 tokenized corpus and each drawn batch are cached in-process, keyed by a fingerprint of
 the tokenizer, so several techniques (and a bench evaluating many stacks) read the same,
-reproducible tokens and tokenize once. Caches of *activations* belong to the plugins that
+reproducible tokens and tokenize once (one tokenized split per tokenizer, the eight most
+recently drawn batch shapes: bounded whatever the number of stacks). Caches of *activations* belong to the plugins that
 need them (:mod:`effinfer.plugins.model.calibration`).
 """
 
@@ -22,6 +23,7 @@ Batches = Callable[[int, int], torch.Tensor]
 
 _CORPUS_TOKENS: dict[tuple[str, str, str], torch.Tensor] = {}
 _BATCHES: dict[tuple[Any, ...], torch.Tensor] = {}
+_MAX_CACHED_BATCHES = 8
 
 
 def tokenizer_key(tokenizer: Any) -> str:
@@ -60,10 +62,19 @@ def calibration_source(tokenizer: Any, seed: int, corpus: str = "wikipedia") -> 
     def batches(n_samples: int, seq_len: int) -> torch.Tensor:
         key = (tokenizer_key(tokenizer), corpus, seed, n_samples, seq_len)
         if key not in _BATCHES:
+            if len(_BATCHES) >= _MAX_CACHED_BATCHES:
+                _BATCHES.pop(next(iter(_BATCHES)))  # oldest first: a long bench keeps a bounded few
             _BATCHES[key] = sample_windows(corpus_tokens(tokenizer, corpus), n_samples, seq_len, seed)
         return _BATCHES[key].clone()
 
     return batches
+
+
+def clear_caches() -> None:
+    """Forget the tokenized corpora and drawn batches (the evaluator calls this between stacks:
+    tokenizing again costs seconds, keeping them costs memory for the whole bench)."""
+    _CORPUS_TOKENS.clear()
+    _BATCHES.clear()
 
 
 def text_source(tokenizer: Any, text: str, seed: int = 0) -> Batches:

@@ -1,4 +1,4 @@
-"""The :class:`Evaluator`: one bench, one baseline measured once, any number of technique stacks.
+"""The :class:`Evaluator`: one bench, one baseline, any number of technique stacks, speed side by side.
 
 For every stack it loads a fresh copy of the model (a reload from the cached safetensors,
 or a deep copy of a given model object), applies the stack with
@@ -7,13 +7,21 @@ consumed), gives calibration batches to techniques that declare
 ``Requirement.CALIBRATION_DATA``, runs the phases of :mod:`effinfer.evaluation.phases`
 and stores the record. An exception inside a stack marks that run ``failed`` with the
 error and the sweep goes on. A stack whose measurement is already stored is skipped
-unless ``redo``.
+unless ``redo`` (or, with ``redo_drifted``, unless its record is flagged ``speed.drift``).
+
+Speed is compared side by side: the baseline's model stays alive for the whole bench (one
+extra copy of the uncompressed model) and each stack's speed cells and prompt set run in
+rounds alternating with it, so every ratio comes from adjacent measurements
+(:mod:`effinfer.evaluation.phases`). Memory is bounded: after each stack the static engine's
+per-model buffers are dropped, its model copy's tensors emptied, the garbage collector
+runs and glibc returns freed heap pages to the system (``malloc_trim``); the RSS after
+that release is recorded per stack (``memory.rss_after_release_bytes``) and the bench's
+peak RSS in the environment (``bench_memory``).
 """
 
 from __future__ import annotations
 
 import copy
-import gc
 import hashlib
 import json
 import shutil
@@ -34,16 +42,34 @@ from effinfer.core.technique import Technique
 from effinfer.data import corpus_text
 from effinfer.evaluation.environment import collect_environment, machine_identity
 from effinfer.evaluation.metrics.lm_eval_bridge import prepare_tasks
-from effinfer.evaluation.metrics.memory import CacheRecorder
+from effinfer.evaluation.metrics.memory import CacheRecorder, hollow_module, peak_rss_bytes, release_memory
 from effinfer.evaluation.metrics.roofline import Bandwidth, measure_bandwidth
 from effinfer.evaluation.metrics.timing import Clock, default_clock
-from effinfer.evaluation.phases import PHASES, Reference, StackRun
+from effinfer.evaluation.phases import PHASES, BaselinePeer, Reference, StackRun
 from effinfer.evaluation.records import RunRecord, StackSpec
 from effinfer.evaluation.store import ResultsStore, now
 from effinfer.evaluation.suites import Suite, get_suite
 
 StackLike = Sequence[str | TechniqueSpec | dict[str, Any]] | Experiment | None
 BASELINE = "baseline"
+#: bumped when the measurement protocol changes the numbers (2: speed side by side with the baseline)
+PROTOCOL = 2
+
+
+def forget_engines(keep: Any = None) -> None:
+    """Drop the static engine's per-model compute engines (compiled steps, static KV buffers) of
+    every model but ``keep``: its registry is a WeakKeyDictionary whose values hold their model,
+    so without this each stack's model copy and buffers stay alive until the process ends."""
+    try:
+        from effinfer.plugins.system.engine import static
+    except ImportError:  # the engine plugin is not installed
+        return
+    engines = getattr(static, "_ENGINES", None)
+    if engines is None:
+        return
+    for model in list(engines.keys()):
+        if model is not keep:
+            engines.pop(model, None)
 
 
 def stack_spec(stack: StackLike, name: str | None = None) -> StackSpec:
@@ -89,19 +115,26 @@ class BenchResult:
 
 
 class Evaluator:
-    """Scores technique stacks next to a baseline measured once, in the same process.
+    """Scores technique stacks next to a baseline, in the same process, speed side by side.
 
     ``model`` is a model source string or a ``(model, tokenizer)`` pair (deep-copied per
     stack). ``store`` is a :class:`ResultsStore`, a database path, ``None``/``True`` for the
     default database, or ``False`` to store nothing. ``progress`` is an optional
     :class:`rich.progress.Progress`; ``clock`` a monotonic clock (tests inject fakes).
+    ``drift_tolerance`` overrides the suite's ``speed.drift_tolerance`` (relative change of
+    the baseline measured next to a stack that flags the stack's speed as drifted).
     """
 
     def __init__(self, model: str | tuple[Any, Any] = DEFAULT_MODEL, *, suite: str | Path | Suite = "quick",
                  store: ResultsStore | str | Path | bool | None = None, runtime: Runtime | None = None,
                  registry: Registry | None = None, progress: Any = None, command: str = "",
-                 model_name: str | None = None, clock: Clock | None = None) -> None:
+                 model_name: str | None = None, clock: Clock | None = None,
+                 drift_tolerance: float | None = None) -> None:
         self.suite = get_suite(suite)
+        if drift_tolerance is not None and not drift_tolerance > 0:
+            raise ValueError(f"drift_tolerance must be > 0 (a fraction such as 0.1 for 10%), got {drift_tolerance}")
+        self.drift_tolerance = drift_tolerance if drift_tolerance is not None else (
+            self.suite.speed.drift_tolerance if self.suite.speed is not None else 0.10)
         self.runtime = runtime or Runtime()
         self.registry = registry or get_registry()
         self.progress = progress
@@ -122,6 +155,9 @@ class Evaluator:
         self._tasks_dir: Path | None = None
         self._bandwidth: Bandwidth | None = None
         self._tokenizer: Any = None
+        #: the baseline's composed model, kept for side-by-side speed (released by :meth:`close`)
+        self._peer: BaselinePeer | None = None
+        self._peak_rss = 0
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -132,7 +168,11 @@ class Evaluator:
         self.close()
 
     def close(self) -> None:
-        """Finish the bench, remove temporary task files, close an owned store."""
+        """Finish the bench, release the baseline's model, remove temporary task files, close an owned store."""
+        if self._peer is not None:
+            self._peer.close()
+            self._peer = None
+            release_memory()
         if self.store is not None and self.bench_id is not None:
             self.store.finish_bench(self.bench_id)
             self.bench_id = None
@@ -148,7 +188,8 @@ class Evaluator:
     def key(self, spec: StackSpec) -> str:
         """Identity of a measurement: model, suite, stack, runtime and machine (not the time or git sha)."""
         payload = {"model": self.model_name, "suite": self.suite.fingerprint(), "stack": spec.techniques,
-                   "runtime": self.runtime.model_dump(mode="json"), "machine": machine_identity()}
+                   "runtime": self.runtime.model_dump(mode="json"), "machine": machine_identity(),
+                   "protocol": PROTOCOL}
         return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:24]
 
     def stored(self, spec: StackSpec) -> RunRecord | None:
@@ -176,10 +217,14 @@ class Evaluator:
         baseline = self.baseline()
         return self._measure(spec, baseline)
 
-    def sweep(self, stacks: Sequence[StackLike], *, redo: bool = False) -> BenchResult:
-        """Evaluate every stack against one baseline; failures are recorded and the sweep goes on."""
+    def sweep(self, stacks: Sequence[StackLike], *, redo: bool = False, redo_drifted: bool = False) -> BenchResult:
+        """Evaluate every stack against one baseline; failures are recorded and the sweep goes on.
+
+        ``redo`` re-measures every stack; ``redo_drifted`` only the stored ones whose record is
+        flagged ``speed.drift`` (the baseline timed next to them moved beyond the tolerance).
+        """
         specs = [stack_spec(s) for s in stacks]
-        plan = [(spec, None if redo else self.stored(spec)) for spec in specs]
+        plan = [(spec, None if redo else self._reusable(self.stored(spec), redo_drifted)) for spec in specs]
         pending = [spec for spec, found in plan if found is None]
         overall = self._progress_task("bench", total=len(plan) + (1 if pending else 0))
         runs: list[RunRecord] = []
@@ -199,6 +244,13 @@ class Evaluator:
             baseline = next((r for r in runs if r.is_baseline), None)
         return BenchResult(self.bench_id, baseline, runs, self.environment)
 
+    @staticmethod
+    def _reusable(found: RunRecord | None, redo_drifted: bool) -> RunRecord | None:
+        """A stored record, unless ``redo_drifted`` and its speed was flagged as drifted."""
+        if found is not None and redo_drifted and found.value("speed.drift"):
+            return None
+        return found
+
     # ------------------------------------------------------------------ one stack
 
     def _measure(self, spec: StackSpec, baseline: RunRecord | None = None) -> RunRecord:
@@ -216,8 +268,8 @@ class Evaluator:
             record.error = f"{type(error).__name__}: {error}\n\n" + "".join(traceback.format_exception(error))[-4000:]
         finally:
             record.seconds = self.clock() - started
-            record.environment = self.environment  # now with the measured bandwidth
-            gc.collect()
+            self._note_memory(record)
+            record.environment = self.environment  # now with the measured bandwidth and bench memory
         self._finish_task(task, record)
         if self.store is not None:
             self.store.save_run(record)
@@ -245,13 +297,51 @@ class Evaluator:
                            tasks_dir=self.tasks_dir, bandwidth=self.bandwidth, clock=self.clock,
                            cache_factory=own_factory, recorder=recorder,
                            advance=lambda phase: self._describe(task, f"{record.name}: {phase}"))
-            for phase in PHASES:
-                phase_started = self.clock()
-                phase(run)
-                record.add(f"evaluator.{phase.__name__.removesuffix('_phase')}_s", self.clock() - phase_started,
-                           unit="s")
+            run.peer, run.drift_tolerance = self._peer, self.drift_tolerance
+            try:
+                for phase in PHASES:
+                    self._observe_peak()  # the peak-memory phase resets the high-water mark
+                    phase_started = self.clock()
+                    phase(run)
+                    record.add(f"evaluator.{phase.__name__.removesuffix('_phase')}_s",
+                               self.clock() - phase_started, unit="s")
+                self._observe_peak()
+                if record.is_baseline and self._peer is None and self._side_by_side():
+                    self._peer = BaselinePeer(run.composed, record, run.recorder)
+            finally:
+                self._release_stack(run)
         finally:
             composed.restore()
+
+    def _release_stack(self, run: StackRun) -> None:
+        """Drop what a finished stack leaves in process-wide caches; empty its model's tensors.
+
+        The model copy is this stack's alone (``_fresh_model``), so emptying it is safe; the
+        baseline kept as the side-by-side peer is left whole.
+        """
+        keep = self._peer.composed.model if self._peer is not None else None
+        forget_engines(keep)
+        model = run.composed.model
+        if model is not keep and not (not isinstance(self._source, str) and model is self._source[0]):
+            hollow_module(model)
+
+    def _side_by_side(self) -> bool:
+        """Whether later stacks time their speed next to the baseline (the suite measures speed)."""
+        return self.suite.speed is not None or self.suite.generation is not None
+
+    def _observe_peak(self) -> None:
+        self._peak_rss = max(self._peak_rss, peak_rss_bytes())
+
+    def _note_memory(self, record: RunRecord) -> None:
+        """Release what the stack left, record the RSS after that and the bench's peak so far."""
+        self._observe_peak()
+        rss = release_memory()
+        bench = self.environment.setdefault("bench_memory", {"rss_after_release_bytes": {}})
+        bench["peak_rss_bytes"] = self._peak_rss
+        if rss is not None:
+            record.add("memory.rss_after_release_bytes", rss, unit="B", higher_is_better=False,
+                       params={"when": "after the stack's model, composition and caches were released"})
+            bench["rss_after_release_bytes"][record.name] = rss
 
     def _engine_options(self) -> dict[str, Any]:
         """The runtime's decode-engine settings, for cores whose ComposedModel takes them."""

@@ -6,6 +6,13 @@ model-level technique and no system-level hook other than a decoding strategy le
 model's next-token distributions untouched, so its perplexity (and, without a data-level
 technique, its task accuracy) is copied from the baseline and flagged ``inherited``.
 
+Speed is measured side by side: a stack's speed cells run in rounds alternating with the
+bench's baseline model (kept alive by the evaluator as a :class:`BaselinePeer`), and every
+``*_ratio`` is the median of per-round ratios of adjacent measurements, with their spread;
+``speed.drift`` is 1 when the baseline measured next to the stack moved more than the
+tolerance (``SpeedSpec.drift_tolerance``) from the bench's first baseline measurement or
+during the rounds (its ``params["reasons"]`` say where), 0 otherwise.
+
 Metric names (``<corpus>``, ``<task>``, ``<cell>`` = ``p<prompt tokens>_b<batch>``, ``<category>``)::
 
     setup.load_s  setup.apply_s
@@ -15,7 +22,12 @@ Metric names (``<corpus>``, ``<task>``, ``<cell>`` = ``p<prompt tokens>_b<batch>
     fidelity.greedy_prefix_tokens  fidelity.greedy_identical
     speed.<cell>.ttft_s  speed.<cell>.prefill_s  speed.<cell>.decode_tok_s  speed.<cell>.latency_s
     speed.<cell>.tokens_per_s  speed.<cell>.prompt_tokens
+    speed.<cell>.decode_ratio  speed.<cell>.ttft_ratio  speed.<cell>.latency_ratio      (stacks only)
+    speed.<cell>.baseline_decode_tok_s  speed.<cell>.baseline_ttft_s                    (stacks only)
+    speed.drift                                                                         (stacks only)
+    machine.load_before  machine.load_after
     generation.decode_tok_s  generation.latency_s  generation.<category>.decode_tok_s  generation.new_tokens
+    generation.decode_ratio  generation.baseline_decode_tok_s                          (stacks only)
     speculative.mean_accepted  speculative.acceptance_rate  speculative.tokens_per_step
     memory.weight_bytes  memory.kv_cache_bytes  memory.kv_bytes_per_token  memory.peak_rss_bytes
     memory.cuda_peak_bytes
@@ -45,7 +57,8 @@ from effinfer.evaluation.metrics.lm_eval_bridge import lm_eval_scores, prepare_t
 from effinfer.evaluation.metrics.perplexity import perplexity, plan_windows
 from effinfer.evaluation.metrics.roofline import roofline
 from effinfer.evaluation.metrics.speculative import SpeculativeStats
-from effinfer.evaluation.metrics.timing import Clock, Summary, time_runs
+from effinfer.evaluation.metrics.timing import (Clock, Summary, Timed, drift, interleaved_runs, load_average,
+                                                paired_ratios, time_runs)
 from effinfer.evaluation.records import RunRecord
 from effinfer.evaluation.suites import Suite
 
@@ -82,6 +95,26 @@ class StackKind:
 
 
 @dataclass
+class BaselinePeer:
+    """The bench's baseline model, kept alive so each stack's speed is timed next to it."""
+
+    composed: ComposedModel
+    record: RunRecord  # its own (first) measurement: the reference for drift
+    recorder: memory.CacheRecorder | None = None
+
+    def generate(self, requests: list[Request], config: GenerationConfig) -> tuple[list[Any], GenerationResult]:
+        try:
+            return self.composed.generate(requests, config)
+        finally:
+            if self.recorder is not None:
+                self.recorder.reset()  # the peer's caches must not pile up in its recorder
+
+    def close(self) -> None:
+        self.composed.restore()
+        self.recorder = None
+
+
+@dataclass
 class StackRun:
     """Everything the phases of one stack share."""
 
@@ -98,6 +131,13 @@ class StackRun:
     recorder: memory.CacheRecorder | None = None
     advance: Callable[[str], None] = lambda phase: None
     state: dict[str, Any] = field(default_factory=dict)
+    #: the baseline timed next to this stack (``None``: the baseline itself, or no peer kept)
+    peer: BaselinePeer | None = None
+    drift_tolerance: float = 0.10
+
+    @property
+    def side_by_side(self) -> bool:
+        return self.peer is not None and not self.baseline
 
     @property
     def baseline(self) -> bool:
@@ -221,6 +261,7 @@ def speed_phase(run: StackRun) -> None:
     spec = run.suite.speed
     if spec is None:
         return
+    _note_load(run, "machine.load_before")
     ids = run.corpus_ids("wikipedia", max(spec.prompt_lengths) * max(spec.batch_sizes))
     config = GenerationConfig(max_new_tokens=spec.new_tokens, chat_template=False)
     for length in spec.prompt_lengths:
@@ -233,27 +274,79 @@ def speed_phase(run: StackRun) -> None:
                     run.recorder.reset()
                 return run.composed.generate(requests, config)
 
-            timed = time_runs(call, spec.warmup, spec.repeats, clock=run.clock)
-            _record_cell(run, f"p{length}_b{batch}", timed)
+            cell = f"p{length}_b{batch}"
+            if run.side_by_side:
+                peer = run.peer
+                base_timed, timed = interleaved_runs(lambda: peer.generate(requests, config), call, spec.warmup,
+                                                     spec.repeats, clock=run.clock)
+                _record_ratios(run, cell, base_timed, timed)
+            else:
+                timed = time_runs(call, spec.warmup, spec.repeats, clock=run.clock)
+            _record_cell(run, cell, timed)
             if batch == 1 and length == max(spec.prompt_lengths) and run.recorder is not None:
                 _record_kv(run, timed[-1].value[0], batch)
 
 
-def _record_cell(run: StackRun, cell: str, timed: list[Any]) -> None:
+def _samples(timed: list[Timed[Any]]) -> dict[str, list[float]]:
+    """Per-run samples of one speed cell (``nan`` where a run has no decode step)."""
     results = [t.value[1] for t in timed]
     e2e = [t.seconds for t in timed]
-    ttft = [t.seconds - r.decode_seconds for t, r in zip(timed, results)]
-    decode = [(r.new_tokens - len(r.sequences)) / r.decode_seconds for r in results if r.decode_seconds > 0]
-    rates = [r.new_tokens / s for r, s in zip(results, e2e)]
+    return {
+        "latency_s": e2e,
+        "ttft_s": [t.seconds - r.decode_seconds for t, r in zip(timed, results)],
+        "prefill_s": [r.prefill_seconds for r in results],
+        "decode_tok_s": [(r.new_tokens - len(r.sequences)) / r.decode_seconds if r.decode_seconds > 0
+                         else math.nan for r in results],
+        "tokens_per_s": [r.new_tokens / s if s > 0 else math.nan for r, s in zip(results, e2e)],
+    }
+
+
+def _record_cell(run: StackRun, cell: str, timed: list[Any]) -> None:
+    results = [t.value[1] for t in timed]
+    samples = _samples(timed)
     prompt_tokens = sum(c.prompt_tokens for c in timed[-1].value[0]) / len(timed[-1].value[0])
     params = {"prompt_tokens": prompt_tokens, "new_tokens": results[-1].new_tokens}
-    for name, samples, unit, better in (("ttft_s", ttft, "s", False), ("latency_s", e2e, "s", False),
-                                        ("prefill_s", [r.prefill_seconds for r in results], "s", False),
-                                        ("decode_tok_s", decode, "tok/s", True),
-                                        ("tokens_per_s", rates, "tok/s", True)):
-        if samples:
-            _add_summary(run.record, f"speed.{cell}.{name}", samples, unit, better, params)
+    if run.side_by_side:
+        params["rounds"] = "alternating with the baseline"
+    for name, unit, better in (("ttft_s", "s", False), ("latency_s", "s", False), ("prefill_s", "s", False),
+                               ("decode_tok_s", "tok/s", True), ("tokens_per_s", "tok/s", True)):
+        if finite := [v for v in samples[name] if math.isfinite(v)]:
+            _add_summary(run.record, f"speed.{cell}.{name}", finite, unit, better, params)
     run.record.add(f"speed.{cell}.prompt_tokens", prompt_tokens, unit="tokens")
+
+
+#: per-cell ratios recorded for a stack: (sample, metric suffix, higher is better)
+RATIOS = (("decode_tok_s", "decode_ratio", True), ("ttft_s", "ttft_ratio", False),
+          ("latency_s", "latency_ratio", False))
+
+
+def _record_ratios(run: StackRun, cell: str, base_timed: list[Timed[Any]], timed: list[Timed[Any]]) -> None:
+    """Ratios of adjacent rounds (stack ÷ baseline), the baseline's own numbers, its drift."""
+    base, mine = _samples(base_timed), _samples(timed)
+    params = {"pairs": len(timed), "order": "A B, B A, … (adjacent rounds, order alternating)"}
+    for sample, suffix, better in RATIOS:
+        try:
+            summary = paired_ratios(mine[sample], base[sample])
+        except ValueError:  # no finite pair (e.g. no decode step)
+            continue
+        run.record.add(f"speed.{cell}.{suffix}", summary.median, low=summary.low, high=summary.high, n=summary.n,
+                       unit="×", higher_is_better=better, params=params | {"spread": summary.spread})
+    for sample, unit, better in (("decode_tok_s", "tok/s", True), ("ttft_s", "s", False)):
+        if finite := [v for v in base[sample] if math.isfinite(v)]:
+            _add_summary(run.record, f"speed.{cell}.baseline_{sample}", finite, unit, better,
+                         {"measured": "next to this stack"})
+    decode = [v for v in base["decode_tok_s"] if math.isfinite(v)]
+    reason = drift(decode, run.peer.record.value(f"speed.{cell}.decode_tok_s"), run.drift_tolerance)
+    if reason is not None:
+        run.state.setdefault("drift", {})[f"speed {cell}"] = reason
+
+
+def _note_load(run: StackRun, name: str) -> None:
+    if name == "machine.load_before" and name in run.record.metrics:
+        return
+    load = load_average()
+    if load is not None:
+        run.record.add(name, load, params={"source": "os.getloadavg, 1 minute"})
 
 
 def _add_summary(record: RunRecord, name: str, samples: list[float], unit: str, better: bool | None,
@@ -288,12 +381,19 @@ def generation_phase(run: StackRun) -> None:
     results: list[GenerationResult] = []
     latencies: list[float] = []
     per_category: dict[str, list[GenerationResult]] = {}
-    for prompt in prompts:
+    base_results: list[GenerationResult] = []
+    _note_load(run, "machine.load_before")
+    for index, prompt in enumerate(prompts):
         run.advance(f"generation ({prompt.category})")
         config = GenerationConfig(max_new_tokens=min(prompt.max_new_tokens, spec.max_new_tokens))
+        request = Request(messages=[dict(m) for m in prompt.messages])
+        if run.side_by_side and index % 2 == 1:  # the baseline next to the stack, order alternating
+            base_results.append(run.peer.generate([request], config)[1])
         started = run.clock()
-        completions, result = run.composed.generate([Request(messages=[dict(m) for m in prompt.messages])], config)
+        completions, result = run.composed.generate([request], config)
         latencies.append(run.clock() - started)
+        if run.side_by_side and index % 2 == 0:
+            base_results.append(run.peer.generate([request], config)[1])
         outputs.append(completions[0].tokens)
         results.append(result)
         per_category.setdefault(prompt.category, []).append(result)
@@ -303,9 +403,39 @@ def generation_phase(run: StackRun) -> None:
         run.record.add(f"generation.{category}.decode_tok_s", _decode_rate(category_results), unit="tok/s",
                        higher_is_better=True, n=len(category_results))
     _add_summary(run.record, "generation.latency_s", latencies, "s", False, {})
+    if base_results:
+        _record_generation_ratio(run, results, base_results)
     run.record.add("generation.new_tokens", sum(len(o) for o in outputs), unit="tokens")
     _record_speculative(run, results)
     _record_greedy_match(run, outputs)
+
+
+def _record_generation_ratio(run: StackRun, results: list[GenerationResult],
+                             base_results: list[GenerationResult]) -> None:
+    """Decode speed on the prompt set ÷ the baseline's on the same prompt, run right next to it."""
+    base_rate = _decode_rate(base_results)
+    run.record.add("generation.baseline_decode_tok_s", base_rate, unit="tok/s", higher_is_better=True,
+                   n=len(base_results), params={"measured": "next to this stack, prompt by prompt"})
+    try:
+        summary = paired_ratios([_decode_rate([r]) for r in results], [_decode_rate([r]) for r in base_results])
+    except ValueError:
+        return
+    run.record.add("generation.decode_ratio", summary.median, low=summary.low, high=summary.high, n=summary.n,
+                   unit="×", higher_is_better=True,
+                   params={"spread": summary.spread, "pairs": "one per prompt, order alternating"})
+    reason = drift([base_rate], run.peer.record.value("generation.decode_tok_s"), run.drift_tolerance)
+    if reason is not None:
+        run.state.setdefault("drift", {})["generation"] = reason
+
+
+def drift_phase(run: StackRun) -> None:
+    """``speed.drift`` (1: a baseline measured next to this stack moved beyond the tolerance) and the load after."""
+    if run.side_by_side and (run.suite.speed is not None or run.suite.generation is not None):
+        reasons = run.state.get("drift", {})
+        run.record.add("speed.drift", float(bool(reasons)),
+                       params={"tolerance": run.drift_tolerance, "reasons": reasons})
+    if "machine.load_before" in run.record.metrics:
+        _note_load(run, "machine.load_after")
 
 
 def _decode_rate(results: list[GenerationResult]) -> float:
@@ -395,5 +525,5 @@ def _finite(value: float | None) -> float | None:
 
 PHASES: tuple[Callable[[StackRun], None], ...] = (
     weights_phase, perplexity_phase, tasks_phase, start_peak_tracking, speed_phase, generation_phase,
-    peak_memory_phase, roofline_phase,
+    drift_phase, peak_memory_phase, roofline_phase,
 )

@@ -2,7 +2,11 @@
 
 One list of :class:`Column` definitions feeds both renderers, so the terminal table and the
 markdown report always show the same numbers. A value copied from the baseline (the stack
-cannot change it) is shown as ``= base``.
+cannot change it) is shown as ``= base``. Speed ratios come from the measurements taken side
+by side with the baseline (``*_ratio`` metrics: median of per-round ratios, with their spread);
+a stack whose adjacent baseline drifted is marked ``⚠`` with a footnote saying how to
+re-measure it. Records stored before side-by-side timing fall back to dividing by the
+bench's baseline.
 """
 
 from __future__ import annotations
@@ -43,6 +47,8 @@ class Column:
     #: "diff" (value − base), "ratio" (value ÷ base), "pct" (relative change) or None
     compare: str | None = None
     spread: bool = False
+    #: the metric holding this column's ratio measured side by side with the baseline
+    paired: Callable[[RunRecord], str | None] | None = None
 
 
 def _fixed(digits: int) -> Callable[[float], str]:
@@ -59,10 +65,12 @@ COLUMNS: tuple[Column, ...] = (
     Column("KL", _named("fidelity.kl_mean"), lambda v: f"{v:.4f}"),
     Column("top-1", _named("fidelity.top1_agreement"), _fixed(3)),
     Column("greedy =", _named("fidelity.greedy_identical"), _fixed(2)),
-    Column("TTFT s", lambda r: f"speed.{c}.ttft_s" if (c := primary_cell(r)) else None, _fixed(3), "ratio"),
+    Column("TTFT s", lambda r: f"speed.{c}.ttft_s" if (c := primary_cell(r)) else None, _fixed(3), "ratio",
+           paired=lambda r: f"speed.{c}.ttft_ratio" if (c := primary_cell(r)) else None),
     Column("decode tok/s", lambda r: f"speed.{c}.decode_tok_s" if (c := primary_cell(r)) else None,
-           _fixed(1), "ratio", True),
-    Column("prompts tok/s", _named("generation.decode_tok_s"), _fixed(1), "ratio"),
+           _fixed(1), "ratio", True, paired=lambda r: f"speed.{c}.decode_ratio" if (c := primary_cell(r)) else None),
+    Column("prompts tok/s", _named("generation.decode_tok_s"), _fixed(1), "ratio",
+           paired=_named("generation.decode_ratio")),
     Column("acc/step", _named("speculative.mean_accepted"), _fixed(2)),
     Column("weights MiB", _named("memory.weight_bytes"), lambda v: f"{v / MIB:.0f}", "ratio"),
     Column("KV KiB/tok", _named("memory.kv_bytes_per_token"), lambda v: f"{v / 1024:.1f}"),
@@ -81,10 +89,44 @@ def cell(column: Column, record: RunRecord, baseline: RunRecord | None) -> str:
     text = column.fmt(metric.value)
     if column.spread and (spread := _spread(metric, column.fmt)):
         text += f" {spread}"
+    paired = record.metrics.get(column.paired(record) or "") if column.paired is not None else None
     base = baseline.metrics.get(name) if baseline is not None and baseline is not record else None
-    if column.compare and base is not None and not record.is_baseline:
+    if paired is not None and not record.is_baseline:
+        text += f" ({paired_ratio(paired)})"
+    elif column.compare and base is not None and not record.is_baseline:
         text += f" ({compare(metric.value, base.value, column.compare)})"
     return text
+
+
+def paired_ratio(metric: Metric) -> str:
+    """``×0.92 [0.87–0.97]``: a side-by-side ratio with the spread of its per-round ratios."""
+    text = f"×{metric.value:.2f}"
+    if metric.low is not None and metric.high is not None and metric.n and metric.n > 1:
+        text += f" [{metric.low:.2f}–{metric.high:.2f}]"
+    return text
+
+
+def drifted(record: RunRecord) -> bool:
+    """The baseline timed next to this stack moved beyond the tolerance (``speed.drift``)."""
+    return bool(record.value("speed.drift"))
+
+
+DRIFT_MARK = "⚠"
+
+
+def drift_footnote(records: Sequence[RunRecord]) -> str | None:
+    """What ⚠ means and how to re-measure, when some row is marked."""
+    marked = [r for r in records if drifted(r)]
+    if not marked:
+        return None
+    tolerance = marked[0].metrics["speed.drift"].params.get("tolerance")
+    limit = f" by more than {tolerance:.0%}" if isinstance(tolerance, (int, float)) else ""
+    return (f"{DRIFT_MARK} drifted ({len(marked)} of {len(records)} rows, see the status column): the baseline timed "
+            "next to the stack moved"
+            f"{limit} from the bench's first baseline measurement or during the stack's rounds (machine load "
+            "changed); the ratios still come from adjacent measurements, but re-measure these rows on a quiet "
+            "machine: `effinfer bench --redo-drifted` with the same stacks "
+            "(Python: `effinfer.evaluation.bench(stacks, redo_drifted=True)`).")
 
 
 def _spread(metric: Metric, fmt: Callable[[float], str]) -> str:
@@ -122,6 +164,8 @@ def status_text(record: RunRecord) -> str:
     claimed = record.metrics.get("fidelity.greedy_identical")
     if claimed is not None and claimed.params.get("lossless_claimed"):
         parts.append("lossless ✓" if claimed.value == 1.0 else "LOSSLESS ✗")
+    if drifted(record):
+        parts.append(f"{DRIFT_MARK} drifted")
     return ", ".join(parts)
 
 
@@ -142,7 +186,9 @@ def headers() -> list[str]:
 
 def rich_table(records: Sequence[RunRecord], title: str = "", keep_order: bool = False) -> Table:
     """The comparison table for the terminal."""
-    table = Table(*headers(), title=title or None, show_lines=False, header_style="bold")
+    footnote = drift_footnote(records)
+    table = Table(*headers(), title=title or None, show_lines=False, header_style="bold",
+                  caption=escape(footnote) if footnote else None)
     for values in rows(records, keep_order):
         style = "red" if values[-1].startswith("FAILED") else ("bold" if values[0] == "baseline" else None)
         table.add_row(*map(escape, values), style=style)  # stack names may hold [brackets]
@@ -152,6 +198,8 @@ def rich_table(records: Sequence[RunRecord], title: str = "", keep_order: bool =
 def markdown_table(records: Sequence[RunRecord]) -> str:
     lines = ["| " + " | ".join(headers()) + " |", "|" + "---|" * len(headers())]
     lines += ["| " + " | ".join(v.replace("|", "\\|") for v in values) + " |" for values in rows(records)]
+    if footnote := drift_footnote(records):
+        lines += ["", footnote]
     return "\n".join(lines)
 
 
@@ -166,6 +214,12 @@ def environment_lines(environment: dict[str, Any]) -> list[str]:
         "- versions: " + ", ".join(f"{k} {v}" for k, v in packages.items()),
         f"- git: {git.get('sha', 'unknown')[:12]}{' (uncommitted changes)' if git.get('dirty') else ''}",
     ]
+    bench_memory = environment.get("bench_memory") or {}
+    if bench_memory.get("peak_rss_bytes"):
+        after = [v for v in bench_memory.get("rss_after_release_bytes", {}).values() if v]
+        lines.append(f"- bench peak RSS: {bench_memory['peak_rss_bytes'] / MIB:.0f} MiB"
+                     + (f"; RSS after each stack's release: {min(after) / MIB:.0f}–{max(after) / MIB:.0f} MiB "
+                        f"over {len(after)} runs" if after else ""))
     if bandwidth:
         lines.append(f"- measured memory bandwidth: read {bandwidth['read_bytes_per_s'] / 1e9:.1f} GB/s, "
                      f"copy {bandwidth['copy_bytes_per_s'] / 1e9:.1f} GB/s "
@@ -182,6 +236,9 @@ def details(record: RunRecord) -> list[str]:
     if record.error:
         lines += ["", "```", record.error.strip()[:2000], "```"]
     lines += [f"- {note}" for note in record.notes[:20]]
+    if drifted(record):
+        reasons = record.metrics["speed.drift"].params.get("reasons") or {}
+        lines += [f"- {DRIFT_MARK} speed drifted: " + "; ".join(f"{where}: {why}" for where, why in reasons.items())]
     lines += ["", "| metric | value | uncertainty | n | note |", "|---|---|---|---|---|"]
     for name, metric in sorted(record.metrics.items()):
         note = "copied from baseline" if metric.inherited else metric.params.get("scorer", "")
@@ -202,8 +259,12 @@ def markdown_report(records: Sequence[RunRecord], environment: dict[str, Any], *
         "BIG-bench accuracy (± standard error; Δ vs baseline); mean KL divergence of next-token "
         "distributions to the baseline (nats); top-1 agreement; fraction of greedy outputs identical to the "
         "baseline's; time to first token and decode tokens/s (median [IQR or min–max] of timed runs, "
-        "warm-up excluded; ×ratio vs baseline) at batch 1, longest prompt of the speed grid; decode tokens/s "
-        "on the prompt set; accepted draft tokens per verification step; weight bytes as stored; KV-cache "
+        "warm-up excluded) at batch 1, longest prompt of the speed grid; decode tokens/s "
+        "on the prompt set. Speed ratios (×) are measured side by side: the stack's runs alternate with "
+        "the baseline's (A B, B A, …) and the ratio is the median of per-round ratios of adjacent runs, "
+        "[min–max or IQR] over rounds (prompts, for the prompt set); the baseline row shows its first "
+        "measurement, each stack's details its adjacent baseline (`baseline_*` metrics) and the 1-minute "
+        "load average before/after (`machine.load_*`). Accepted draft tokens per verification step; weight bytes as stored; KV-cache "
         "bytes per token slot (of the allocated capacity, for a pre-allocated cache); measured decode speed "
         "as a fraction of the memory roofline. `= base`: the stack "
         "cannot change this number, copied from the baseline.", "",

@@ -80,7 +80,12 @@ class SpeedSpec(BaseModel):
     batch_sizes: list[int] = Field(default_factory=lambda: [1])
     new_tokens: int = Field(32, ge=2, le=4096, description="tokens generated per timed run")
     warmup: int = Field(1, ge=0, le=20, description="untimed runs before the timed ones")
-    repeats: int = Field(3, ge=1, le=100, description="timed runs per grid cell")
+    repeats: int = Field(3, ge=1, le=100, description="timed runs per grid cell (for a stack: rounds, each "
+                                                        "timing the baseline and the stack side by side)")
+    drift_tolerance: float = Field(0.10, gt=0, le=10,
+                                   description="relative change of the baseline measured next to a stack (vs the "
+                                               "bench's first baseline measurement, or within the rounds) above "
+                                               "which the stack's speed ratios are flagged as drifted")
 
 
 class MemorySpec(BaseModel):
@@ -135,6 +140,8 @@ class Suite(BaseModel):
     def fingerprint(self) -> str:
         """A short hash of everything that changes the numbers (the name excluded)."""
         payload = self.model_dump(mode="json", exclude={"name", "description"})
+        if payload.get("speed"):
+            payload["speed"].pop("drift_tolerance")  # decides a flag, not a number
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 

@@ -110,6 +110,35 @@ def test_sweep_records_failures_goes_on_and_skips_stored_runs(tmp_path, registry
         assert len(store.runs(status="failed")) == 2
 
 
+def test_speed_is_measured_side_by_side_and_drift_is_flagged_and_redone(tmp_path, registry, tiny_model):
+    db = tmp_path / "r.db"
+    with Evaluator(tiny_model, suite=SUITE, store=db, registry=registry, model_name="tiny",
+                   drift_tolerance=1e-9) as ev:  # any change of the baseline counts as drift
+        first = ev.sweep([["rtn"]])
+    base, rtn = first.baseline, first.runs[0]
+    cell = "speed.p32_b1"
+    assert f"{cell}.decode_ratio" not in base.metrics and "speed.drift" not in base.metrics
+    ratio = rtn.metrics[f"{cell}.decode_ratio"]
+    assert ratio.n == SUITE.speed.repeats and ratio.low <= ratio.value <= ratio.high and ratio.unit == "×"
+    adjacent = rtn.metrics[f"{cell}.baseline_decode_tok_s"]
+    assert adjacent.n == SUITE.speed.repeats and adjacent.params["measured"] == "next to this stack"
+    assert {f"{cell}.ttft_ratio", f"{cell}.latency_ratio", "generation.decode_ratio",
+            "generation.baseline_decode_tok_s", "machine.load_before", "machine.load_after"} <= set(rtn.metrics)
+    assert rtn.value("speed.drift") == 1.0 and rtn.metrics["speed.drift"].params["reasons"]
+    table = {row[0]: row for row in rows(first.records)}
+    assert "⚠ drifted" in table["rtn"][-1] and f"(×{ratio.value:.2f} [" in " ".join(table["rtn"])
+    report = markdown_report(first.records, first.environment, title="drift")
+    assert "--redo-drifted" in report and "bench peak RSS" in report and "speed drifted" in report
+
+    with Evaluator(tiny_model, suite=SUITE, store=db, registry=registry, model_name="tiny",
+                   drift_tolerance=10) as ev:
+        kept = ev.sweep([["rtn"]])
+        redone = ev.sweep([["rtn"]], redo_drifted=True)
+    assert kept.runs[0].from_store and kept.runs[0].run_id == rtn.run_id  # stored, even though drifted
+    assert not redone.runs[0].from_store and redone.runs[0].value("speed.drift") == 0.0
+    assert "⚠" not in rows(redone.records)[1][-1]
+
+
 def test_metrics_of_each_kind_of_stack(registry, tiny_model):
     with Evaluator(tiny_model, suite=SUITE, store=False, registry=registry) as ev:
         base = ev.baseline()

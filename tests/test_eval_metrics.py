@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import math
+import statistics
 import time
 
 import pytest
@@ -19,7 +20,8 @@ from effinfer.evaluation.metrics.fidelity import (FidelityAccumulator, GreedyMat
                                                   common_prefix)
 from effinfer.evaluation.metrics.perplexity import perplexity, plan_windows
 from effinfer.evaluation.metrics.speculative import SpeculativeStats
-from effinfer.evaluation.metrics.timing import Summary, default_clock, time_runs, torch_threads
+from effinfer.evaluation.metrics.timing import (Summary, default_clock, drift, interleaved_runs, paired_ratios,
+                                                time_runs, torch_threads)
 from effinfer.evaluation.plots import pareto_front
 
 
@@ -218,6 +220,48 @@ def test_timing_rejects_a_clock_that_goes_backwards():
         time_runs(work, warmup=0, repeats=1, clock=clock)
 
 
+def test_interleaved_runs_alternate_the_order_and_pair_adjacent_rounds():
+    clock = FakeClock()
+    calls: list[str] = []
+
+    def runner(name: str, seconds: float):
+        def run() -> str:
+            calls.append(name)
+            clock.now += seconds
+            return name
+        return run
+
+    base, cand = interleaved_runs(runner("A", 2.0), runner("B", 1.0), warmup=1, rounds=4, clock=clock)
+    assert calls == ["A", "B", "A", "B", "B", "A", "A", "B", "B", "A"]  # warm-up, then AB BA AB BA
+    assert [r.seconds for r in base] == [2.0] * 4 and [r.seconds for r in cand] == [1.0] * 4
+    with pytest.raises(ValueError, match="rounds"):
+        interleaved_runs(runner("A", 1), runner("B", 1), warmup=0, rounds=0, clock=clock)
+
+
+def test_paired_ratios_cancel_a_drift_that_hits_both_sides():
+    # the machine slows down 3x over the rounds; the candidate is always 2x the baseline's speed
+    baseline = [100.0, 70.0, 50.0, 33.0]
+    candidate = [2 * b for b in baseline]
+    summary = paired_ratios(candidate, baseline)
+    assert summary.median == pytest.approx(2.0) and summary.low == pytest.approx(2.0) and summary.n == 4
+    # dividing by the first baseline measurement alone would have said 1.2x
+    assert statistics.median(candidate) / baseline[0] == pytest.approx(1.2)
+    assert paired_ratios([1.0, math.nan, 3.0], [1.0, 1.0, 0.0]).n == 1  # unusable pairs are dropped
+    with pytest.raises(ValueError, match="equal lengths"):
+        paired_ratios([1.0], [1.0, 2.0])
+
+
+@pytest.mark.parametrize("samples,reference,flagged", [
+    ([100, 101, 99, 100], 100, None),        # steady
+    ([100, 101, 99, 100], 80, "bench's start"),  # moved away from the first baseline measurement
+    ([100, 100, 70, 70], 85, "during the rounds"),  # load changed while the stack was measured
+    ([100], None, None),
+])
+def test_drift_flags_a_baseline_that_moved(samples, reference, flagged):
+    reason = drift([float(s) for s in samples], reference, tolerance=0.10)
+    assert (reason is None) if flagged is None else (flagged in reason)
+
+
 def test_default_clock_is_monotonic_perf_counter():
     assert default_clock() is time.perf_counter
     assert time.get_clock_info("perf_counter").monotonic
@@ -258,6 +302,16 @@ def test_peak_rss_resets_and_sees_a_large_allocation():
     block = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched
     assert memory.peak_rss_bytes() >= before + 48 * 2**20
     del block
+
+
+def test_hollow_module_releases_the_weights_and_trim_reports():
+    model, _ = tiny_llama(layers=2, hidden=64)
+    held = memory.weight_bytes(model)
+    assert memory.hollow_module(model) == held and memory.weight_bytes(model) == 0
+    assert all(p.numel() == 0 for p in model.parameters())
+    assert isinstance(memory.trim_heap(), bool)
+    rss = memory.release_memory()
+    assert rss is None or rss > 0
 
 
 # --------------------------------------------------------------------------- speculative stats, pareto

@@ -7,12 +7,20 @@
 - **peak RSS**: Linux's ``VmHWM`` from ``/proc/self/status``, reset before a phase by writing
   ``5`` to ``/proc/self/clear_refs``; elsewhere ``resource.getrusage`` (a process-lifetime
   peak, flagged as not resettable);
-- **CUDA peak**: ``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats``.
+- **CUDA peak**: ``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats``;
+- **current RSS** (``VmRSS``) after :func:`release_memory`: garbage collection, then glibc's
+  ``malloc_trim(0)``, which hands the free pages of the heap arenas back to the kernel (without
+  it a process that frees a model copy keeps most of its pages resident: freed chunks stay in
+  the allocator's arenas, fragmented by the small objects allocated between them).
 """
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import gc
 from collections.abc import Callable, Iterable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -21,8 +29,72 @@ from torch import nn
 from effinfer.core.generation import new_cache
 from effinfer.core.memory import cuda_peak_bytes, peak_rss_bytes, reset_cuda_peak, reset_peak_rss
 
-__all__ = ["CacheRecorder", "cache_tensors", "cuda_peak_bytes", "peak_rss_bytes", "reset_cuda_peak",
-           "reset_peak_rss", "unique_tensor_bytes", "weight_bytes"]
+__all__ = ["CacheRecorder", "cache_tensors", "cuda_peak_bytes", "peak_rss_bytes", "release_memory",
+           "hollow_module", "reset_cuda_peak", "reset_peak_rss", "rss_bytes", "trim_heap", "unique_tensor_bytes",
+           "weight_bytes"]
+
+_STATUS = Path("/proc/self/status")
+
+
+def rss_bytes() -> int | None:
+    """The process's current resident set size (``VmRSS``), ``None`` where ``/proc`` is missing."""
+    try:
+        for line in _STATUS.read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def _libc() -> Any:
+    name = ctypes.util.find_library("c")
+    try:
+        return ctypes.CDLL(name) if name else None
+    except OSError:  # pragma: no cover - no C library to load
+        return None
+
+
+_LIBC = _libc()
+
+
+def trim_heap() -> bool:
+    """Return free heap pages to the kernel (glibc ``malloc_trim(0)``); ``False`` where unavailable."""
+    trim = getattr(_LIBC, "malloc_trim", None)
+    if trim is None:
+        return False
+    trim.argtypes = [ctypes.c_size_t]
+    return bool(trim(0))
+
+
+def hollow_module(model: nn.Module) -> int:
+    """Swap every parameter's and buffer's data of a finished model for an empty tensor.
+
+    A model is done with when its stack is measured, but a cache somewhere (a compiled step,
+    an engine registry, a closure) may still hold the module object; emptied, what such a
+    reference keeps alive is a few Python objects instead of the weights. Returns the bytes
+    released (unique storages).
+    """
+    released = weight_bytes(model)
+    with torch.no_grad():
+        for module in model.modules():
+            for name, param in module._parameters.items():
+                if param is not None:
+                    param.data = torch.empty(0, dtype=param.dtype, device=param.device)
+            for name, buffer in list(module._buffers.items()):
+                if buffer is not None:
+                    module._buffers[name] = torch.empty(0, dtype=buffer.dtype, device=buffer.device)
+    return released
+
+
+def release_memory() -> int | None:
+    """Collect garbage (cycles hold models: modules reference their parents through hooks),
+    free CUDA's cached blocks, trim the C heap; return the RSS afterwards."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    trim_heap()
+    return rss_bytes()
 
 
 def unique_tensor_bytes(tensors: Iterable[torch.Tensor]) -> int:
