@@ -8,7 +8,7 @@
     record.value("perplexity.wikipedia.token"), record.baseline.value("perplexity.wikipedia.token")
     record.value("fidelity.kl_mean"), record.ratio("speed.p128_b1.decode_tok_s")
 
-    # several stacks against one baseline (measured once, reused):
+    # several stacks against one baseline (kept alive: each stack's speed is timed next to it):
     from effinfer.evaluation import Evaluator
     with Evaluator(model="smollm2-135m-instruct", suite="quick") as ev:
         for stack in (["rtn"], ["prompt_lookup"], ["selective_context", "rtn", "prompt_lookup"]):
@@ -83,13 +83,18 @@ def bench(
     runtime: Runtime | None = None,
     progress: Any = None,
     command: str = "",
+    redo_drifted: bool = False,
+    drift_tolerance: float | None = None,
 ) -> BenchResult:
-    """Evaluate several stacks against one baseline (measured once); failures do not stop the sweep.
+    """Evaluate several stacks against one baseline; failures do not stop the sweep.
 
-    Returns a :class:`BenchResult` with ``.baseline`` and ``.runs`` (one record per stack, in
-    order; stored ones are marked ``from_store``). ``progress`` is an optional
-    :class:`rich.progress.Progress`.
+    Each stack's speed is timed side by side with the baseline (alternating rounds; ratios of
+    adjacent measurements). Returns a :class:`BenchResult` with ``.baseline`` and ``.runs``
+    (one record per stack, in order; stored ones are marked ``from_store``). ``redo``
+    re-measures every stack; ``redo_drifted`` only stored stacks flagged ``speed.drift`` (the
+    baseline timed next to them moved more than ``drift_tolerance``, default the suite's
+    ``speed.drift_tolerance``, 10%). ``progress`` is an optional :class:`rich.progress.Progress`.
     """
     with Evaluator(model=model, suite=suite, store=store, runtime=runtime, progress=progress,
-                   command=command) as evaluator:
-        return evaluator.sweep(stacks, redo=redo)
+                   command=command, drift_tolerance=drift_tolerance) as evaluator:
+        return evaluator.sweep(stacks, redo=redo, redo_drifted=redo_drifted)
