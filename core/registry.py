@@ -178,26 +178,27 @@ class Registry:
 
     def _register_alias(self, alias: str, loader: Callable[..., Any], description: str,
                         distribution: str, plugin: str, layout: str | None = None) -> None:
-        if alias in self.model_aliases:
-            first = self.model_aliases[alias]
-            error = ValueError(f"model alias {alias!r} is already registered (distribution {first.distribution}); "
-                               "give yours another name")
-            self._broken(plugin, distribution, error, with_traceback=False)
-        else:
+        if self._free(self.model_aliases, "model alias", alias, loader, plugin, distribution):
             self.model_aliases[alias] = ModelAlias(alias, loader, description, distribution, layout)
 
     def _register_engine(self, name: str, factory: Callable[..., Any], description: str, plugin: str,
                          distribution: str) -> None:
-        if not isinstance(name, str) or not name or not callable(factory):
-            error = TypeError(f"register(name, factory) needs a non-empty name and a callable, got {name!r}")
-            self._broken(plugin, distribution, error, with_traceback=False)
-        elif name in self.engines:
-            first = self.engines[name]
-            error = ValueError(f"engine name {name!r} is already registered (distribution {first.distribution}); "
-                               "give yours another name")
-            self._broken(plugin, distribution, error, with_traceback=False)
-        else:
+        if self._free(self.engines, "engine name", name, factory, plugin, distribution):
             self.engines[name] = EngineEntry(name, factory, description, distribution)
+
+    def _free(self, table: dict[str, Any], kind: str, name: Any, function: Any, plugin: str,
+              distribution: str) -> bool:
+        """Whether ``name`` may be registered in ``table``; if not, the plugin is reported broken."""
+        if not isinstance(name, str) or not name or not callable(function):
+            error: Exception = TypeError(f"register({kind.split()[0]}, ...) needs a non-empty name and a callable, "
+                                         f"got {name!r}")
+        elif name in table:
+            error = ValueError(f"{kind} {name!r} is already registered (distribution {table[name].distribution}); "
+                               "give yours another name")
+        else:
+            return True
+        self._broken(plugin, distribution, error, with_traceback=False)
+        return False
 
     def _broken(self, plugin: str, distribution: str, error: BaseException,
                 with_traceback: bool = True, technique: str | None = None) -> None:

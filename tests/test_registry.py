@@ -310,3 +310,17 @@ def test_a_technique_is_checked_against_the_model_layout_before_and_after_loadin
     with pytest.raises(EffinferError, match=r"llama_only does not support the 'qwen2' model layout"):
         compose_stack(model, tokenizer, ["llama_only"], registry=built)
     assert llama_only.describe()["layouts"] == ["llama"]
+
+
+def test_a_model_alias_already_taken_is_refused():
+    def loader(dtype, device):
+        raise AssertionError("not loaded here")
+
+    first, second = types.ModuleType("first_source"), types.ModuleType("second_source")
+    first.effinfer_register_model_sources = hookimpl(lambda register: register("tiny-one", loader, layout="llama"))
+    second.effinfer_register_model_sources = hookimpl(lambda register: register("tiny-one", loader))
+    built = registry_module.build_registry([(first, "first_source"), (second, "second_source")])
+    assert built.model_aliases["tiny-one"].layout == "llama"
+    [broken] = [b for b in built.broken if b.plugin == "second_source"]
+    assert "model alias 'tiny-one' is already registered (distribution <in-process>); give yours another name" \
+        in broken.error
