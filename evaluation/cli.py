@@ -158,6 +158,8 @@ def bench_command(
         _fail(ExperimentError(format_validation_errors(error, Runtime, prefix="runtime: ")))
     except (EffinferError, ValueError) as error:
         _fail(error)
+    except OSError as error:  # a suite file that cannot be read
+        _fail(f"cannot read {error.filename or suite}: {error.strerror or error}")
     if out is not None and (problem := out_problem(out)):
         _fail(problem)
     if out is None and (problem := writable_problem(REPORTS_DIR, "the reports folder")):
@@ -297,12 +299,21 @@ def report_folder(store: Any, bench_id: int | None, out: Path | None) -> Path:
     if out is not None:
         return out
     if bench_id is None:  # every stack came from the store: a new report of stored runs
-        return REPORTS_DIR / f"stored-{store.store_id}-{time.strftime('%Y%m%d-%H%M%S')}"
+        return _unused(REPORTS_DIR / f"stored-{store.store_id}-{time.strftime('%Y%m%d-%H%M%S')}")
     for folder in (REPORTS_DIR / f"bench-{bench_id}", REPORTS_DIR / f"bench-{bench_id}-{store.store_id}"):
         owner = _report_owner(folder)
         if not folder.exists() or (owner.get("store_id") == store.store_id and owner.get("bench_id") == bench_id):
             return folder
-    return REPORTS_DIR / f"bench-{bench_id}-{store.store_id}-{time.strftime('%Y%m%d-%H%M%S')}"
+    return _unused(REPORTS_DIR / f"bench-{bench_id}-{store.store_id}")
+
+
+def _unused(folder: Path) -> Path:
+    """``folder``, or ``folder-2``, ``folder-3`` … whichever does not exist yet."""
+    candidate, number = folder, 1
+    while candidate.exists():
+        number += 1
+        candidate = folder.with_name(f"{folder.name}-{number}")
+    return candidate
 
 
 def _print_and_write(result: Any, store: Any, out: Path | None, suite: str, model: str, command: str,

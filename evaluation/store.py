@@ -116,8 +116,12 @@ class ResultsStore:
 
     def _connect(self) -> sqlite3.Connection:
         if self.read_only and self.path != ":memory:":
-            db = sqlite3.connect(f"{Path(self.path).resolve().as_uri()}?mode=ro", uri=True, timeout=30.0,
-                                 isolation_level=None)
+            uri = f"{Path(self.path).resolve().as_uri()}?mode=ro"
+            try:
+                db = sqlite3.connect(uri, uri=True, timeout=30.0, isolation_level=None)
+                db.execute("SELECT 1 FROM meta LIMIT 1")
+            except sqlite3.OperationalError:  # a WAL database in a folder we cannot write: read it as it is
+                db = sqlite3.connect(uri + "&immutable=1", uri=True, timeout=30.0, isolation_level=None)
         else:
             db = sqlite3.connect(self.path, timeout=30.0, isolation_level=None)  # explicit transactions
         db.row_factory = sqlite3.Row
@@ -200,6 +204,8 @@ class ResultsStore:
                     db.execute("INSERT INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
             elif int(row["value"]) < SCHEMA_VERSION:
                 self._upgrade(int(row["value"]))
+            if self.path != ":memory:":
+                self.store_id  # noqa: B018 — given once, while the database is writable
         if self.schema_version > SCHEMA_VERSION:
             raise StoreError(
                 f"{self.path} has schema version {self.schema_version}, newer than this effinfer understands "

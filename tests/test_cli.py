@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 from typer.testing import CliRunner
@@ -103,3 +104,65 @@ def test_missing_model_path_is_explained(tmp_path):
     result = invoke("generate", "hi", "--model", str(tmp_path / "missing.gguf"))
     assert result.exit_code == 2
     assert "does not exist" in result.stderr
+
+
+def _tiny_suite(tmp_path):
+    from effinfer.evaluation.suites import get_suite
+
+    suite = tmp_path / "tiny-suite.yaml"
+    suite.write_text(json.dumps(get_suite("tiny").model_dump(mode="json", exclude={"name"})
+                                | {"tasks": None, "generation": None, "roofline": None, "fidelity": None}))
+    return suite
+
+
+def test_benches_on_two_stores_in_one_folder_keep_both_reports(tmp_path, tiny_model_dir, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    suite = _tiny_suite(tmp_path)
+    folders = []
+    for store, *again in (("a.db",), ("b.db",), ("a.db", "--redo"), ("a.db",)):
+        result = invoke("bench", "--baseline-only", "--model", str(tiny_model_dir), "--suite", str(suite),
+                        "--store", store, "--threads", "1", *again)
+        assert result.exit_code == 0, result.output
+        folders.append(re.search(r"results/([^/\s]+)/report\.md", result.output).group(1))
+    reports = sorted(p.parent.name for p in (tmp_path / "results").glob("*/report.md"))
+    assert len(set(folders)) == 4 and sorted(folders) == reports
+    # bench 1 of a, bench 1 of b, bench 2 of a, then a report of a's stored runs (no new bench)
+    assert folders[0] == "bench-1" and folders[1].startswith("bench-1-") and folders[2] == "bench-2"
+    assert folders[3].startswith("stored-")
+    owner = (tmp_path / "results" / folders[1] / "report.md").read_text().rstrip().splitlines()[-1]
+    assert owner.startswith("<!-- effinfer-report ") and '"bench_id": 1' in owner and "b.db" in owner
+
+
+def test_without_a_terminal_long_commands_log_one_line_per_step(tmp_path, tiny_model_dir, monkeypatch):
+    """CliRunner's output is not a terminal, as in CI logs, nohup and pipes."""
+    monkeypatch.chdir(tmp_path)
+    generated = invoke("generate", "hello", "--model", str(tiny_model_dir), "--max-new-tokens", "2")
+    assert generated.exit_code == 0, generated.output
+    stamp = r"\d\d:\d\d:\d\d "
+    assert re.search(stamp + rf"model {re.escape(str(tiny_model_dir))} loaded \(\d+\.\d s\)", generated.output)
+    assert re.search(stamp + r"no technique applied and 1 prompt\(s\) generated \(\d+\.\d s\)", generated.output)
+    benched = invoke("bench", "-t", "rtn:bits=8", "--model", str(tiny_model_dir), "--suite",
+                     str(_tiny_suite(tmp_path)), "--store", "r.db", "--threads", "1")
+    assert benched.exit_code == 0, benched.output
+    for step in (r"baseline loaded and set up \(", r"rtn:bits=8: perplexity \(wikipedia\) done \(",
+                 r"rtn:bits=8: ok \(\d+ s\) \(total ", r"bench 3/3 \("):
+        assert re.search(stamp + step, benched.output), (step, benched.output)
+
+
+def test_bench_refuses_every_bad_stack_before_measuring(tmp_path, tiny_model_dir, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    result = invoke("bench", "-t", "rtn:bits=5", "-t", "prompt_lookup", "-c", "selective_context+rtm",
+                    "--model", str(tiny_model_dir), "--store", "r.db")
+    assert result.exit_code == 2
+    said = " ".join(result.stderr.split())
+    assert "the experiment is not valid (2 problem(s))" in said
+    assert "rtn:bits=5: techniques[0] (rtn): bits" in said and "did you mean: rtn" in said
+    assert not (tmp_path / "r.db").exists() and not (tmp_path / "results").exists()
+    ran = invoke("run", str(_yaml(tmp_path, f"model: {tiny_model_dir}\ntechniques: [rtn:bits=5]\n")))
+    assert "techniques[0] (rtn): bits" in ran.stderr  # the message `effinfer run` gives
+
+
+def _yaml(tmp_path, text):
+    path = tmp_path / "exp.yaml"
+    path.write_text(text)
+    return path

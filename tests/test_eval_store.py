@@ -123,3 +123,141 @@ def test_terminal_table_keeps_brackets_in_stack_names():
     console = Console(width=300, record=True)
     console.print(rich_table([record]))
     assert "draft_model:techniques=[rtn:bits=4]" in console.export_text()
+
+
+# ---------------------------------------------------------------- bench state (issue 11 item 7)
+
+
+def test_a_bench_closed_while_an_exception_propagates_is_interrupted(tmp_path):
+    with ResultsStore(tmp_path / "r.db") as store:
+        done = store.start_bench("tiny", "tiny")
+        store.finish_bench(done)
+        broken = store.start_bench("tiny", "tiny")
+        with pytest.raises(KeyboardInterrupt):
+            try:
+                raise KeyboardInterrupt
+            finally:
+                store.finish_bench(broken)  # what the evaluator's close() does on the way out
+        try:  # an exception being handled when the bench opened is no sign of interruption
+            raise ValueError("handled before the bench")
+        except ValueError:
+            inside = store.start_bench("tiny", "tiny")
+            store.finish_bench(inside)
+        assert {b["id"]: b["status"] for b in store.benches()} == {done: "finished", broken: "interrupted",
+                                                                   inside: "finished"}
+
+
+def test_a_bench_left_open_is_interrupted_when_its_store_closes(tmp_path):
+    store = ResultsStore(tmp_path / "r.db")
+    bench = store.start_bench("tiny", "tiny")
+    store.close()
+    with ResultsStore(tmp_path / "r.db") as again:
+        assert again.bench_status(bench) == "interrupted"
+
+
+def test_a_running_bench_whose_process_died_is_settled_as_interrupted(tmp_path):
+    """kill -9 leaves the row 'running'; the next reader sees its pid is gone."""
+    import subprocess
+    import sys
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    pid = int(dead.stdout)
+    with ResultsStore(tmp_path / "r.db") as store:
+        bench = store.start_bench("tiny", "tiny")
+        record = a_record()
+        record.bench_id = bench
+        store.save_run(record)
+    raw = sqlite3.connect(tmp_path / "r.db")  # what a killed process leaves behind
+    raw.execute("UPDATE benches SET status = 'running', finished = NULL, pid = ? WHERE id = ?", (pid, bench))
+    live = raw.execute("INSERT INTO benches (started, suite, model, status, pid, host) "
+                       "SELECT started, suite, model, 'running', ?, host FROM benches WHERE id = ?",
+                       (__import__("os").getpid(), bench)).lastrowid
+    raw.commit()
+    raw.close()
+    with ResultsStore(tmp_path / "r.db") as store:
+        statuses = {b["id"]: (b["status"], b["runs"]) for b in store.benches()}
+        assert statuses == {bench: ("interrupted", 1), live: ("running", 0)}  # this process is alive
+        assert store.find_ok(record.key) is not None  # what it measured is kept, so a rerun resumes
+
+
+def test_version_1_databases_are_upgraded(tmp_path):
+    path = tmp_path / "old.db"
+    raw = sqlite3.connect(path)
+    raw.executescript("""
+        CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+        INSERT INTO meta VALUES ('schema_version', '1');
+        CREATE TABLE benches (id INTEGER PRIMARY KEY AUTOINCREMENT, started TEXT NOT NULL, finished TEXT,
+            suite TEXT NOT NULL, model TEXT NOT NULL, command TEXT NOT NULL DEFAULT '',
+            environment TEXT NOT NULL DEFAULT '{}');
+        INSERT INTO benches (started, finished, suite, model) VALUES ('2026-01-01', '2026-01-01', 'q', 'm');
+        INSERT INTO benches (started, finished, suite, model) VALUES ('2026-01-02', NULL, 'q', 'm');
+    """)
+    raw.commit()
+    raw.close()
+    with ResultsStore(path) as store:
+        assert store.schema_version == SCHEMA_VERSION == 2
+        assert [b["status"] for b in store.benches()] == ["interrupted", "finished"]
+
+
+def test_each_store_has_its_own_id(tmp_path):
+    with ResultsStore(tmp_path / "a.db") as a, ResultsStore(tmp_path / "b.db") as b:
+        first, second = a.store_id, b.store_id
+    assert first != second and len(first) == 12
+    with ResultsStore(tmp_path / "a.db", read_only=True) as again:
+        assert again.store_id == first
+
+
+@pytest.mark.parametrize("content", [b"not a database at all", b"\x00" * 64])
+def test_a_file_that_is_not_a_database_is_refused_and_kept(tmp_path, content):
+    path = tmp_path / "r.db"
+    path.write_bytes(content)
+    with pytest.raises(StoreError, match="not an effinfer results database"):
+        ResultsStore(path)
+    assert path.read_bytes() == content
+
+
+def test_an_interrupted_sweep_is_recorded_and_resumed(tmp_path, tiny):
+    """Ctrl-C in the middle of a sweep: the bench is interrupted, what was measured is kept, and the
+    same sweep run again measures only the rest."""
+    import types
+
+    from effinfer.core import Technique, hookimpl
+    from effinfer.core.registry import build_registry
+    from effinfer.evaluation import Evaluator, get_suite
+
+    class CtrlC(Technique):
+        """Presses Ctrl-C while its stack is being set up."""
+
+        name = "ctrl_c"
+        node = "model.compression.quantization.ptq.weight_only"
+        armed = True
+
+        @hookimpl
+        def effinfer_transform_model(self, stage):
+            if CtrlC.armed:
+                raise KeyboardInterrupt
+
+    @hookimpl
+    def effinfer_register_techniques(register):
+        register(CtrlC)
+
+    plugin = types.SimpleNamespace(effinfer_register_techniques=effinfer_register_techniques)
+    registry = build_registry(extra_plugins=[(plugin, "ctrl-c")])
+    suite = get_suite("tiny").model_copy(update={"tasks": None, "generation": None, "roofline": None,
+                                                 "speed": None, "fidelity": None})
+    stacks = [[], ["rtn:bits=8"], ["ctrl_c"], ["rtn:bits=4"]]
+    db = tmp_path / "r.db"
+    with pytest.raises(KeyboardInterrupt), Evaluator(tiny, suite=suite, store=db, registry=registry,
+                                                     model_name="tiny") as ev:
+        ev.sweep(stacks)
+    with ResultsStore(db) as store:
+        [first] = store.benches()
+        assert first["status"] == "interrupted" and first["runs"] == 2  # baseline and rtn:bits=8
+    CtrlC.armed = False
+    with Evaluator(tiny, suite=suite, store=db, registry=registry, model_name="tiny") as ev:
+        again = ev.sweep(stacks)
+    assert [r.name for r in again.runs if r.from_store] == ["rtn:bits=8"] or \
+        [r.name for r in again.runs if r.from_store] == ["baseline", "rtn:bits=8"]
+    assert [r.status for r in again.runs] == ["ok"] * 4
+    with ResultsStore(db) as store:
+        assert [b["status"] for b in store.benches()] == ["finished", "interrupted"]
