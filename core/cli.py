@@ -49,7 +49,7 @@ def taxonomy(
         if as_json:
             print(json.dumps(data, indent=2))
             return
-        table = Table("category", "maps to (2404.14294 nodes)", "techniques", title=chosen.title)
+        table = Table("category", "maps to (2404.14294 nodes)", "techniques", title=escape(chosen.title))
         for category in chosen.categories:
             names = sorted({e.technique.name for node in category.maps_to for e in registry.at_node(node)})
             table.add_row(Text(category.title), Text("\n".join(category.maps_to)), Text(", ".join(names) or "—"))

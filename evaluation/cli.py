@@ -8,7 +8,6 @@ This module is an ordinary plugin of the ``effinfer`` entry-point group
 from __future__ import annotations
 
 import csv
-import inspect
 import io
 import json
 import shlex
@@ -223,13 +222,8 @@ def _run_bench(stacks: list[list[TechniqueSpec]], suite: Any, model: str, store:
                progress: Any, command: str, *, redo: bool, redo_drifted: bool) -> Any:
     from effinfer.evaluation.api import bench
 
-    options: dict[str, Any] = {}
-    if redo_drifted:
-        if "redo_drifted" not in inspect.signature(bench).parameters:
-            _fail("--redo-drifted needs an evaluator that flags drifted speed measurements; this one does not")
-        options["redo_drifted"] = True
-    return bench([[], *stacks], suite=suite, model=model, store=store, redo=redo, runtime=runtime,
-                 progress=progress, command=command, **options)
+    return bench([[], *stacks], suite=suite, model=model, store=store, redo=redo, redo_drifted=redo_drifted,
+                 runtime=runtime, progress=progress, command=command)
 
 
 def _interrupted(store: Any) -> None:

@@ -166,3 +166,20 @@ def _yaml(tmp_path, text):
     path = tmp_path / "exp.yaml"
     path.write_text(text)
     return path
+
+
+def test_bench_redo_drifted_reaches_the_evaluator(tmp_path, tiny_model_dir, monkeypatch):
+    from effinfer.evaluation import api
+
+    seen = {}
+
+    def fake_bench(stacks, **options):
+        seen.update(options, stacks=stacks)
+        raise KeyboardInterrupt  # stop there: what it was given is what matters
+
+    monkeypatch.setattr(api, "bench", fake_bench)
+    monkeypatch.chdir(tmp_path)
+    result = invoke("bench", "-t", "rtn:bits=8", "--redo-drifted", "--model", str(tiny_model_dir),
+                    "--suite", str(_tiny_suite(tmp_path)), "--store", "r.db")
+    assert result.exit_code == 130 and "interrupted before any run was stored" in " ".join(result.stderr.split())
+    assert seen["redo_drifted"] is True and seen["redo"] is False and len(seen["stacks"]) == 2
