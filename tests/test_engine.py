@@ -412,3 +412,19 @@ def test_every_speculative_strategy_runs_on_a_third_party_engine(name, monkeypat
     plain = Experiment(prompts=prompts, runtime=Runtime(engine="hf"), generation=experiment.generation)
     assert [c.tokens for c in result.completions] == \
         [c.tokens for c in run_experiment(plain, registry, model, tokenizer).completions]
+
+
+def test_the_engine_table_does_not_keep_models_alive():
+    """Engines are cached per model in a WeakKeyDictionary: an engine must not hold its model strongly."""
+    import gc
+
+    from effinfer.core.testing import tiny_llama
+    from effinfer.plugins.system.engine import static
+
+    model, tokenizer = tiny_llama(layers=1)
+    run(StaticDecoding(), model, tokenizer, GenerationConfig(max_new_tokens=2))
+    assert model in static._ENGINES
+    before = len(static._ENGINES)
+    del model
+    gc.collect()
+    assert len(static._ENGINES) == before - 1

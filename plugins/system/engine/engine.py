@@ -13,6 +13,7 @@ path is a few functions over pre-allocated tensors. Three operations:
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Sequence
 from functools import partial
 
@@ -39,7 +40,9 @@ class Engine:
     """A Llama, Qwen2 or Gemma 3 model decoded over a static KV cache (see the module docstring)."""
 
     def __init__(self, model: nn.Module, compile: bool = False, compile_mode: str | None = None) -> None:
-        self.model = model
+        # a weak reference: the process-wide engine table is keyed weakly by the model, so an
+        # engine must not keep its model (and the model's static buffers) alive
+        self._model = weakref.ref(model)
         self.layout = DecoderLayout.of(model)
         parameter = next(model.parameters())
         self.dtype, self.device = parameter.dtype, parameter.device
@@ -48,6 +51,13 @@ class Engine:
         self._steps: dict[tuple[int, ...] | None, CompiledStep] = {}
         self._tree_steps: dict[tuple[int, ...] | None, CompiledStep] = {}
         self._caches: dict[str, StaticKVCache] = {}
+
+    @property
+    def model(self) -> nn.Module:
+        model = self._model()
+        if model is None:
+            raise RuntimeError("the model of this engine has been freed")
+        return model
 
     # ------------------------------------------------------------------ cache
 
