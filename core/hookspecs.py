@@ -17,7 +17,8 @@ techniques of its stack, configured, and pluggy calls them stage by stage:
 
 1. model level — :func:`effinfer_transform_model`, in stack order;
 2. system level — :func:`effinfer_configure_system`, then exactly one
-   :func:`effinfer_decoding_strategy` (the core's decode loop when no technique offers one);
+   :func:`effinfer_decoding_strategy` (the runtime engine's plain decoding when no technique
+   offers one);
 3. data level — :func:`effinfer_transform_request`, once per request, in stack order.
 """
 
@@ -105,9 +106,12 @@ class StageSpecs:
 
     @hookspec(firstresult=True)
     def effinfer_decoding_strategy(self, stage: SystemStage) -> DecodingStrategy | None:
-        """System level: return the decoding strategy that replaces the core decode loop.
+        """System level: return the decoding strategy that replaces the engine's plain decoding.
 
-        At most one technique of a stack may implement it (checked before loading).
+        At most one technique of a stack may implement it (checked before loading). Build the
+        strategy on ``stage.engine`` (the engine the runtime chose) so that it runs on whatever
+        engine the user picked; the public API for strategies is
+        ``effinfer.plugins.system.speculative.api``.
         """
 
     @hookspec
