@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 
 from effinfer.core.compose import ComposedModel
 from effinfer.core.generation import GenerationConfig, PlainDecoding, encode_prompts, stop_token_ids
-from effinfer.core.stages import Request
+from effinfer.core.stages import Request, SystemStage
 from effinfer.core.testing import tiny_llama
 from effinfer.plugins.data.input_compression.selective_context import SelectiveContext, compress, lexical_units
 from effinfer.plugins.model.quantization.packing import pack_codes, quantize, unpack_codes
@@ -87,7 +87,7 @@ def test_prompt_lookup_equals_plain_greedy(seed, prompt, new, draft):
     ids, mask = encode_prompts(tokenizer, [prompt + prompt])
     stops = stop_token_ids(tokenizer, model, config)
     plain = PlainDecoding().generate(model, ids, mask, config, stops)
-    strategy = PromptLookup({"num_draft_tokens": draft}).effinfer_decoding_strategy(stage=None)
+    strategy = PromptLookup({"num_draft_tokens": draft}).effinfer_decoding_strategy(stage=SystemStage(model, tokenizer))
     assert strategy.generate(model, ids, mask, config, stops).sequences == plain.sequences
 
 
