@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from effinfer.evaluation import data
+from effinfer import data
 from effinfer.data import _store, bigbench, corpora, prompts
 
 MARKUP = ("{{", "}}", "[[", "]]", "<ref", "</ref", "{|", "|}", "thumb|", "Category:", "__TOC__")

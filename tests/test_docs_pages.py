@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 from effinfer.core import Paper, Technique, hookimpl
 from effinfer.core.registry import build_registry
 from effinfer.taxonomy import load_taxonomy, load_view
-from effinfer.taxonomy import site
+from effinfer.tools import site
 from effinfer.tools.site import (Results, SiteBuilder, generate_pages, load_benchmark_tables, load_results,
                                     node_page)
 
