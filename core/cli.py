@@ -175,11 +175,16 @@ def demo(
     from effinfer.core.demo import demo_runs
 
     from effinfer.core.failures import failure_message
+    from effinfer.core.steplog import StepLog
 
+    log, started = StepLog(console), time.perf_counter()
     try:
         for heading, result in demo_runs(model):
+            if log.enabled:  # not a terminal: say when each run finished and how long it took
+                log.line(f"{heading}: done ({time.perf_counter() - started:.1f} s)")
             console.rule(f"[bold]{escape(heading)}[/]")
             print_run(result, console)
+            started = time.perf_counter()
     except (KeyboardInterrupt, SystemExit):
         raise
     except Exception as error:  # loading said why, or a technique (plugin hook) raised: name it, no traceback
@@ -191,6 +196,7 @@ def _run_and_print(experiment: Any) -> None:
     output is not a terminal), run, print. A user's mistake ends in ``error: …``, never a traceback."""
     from effinfer.core.failures import failure_message
     from effinfer.core import runner
+    from effinfer.core.generation import adopt_context_limit
     from effinfer.core.models import load_model
     from effinfer.core.steplog import StepLog
 
@@ -211,6 +217,7 @@ def _run_and_print(experiment: Any) -> None:
         started = time.perf_counter()
         with log.step(f"model {experiment.model} loaded", f"loading model {experiment.model}"):
             model, tokenizer = load_model(experiment.model, experiment.runtime.dtype, experiment.runtime.device)
+        adopt_context_limit(tokenizer, model)  # a prompt longer than the model's context is refused
         load_seconds = time.perf_counter() - started
         stack = " → ".join(t.name for t in experiment.techniques) or "no technique"
         with log.step(f"{stack} applied and {len(experiment.prompts)} prompt(s) generated"):

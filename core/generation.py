@@ -182,6 +182,16 @@ def context_limit(tokenizer: Any, model: nn.Module | None = None) -> int | None:
     return int(limit) if isinstance(limit, int) and 0 < limit < _NO_LIMIT else None
 
 
+def adopt_context_limit(tokenizer: Any, model: nn.Module) -> None:
+    """Give a tokenizer that declares no ``model_max_length`` (transformers' placeholder, as in
+    GGUF conversions) the model's ``max_position_embeddings``, so that :func:`encode_prompts`
+    refuses a prompt the model cannot take."""
+    limit = context_limit(tokenizer, model)
+    current = getattr(tokenizer, "model_max_length", None)
+    if limit is not None and not (isinstance(current, int) and 0 < current < _NO_LIMIT):
+        tokenizer.model_max_length = limit
+
+
 def encode_prompts(tokenizer: Any, conversations: Sequence[list[dict[str, str]]] | Sequence[str],
                    chat_template: bool = True, device: str | torch.device = "cpu", *,
                    max_tokens: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -19,7 +19,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from rich.console import Console
-from rich.markup import escape
 from rich.text import Text
 
 __all__ = ["LineProgress", "StepLog", "plain"]
@@ -137,7 +136,3 @@ class LineProgress:
     def print(self, *args: Any, **kwargs: Any) -> None:
         self.console.print(*args, **kwargs)
 
-
-def literal(text: object) -> str:
-    """``text`` escaped for Rich markup (model output, notes, user strings print as written)."""
-    return escape(str(text))

@@ -376,6 +376,8 @@ def results_list(
     from rich.table import Table
 
     with _open(store) as db:
+        if bench is not None and db.bench_status(bench) is None:
+            _fail(f"no bench {bench} in {db.path} (see `effinfer results list`)")
         if bench is None:
             table = Table("bench", "started", "ended", "status", "suite", "model", "runs", "failed", "command")
             for row in db.benches(limit=limit):
@@ -409,6 +411,8 @@ def results_show(
             bench_id = bench if bench is not None else db.latest_bench_id()
             if bench_id is None:
                 _fail("the results database holds no bench yet")
+            if db.bench_status(bench_id) is None:
+                _fail(f"no bench {bench_id} in {db.path} (see `effinfer results list`)")
             console.print(rich_table(db.bench_runs(bench_id), title=f"bench {bench_id}"))
         except StoreError as error:
             _fail(error)

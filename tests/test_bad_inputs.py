@@ -127,6 +127,9 @@ CASES = [
     with_model("prompt-longer-than-context", f"prompts: ['{'long prompt ' * 20}']\ngeneration: {{max_new_tokens: 2}}\n",
                ("tokens; the model's context is 64 tokens", "Shorten the prompt or its documents"),
                model="short_context"),
+    Case("prompt-longer-than-model-positions", lambda f, cwd: ["generate", "word " * 500, "--model", str(f.tiny),
+                                                               "--max-new-tokens", "2"],
+         ("tokens; the model's context is 2048 tokens",)),
     # ---------------------------------------------------------------- runtime and model
     with_model("device-cuda-on-cpu-torch", "runtime: {device: cuda}\n",
                ("runtime.device is 'cuda'", "use device cpu"), needs_cpu_only_torch=True),
@@ -189,6 +192,8 @@ CASES = [
          ("not an effinfer results database",), setup=write("bad.db", b"\x00" * 200)),
     Case("results-store-is-a-folder", lambda f, cwd: ["results", "show", "--store", "dbdir"],
          ("is a folder",), setup=lambda f, cwd: (cwd / "dbdir").mkdir()),
+    Case("results-unknown-bench", lambda f, cwd: ["results", "show", "--bench", "7", "--store", "empty.db"],
+         ("no bench 7 in empty.db", "effinfer results list"), setup=lambda f, cwd: _empty_store(cwd / "empty.db")),
     Case("results-unknown-run", lambda f, cwd: ["results", "show", "999", "--store", "empty.db"],
          ("no run with id 999", "effinfer results list"), setup=lambda f, cwd: _empty_store(cwd / "empty.db")),
     Case("results-export-unknown-format", lambda f, cwd: ["results", "export", "--format", "xml"],
