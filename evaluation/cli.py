@@ -8,6 +8,7 @@ This module is an ordinary plugin of the ``effinfer`` entry-point group
 from __future__ import annotations
 
 import csv
+import inspect
 import io
 import json
 import shlex
@@ -321,10 +322,30 @@ def _print_and_write(result: Any, store: Any, out: Path | None, suite: str, mode
     written = write_report(result.records, result.environment, folder, title=title, command=command,
                            owner={"store": str(store.path), "store_id": store.store_id, "bench_id": bench_id})
     for record in result.failed:
-        console.print(f"[red]failed[/] {escape(record.name)}: {escape((record.error or '').splitlines()[0])}",
-                      highlight=False)
+        culprit = failed_technique(record, get_registry())
+        console.print(f"[red]failed[/] {escape(record.name)}{escape(culprit)}: "
+                      f"{escape((record.error or '').splitlines()[0])}", highlight=False)
     console.print(f"took {seconds / 60:.1f} min; store {store.path} (bench {bench_id if bench_id is not None else 'none: all stored'}); "
                   + ", ".join(str(p) for p in written), highlight=False, markup=False)
+
+
+def failed_technique(record: RunRecord, registry: Registry) -> str:
+    """`` (technique X, plugin 'p', distribution d)`` for the technique of a failed stack whose code
+    raised (the last of the stack's plugin modules named in the stored traceback), or ``""``."""
+    error, found, at = record.error or "", None, -1
+    for item in record.spec.techniques:
+        entry = registry.techniques.get(item["name"])
+        if entry is None:
+            continue
+        try:
+            where = error.rfind(inspect.getfile(entry.technique))
+        except (TypeError, OSError):
+            continue
+        if where > at:
+            found, at = entry, where
+    if found is None:
+        return ""
+    return f" (technique {found.technique.name}, plugin {found.plugin!r}, distribution {found.distribution})"
 
 
 def write_report(records: list[RunRecord], environment: dict[str, Any], folder: Path, *, title: str,

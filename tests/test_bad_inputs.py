@@ -335,7 +335,8 @@ def test_a_bench_with_a_failed_stack_exits_non_zero_and_keeps_its_report(app, fi
     monkeypatch.chdir(tmp_path)
     result = CliRunner().invoke(app, bench("-t", "explodes")(files, tmp_path), catch_exceptions=False)
     assert result.exit_code == 1, result.output
-    assert "failed explodes: RuntimeError: the hook tripped over its own feet" in " ".join(result.output.split())
+    assert ("failed explodes (technique explodes, plugin 'broken-hook-plugin', distribution <in-process>): "
+            "RuntimeError: the hook tripped over its own feet") in " ".join(result.output.split())
     assert (tmp_path / "results" / "bench-1" / "report.md").exists()
     with sqlite3.connect(tmp_path / "r.db") as db:
         assert db.execute("SELECT status FROM runs ORDER BY id").fetchall() == [("ok",), ("failed",)]
