@@ -4,6 +4,10 @@
   the Pareto-optimal stacks joined (panels: mean accuracy, and perplexity);
 - :func:`bars_plot`: one bar per stack for speed, perplexity, accuracy and weight memory,
   with error bars (standard errors; inter-quartile range or min–max for timings).
+
+Speed is the decode speed-up over the baseline measured side by side (``decode_ratio``:
+median of per-round ratios, error bars their spread; the baseline at 1×) when the records
+have it, and decode tokens/s otherwise (records stored before side-by-side timing).
 """
 
 from __future__ import annotations
@@ -34,9 +38,26 @@ def pareto_front(points: Sequence[tuple[float, float]], maximize_y: bool = True)
     return front
 
 
-def _speed_metric(record: RunRecord) -> Metric | None:
+def _side_by_side(records: Sequence[RunRecord]) -> bool:
+    """Every stack has a side-by-side decode ratio: plot speed-ups, not tokens/s."""
+    stacks = [r for r in records if not r.is_baseline and primary_cell(r)]
+    return bool(stacks) and all(f"speed.{primary_cell(r)}.decode_ratio" in r.metrics for r in stacks)
+
+
+def _speed_metric(record: RunRecord, ratios: bool = False) -> Metric | None:
     cell = primary_cell(record)
-    return record.metrics.get(f"speed.{cell}.decode_tok_s") if cell else None
+    if not cell:
+        return None
+    if ratios:
+        if record.is_baseline:
+            return Metric(value=1.0, unit="×")
+        return record.metrics.get(f"speed.{cell}.decode_ratio")
+    return record.metrics.get(f"speed.{cell}.decode_tok_s")
+
+
+def _speed_label(ratios: bool) -> str:
+    return ("decode speed-up × baseline (side by side, median of rounds)" if ratios
+            else "decode tokens/s (batch 1, median)")
 
 
 def _errors(metric: Metric) -> tuple[float, float]:
@@ -50,8 +71,9 @@ def _errors(metric: Metric) -> tuple[float, float]:
 
 def _quality_panel(ax: plt.Axes, records: list[RunRecord], name_of, label: str, maximize: bool) -> None:
     points, kept = [], []
+    ratios = _side_by_side(records)
     for record in records:
-        speed, quality = _speed_metric(record), record.metrics.get(name_of(record) or "")
+        speed, quality = _speed_metric(record, ratios), record.metrics.get(name_of(record) or "")
         if speed is None or quality is None:
             continue
         kept.append((record, speed, quality))
@@ -66,7 +88,7 @@ def _quality_panel(ax: plt.Axes, records: list[RunRecord], name_of, label: str, 
         xs, ys = zip(*sorted(points[i] for i in front))
         ax.plot(xs, ys, "--", color="grey", linewidth=1, label="Pareto front")
         ax.legend(fontsize=7)
-    ax.set_xlabel("decode tokens/s (batch 1, median)")
+    ax.set_xlabel(_speed_label(ratios))
     ax.set_ylabel(label)
     ax.grid(alpha=0.3)
 
@@ -88,8 +110,9 @@ def pareto_plot(records: Sequence[RunRecord], path: Path, title: str = "") -> Pa
 def bars_plot(records: Sequence[RunRecord], path: Path, title: str = "") -> Path:
     """Per-stack bars with error bars: decode speed, perplexity, accuracy, weight memory."""
     records = [r for r in ordered(records) if r.ok]
+    ratios = _side_by_side(records)
     panels = (
-        ("decode tokens/s", _speed_metric, 1.0),
+        (_speed_label(ratios), lambda r: _speed_metric(r, ratios), 1.0),
         ("perplexity", lambda r: r.metrics.get(f"perplexity.{first_corpus(r)}.token"), 1.0),
         ("mean accuracy", lambda r: r.metrics.get("accuracy.mean.acc"), 1.0),
         ("weights (MiB)", lambda r: r.metrics.get("memory.weight_bytes"), 1 / MIB),

@@ -164,7 +164,7 @@ SUITES: dict[str, Suite] = {
         fidelity=FidelitySpec(max_positions=1024),
         generation=GenerationSpec(categories=["summarize", "code_edit"], n_per_category=1, max_new_tokens=32,
                                   max_chars=900),
-        speed=SpeedSpec(prompt_lengths=[128], batch_sizes=[1], new_tokens=16, warmup=1, repeats=3),
+        speed=SpeedSpec(prompt_lengths=[128], batch_sizes=[1], new_tokens=16, warmup=1, repeats=5),
         roofline=RooflineSpec(buffer_mib=128, repeats=3),
     ),
     "standard": Suite(

@@ -21,7 +21,7 @@ from effinfer.evaluation.metrics.fidelity import (FidelityAccumulator, GreedyMat
 from effinfer.evaluation.metrics.perplexity import perplexity, plan_windows
 from effinfer.evaluation.metrics.speculative import SpeculativeStats
 from effinfer.evaluation.metrics.timing import (Summary, default_clock, drift, interleaved_runs, paired_ratios,
-                                                time_runs, torch_threads)
+                                                round_robin, time_runs, torch_threads)
 from effinfer.evaluation.plots import pareto_front
 
 
@@ -236,6 +236,14 @@ def test_interleaved_runs_alternate_the_order_and_pair_adjacent_rounds():
     assert [r.seconds for r in base] == [2.0] * 4 and [r.seconds for r in cand] == [1.0] * 4
     with pytest.raises(ValueError, match="rounds"):
         interleaved_runs(runner("A", 1), runner("B", 1), warmup=0, rounds=0, clock=clock)
+
+
+def test_round_robin_reverses_the_order_every_round():
+    calls: list[str] = []
+    out = round_robin({name: (lambda name=name: calls.append(name) or name.lower()) for name in "ABC"}, rounds=3)
+    assert calls == list("ABCCBAABC") and out == {"A": ["a"] * 3, "B": ["b"] * 3, "C": ["c"] * 3}
+    with pytest.raises(ValueError, match="rounds"):
+        round_robin({"A": lambda: None}, rounds=0)
 
 
 def test_paired_ratios_cancel_a_drift_that_hits_both_sides():
