@@ -20,7 +20,7 @@ import math
 import os
 import statistics
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Generic, TypeVar
@@ -104,6 +104,21 @@ def interleaved_runs(baseline: Callable[[], T], candidate: Callable[[], T], warm
         for fn, runs in (order if index % 2 == 0 else order[::-1]):
             runs.extend(time_runs(fn, 0, 1, clock))
     return base_runs, cand_runs
+
+
+def round_robin(calls: Mapping[str, Callable[[], T]], rounds: int) -> dict[str, list[T]]:
+    """Call every entry once per round, ``rounds`` times; the order reverses every round
+    (A B C, C B A, A B C, …), so each method always runs next to the others and a drift of
+    the machine's speed hits all of them alike. The calls time themselves (they may time a
+    phase, such as decoding, rather than the whole call)."""
+    if rounds < 1:
+        raise ValueError(f"need rounds ≥ 1 (got {rounds})")
+    names = list(calls)
+    out: dict[str, list[T]] = {name: [] for name in names}
+    for index in range(rounds):
+        for name in (names if index % 2 == 0 else names[::-1]):
+            out[name].append(calls[name]())
+    return out
 
 
 def paired_ratios(candidate: list[float], baseline: list[float]) -> Summary:
