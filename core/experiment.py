@@ -15,8 +15,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from effinfer.core.errors import ExperimentError, UnknownEngineError, UnknownTechniqueError
 from effinfer.core.generation import GenerationConfig
 from effinfer.core.models import DEFAULT_MODEL
-from effinfer.core.preflight import (load_yaml_text, model_config_problems, model_source_problems,
-                                     output_problems, peek_model_config, runtime_problems)
+from effinfer.core.preflight import (YamlFileError, model_config_problems, model_source_problems, output_problems,
+                                     peek_model_config, read_yaml_mapping, runtime_problems)
 from effinfer.core.registry import Registry, get_registry
 from effinfer.core.technique import Requirement, Technique, layout_problems
 
@@ -100,34 +100,10 @@ class Experiment(BaseModel):
 
     @staticmethod
     def _read_yaml(path: Path) -> dict[str, Any]:
-        fields = ", ".join(Experiment.model_fields)
-        if not path.exists():
-            raise ExperimentError([f"experiment file {path} does not exist"])
-        if path.is_dir():
-            raise ExperimentError([f"{path} is a folder, not an experiment file; give a .yaml file "
-                                   "(examples/ has some)"])
         try:
-            raw = path.read_bytes()
-        except OSError as error:
-            raise ExperimentError([f"cannot read {path}: {error.strerror or error}"]) from None
-        try:
-            if b"\x00" in raw:
-                raise UnicodeDecodeError("utf-8", raw, raw.index(b"\x00"), raw.index(b"\x00") + 1, "NUL byte")
-            text = raw.decode("utf-8")
-        except UnicodeDecodeError:
-            raise ExperimentError([f"{path} is not a text file (binary or not UTF-8); an experiment is a YAML "
-                                   f"file with fields such as {fields}"]) from None
-        try:
-            data = load_yaml_text(text)
-        except yaml.YAMLError as error:
-            raise ExperimentError([f"{path} is not valid YAML: {error}"]) from None
-        if data is None:
-            raise ExperimentError([f"{path} is empty; write the experiment in it (fields: {fields}); "
-                                   "an empty file is not taken as the defaults"])
-        if not isinstance(data, dict):
-            raise ExperimentError([f"{path} holds a YAML {type(data).__name__}, not a mapping of experiment "
-                                   f"fields ({fields})"])
-        return data
+            return read_yaml_mapping(path, "experiment", Experiment.model_fields)
+        except YamlFileError as error:
+            raise ExperimentError([str(error)]) from None
 
     @classmethod
     def checked(cls, **fields: Any) -> Experiment:

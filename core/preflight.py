@@ -22,8 +22,10 @@ from typing import Any
 
 import yaml
 
+from effinfer.core.errors import EffinferError
+
 __all__ = [
-    "UniqueKeyLoader", "load_yaml_text", "model_config_problems", "model_source_problems",
+    "UniqueKeyLoader", "YamlFileError", "load_yaml_text", "read_yaml_mapping", "model_config_problems", "model_source_problems",
     "peek_model_config", "runtime_problems", "writable_problem",
 ]
 
@@ -54,6 +56,46 @@ class UniqueKeyLoader(yaml.SafeLoader):
 def load_yaml_text(text: str) -> Any:
     """Parse YAML with :class:`UniqueKeyLoader` (safe constructors, no duplicate keys)."""
     return yaml.load(text, Loader=UniqueKeyLoader)  # noqa: S506 — a SafeLoader subclass
+
+
+class YamlFileError(EffinferError, ValueError):
+    """A YAML input file (an experiment, a suite) cannot be read as a mapping of fields."""
+
+
+def read_yaml_mapping(path: Path, what: str, fields: Iterable[str]) -> dict[str, Any]:
+    """The mapping in a YAML file, refusing with the fix: a missing path, a folder, a binary or
+    non-UTF-8 file, invalid YAML, a duplicated key, an empty file (never taken as the defaults),
+    and a document that is not a mapping. ``what`` names the file in messages ("experiment")."""
+    listed = ", ".join(fields)
+    if not path.exists():
+        raise YamlFileError(f"{what} file {path} does not exist")
+    if path.is_dir():
+        raise YamlFileError(f"{path} is a folder, not {_a(what)} file; give a .yaml file")
+    try:
+        raw = path.read_bytes()
+    except OSError as error:
+        raise YamlFileError(f"cannot read {path}: {error.strerror or error}") from None
+    try:
+        if b"\x00" in raw:
+            raise UnicodeDecodeError("utf-8", raw, raw.index(b"\x00"), raw.index(b"\x00") + 1, "NUL byte")
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise YamlFileError(f"{path} is not a text file (binary or not UTF-8); {_a(what)} is a YAML file with "
+                            f"fields such as {listed}") from None
+    try:
+        data = load_yaml_text(text)
+    except yaml.YAMLError as error:
+        raise YamlFileError(f"{path} is not valid YAML: {error}") from None
+    if data is None:
+        raise YamlFileError(f"{path} is empty; write the {what} in it (fields: {listed}); an empty file is not "
+                            "taken as the defaults")
+    if not isinstance(data, dict):
+        raise YamlFileError(f"{path} holds a YAML {type(data).__name__}, not a mapping of {what} fields ({listed})")
+    return data
+
+
+def _a(noun: str) -> str:
+    return f"an {noun}" if noun[:1] in "aeiou" else f"a {noun}"
 
 
 def runtime_problems(device: str) -> list[str]:

@@ -28,7 +28,7 @@ from rich.text import Text
 from effinfer.core import hookimpl
 from effinfer.core.errors import EffinferError, ExperimentError
 from effinfer.core.experiment import Runtime, TechniqueSpec, format_validation_errors, parse_technique
-from effinfer.core.preflight import writable_problem
+from effinfer.core.preflight import read_yaml_mapping, writable_problem
 from effinfer.core.steplog import LineProgress
 from effinfer.core.models import DEFAULT_MODEL
 from effinfer.core.registry import Registry, get_registry
@@ -151,15 +151,24 @@ def bench_command(
     registry = get_registry()
     try:
         runtime = Runtime.model_validate({"device": device, "threads": threads})
-        chosen_suite = get_suite(suite)
-        stacks, skipped = ([], []) if baseline_only else chosen_stacks(technique, compose, registry, runtime)
-        check_stacks(stacks, model, runtime, registry)  # all of them, before the baseline is measured
     except ValidationError as error:
         _fail(ExperimentError(format_validation_errors(error, Runtime, prefix="runtime: ")))
+    try:
+        chosen_suite = get_suite(_suite_source(suite))
+    except ValidationError as error:
+        from effinfer.evaluation.suites import Suite
+
+        _fail("the suite is not valid:\n" + "\n".join(
+            f"  - {line}" for line in format_validation_errors(error, Suite, prefix=f"{suite}: ")))
     except (EffinferError, ValueError) as error:
         _fail(error)
     except OSError as error:  # a suite file that cannot be read
         _fail(f"cannot read {error.filename or suite}: {error.strerror or error}")
+    try:
+        stacks, skipped = ([], []) if baseline_only else chosen_stacks(technique, compose, registry, runtime)
+        check_stacks(stacks, model, runtime, registry)  # all of them, before the baseline is measured
+    except (EffinferError, ValueError) as error:
+        _fail(error)
     if out is not None and (problem := out_problem(out)):
         _fail(problem)
     if out is None and (problem := writable_problem(REPORTS_DIR, "the reports folder")):
@@ -190,6 +199,18 @@ def bench_command(
         results_store.close()
     if result.failed:
         raise typer.Exit(1)
+
+
+def _suite_source(suite: str) -> Any:
+    """A suite name as given; a suite file read (refusing a folder, a binary, an empty or a
+    duplicated-key file with the fix) into its fields, named after the file."""
+    from effinfer.evaluation.suites import SUITES, Suite
+
+    path = Path(suite)
+    if suite in SUITES or not (path.exists() or path.suffix in {".yaml", ".yml"}):
+        return suite
+    data = read_yaml_mapping(path, "suite", Suite.model_fields)
+    return {"name": path.stem} | data
 
 
 def check_stacks(stacks: list[list[TechniqueSpec]], model: str, runtime: Runtime, registry: Registry) -> None:

@@ -101,8 +101,8 @@ def with_model(id: str, body: str, says: tuple[str, ...], model: str = "tiny", *
 
 
 def bench(*extra: str, store: str = "r.db", suite: str | None = None) -> Callable[[Files, Path], list[str]]:
-    return lambda f, cwd: ["bench", "--model", str(f.tiny), "--suite", suite or str(f.suite), "--store",
-                           store.format(root=f.root), "--threads", "1", *extra]
+    return lambda f, cwd: ["bench", "--model", str(f.tiny), "--suite", (suite or str(f.suite)).format(root=f.root),
+                           "--store", store.format(root=f.root), "--threads", "1", *extra]
 
 
 CASES = [
@@ -172,7 +172,18 @@ CASES = [
          ("runtime.device is 'cuda'",), needs_cpu_only_torch=True),
     Case("bench-model-not-a-model", lambda f, cwd: ["bench", "--model", str(f.root), "--store", "r.db",
                                                     "--baseline-only"], ("is not a model",)),
-    Case("bench-unknown-suite", bench(suite="quik"), ("quik",)),
+    Case("bench-unknown-suite", bench(suite="quik"), ("unknown suite 'quik'", "use one of tiny, quick")),
+    Case("bench-suite-file-empty", bench(suite="suite.yaml"), ("suite.yaml is empty",
+                                                              "an empty file is not taken as the defaults"),
+         setup=write("suite.yaml", "")),
+    Case("bench-suite-file-binary", bench(suite="suite.yaml"), ("suite.yaml is not a text file",),
+         setup=write("suite.yaml", bytes(range(256)))),
+    Case("bench-suite-file-duplicate-key", bench(suite="suite.yaml"), ("duplicate key 'speed'",),
+         setup=write("suite.yaml", "speed: null\nspeed: {repeats: 2}\n")),
+    Case("bench-suite-file-bad-field", bench(suite="suite.yaml"), ("the suite is not valid", "speed.repeats",
+                                                                  "greater than or equal to 1 (got 0)"),
+         setup=write("suite.yaml", "speed: {repeats: 0}\n")),
+    Case("bench-suite-is-a-folder", bench(suite="{root}"), ("is a folder, not a suite file",)),
     Case("bench-out-holds-a-report", lambda f, cwd: [*bench("--baseline-only")(f, cwd), "--out", str(f.report)],
          ("already holds a report", "never overwritten: choose a new folder")),
     Case("bench-out-is-a-file", lambda f, cwd: [*bench("--baseline-only")(f, cwd), "--out", str(f.root / "a-file")],
