@@ -19,17 +19,29 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.text import Text
 
-__all__ = ["LineProgress", "StepLog", "plain"]
+__all__ = ["LineProgress", "StepLog", "escape_name", "plain"]
 
 
-def plain(description: str) -> str:
-    """A progress description without its Rich markup (``[green]ok[/]`` → ``ok``)."""
+def plain(description: str, literal_prefix: str = "") -> str:
+    """A progress description without its Rich markup (``[green]ok[/]`` → ``ok``); a leading
+    ``literal_prefix`` (the task's own name, e.g. a stack ``rtn:x=[a]``) is kept as written."""
+    if literal_prefix and description.startswith(literal_prefix):
+        return literal_prefix + plain(description[len(literal_prefix):])
     try:
         return Text.from_markup(description).plain
     except Exception:  # not valid markup: it was meant literally
         return description
+
+
+def escape_name(description: str, name: str) -> str:
+    """Escape the task's own ``name`` where the description starts with it, keeping the markup
+    that follows (the evaluator writes ``f"{stack}: [green]ok[/] …"``)."""
+    if name and description.startswith(name):
+        return escape(name) + description[len(name):]
+    return description
 
 
 def _stamp() -> str:
@@ -115,7 +127,7 @@ class LineProgress:
         if description is not None and description != task.description:
             if task_id != self._overall and not task.done:
                 step = "loaded and set up" if task.description == task.first else "done"
-                self.log.line(f"{plain(task.description)} {step} ({now - task.step_started:.1f} s)")
+                self.log.line(f"{plain(task.description, task.first)} {step} ({now - task.step_started:.1f} s)")
             task.description, task.step_started = description, now
         if total is not None:
             task.total = total
@@ -125,10 +137,10 @@ class LineProgress:
             task.completed += advance
         if task_id == self._overall and (advance or completed is not None):
             of = f"/{task.total:g}" if task.total else ""
-            self.log.line(f"{plain(task.description)} {task.completed:g}{of} ({now - task.started:.0f} s so far)")
+            self.log.line(f"{plain(task.description, task.first)} {task.completed:g}{of} ({now - task.started:.0f} s so far)")
         elif task.total is not None and task.completed >= task.total and not task.done:
             task.done = True
-            self.log.line(f"{plain(task.description)} (total {now - task.started:.1f} s)")
+            self.log.line(f"{plain(task.description, task.first)} (total {now - task.started:.1f} s)")
 
     def remove_task(self, task_id: int) -> None:
         self._tasks.pop(task_id, None)

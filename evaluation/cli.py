@@ -29,7 +29,7 @@ from effinfer.core import hookimpl
 from effinfer.core.errors import EffinferError, ExperimentError
 from effinfer.core.experiment import Runtime, TechniqueSpec, format_validation_errors, parse_technique
 from effinfer.core.preflight import read_yaml_mapping, writable_problem
-from effinfer.core.steplog import LineProgress
+from effinfer.core.steplog import LineProgress, escape_name
 from effinfer.core.models import DEFAULT_MODEL
 from effinfer.core.registry import Registry, get_registry
 from effinfer.core.technique import Requirement
@@ -271,12 +271,27 @@ class _LiteralText(TextColumn):
             return Text(task.description)
 
 
+class _NamedProgress(Progress):
+    """Progress bars whose task names (stack names, user text) print literally; the markup the
+    evaluator appends after a name (``[green]ok[/]``) still renders."""
+
+    def add_task(self, description: str, *args: Any, **kwargs: Any) -> Any:
+        task_id = super().add_task(escape(description), *args, **kwargs)
+        self._names = {**getattr(self, "_names", {}), task_id: description}
+        return task_id
+
+    def update(self, task_id: Any, *, description: str | None = None, **kwargs: Any) -> None:
+        if description is not None:
+            description = escape_name(description, getattr(self, "_names", {}).get(task_id, ""))
+        super().update(task_id, description=description, **kwargs)
+
+
 def _progress() -> Any:
     """Rich progress bars on a terminal; one line per finished step otherwise (logs, nohup, pipes)."""
     if not console.is_terminal:
         return LineProgress(console)
-    return Progress(SpinnerColumn(), _LiteralText("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                    TimeElapsedColumn(), console=console, transient=False)
+    return _NamedProgress(SpinnerColumn(), _LiteralText("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                          TimeElapsedColumn(), console=console, transient=False)
 
 
 #: where reports go by default: ``results/bench-<id>`` (``-<store id>`` added when that is taken)

@@ -183,3 +183,27 @@ def test_bench_redo_drifted_reaches_the_evaluator(tmp_path, tiny_model_dir, monk
                     "--suite", str(_tiny_suite(tmp_path)), "--store", "r.db")
     assert result.exit_code == 130 and "interrupted before any run was stored" in " ".join(result.stderr.split())
     assert seen["redo_drifted"] is True and seen["redo"] is False and len(seen["stacks"]) == 2
+
+
+def test_progress_shows_stack_names_literally(monkeypatch):
+    """Stack names may hold brackets (a config value a[h]b); the evaluator's [green]ok[/] still renders."""
+    import io
+
+    from rich.console import Console
+
+    from effinfer.core.steplog import LineProgress
+    from effinfer.evaluation import cli as eval_cli
+
+    name = "rtn:x=a[h]b"
+    for console, progress in ((terminal := Console(file=io.StringIO(), force_terminal=True, width=120,
+                                                   color_system=None), None),
+                              (lines := Console(file=io.StringIO(), width=200), LineProgress(lines))):
+        monkeypatch.setattr(eval_cli, "console", console)
+        progress = progress or eval_cli._progress()
+        with progress:
+            task = progress.add_task(name, total=None)
+            progress.update(task, description=f"{name}: perplexity")
+            progress.update(task, description=f"{name}: [green]ok[/] (3 s)", total=1, completed=1)
+        text = console.file.getvalue()
+        assert f"{name}: ok (3 s)" in text and "[green]" not in text
+    assert terminal is not lines
