@@ -13,8 +13,11 @@ Run::
 
     .venv/bin/python benchmarks/bench_evaluator_overhead.py --rounds 3 --new-tokens 64
 
-Prints the medians, the ratio evaluator ÷ bare and the load average (the machine may be
-shared; compare the ratio, not the absolute numbers).
+Prints the medians, the ratio evaluator ÷ bare as the median of per-round ratios (each
+round's bare median next to that round's evaluator measurement, the order alternating
+round by round) with its min–max, and the load average before and after (the machine may
+be shared; compare the ratio, not the absolute numbers). ``--quick`` (2 rounds of 2 runs,
+16 tokens) checks the script in a minute.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from effinfer.core.compose import ComposedModel
 from effinfer.core.generation import GenerationConfig, encode_prompts, stop_token_ids
 from effinfer.core.models import DEFAULT_MODEL, load_model
 from effinfer.evaluation import Evaluator, get_suite
+from effinfer.evaluation.metrics.timing import load_average, paired_ratios
 from effinfer.evaluation.phases import speed_prompts
 
 
@@ -63,34 +67,46 @@ def main() -> None:
     parser.add_argument("--prompt-tokens", type=int, default=128)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--quick", action="store_true", help="check the script: 2 rounds of 2 runs, 16 new tokens")
     args = parser.parse_args()
+    if args.quick:
+        args.rounds, args.repeats, args.new_tokens = 2, 2, 16
     if args.threads:
         torch.set_num_threads(args.threads)
 
     model, tokenizer = load_model(args.model)
     suite = speed_only_suite(args.prompt_tokens, args.new_tokens, args.repeats)
     cell = f"speed.p{args.prompt_tokens}_b1.decode_tok_s"
-    bare: list[float] = []
+    bare: list[float] = []  # one median per round
     through: list[float] = []
-    started = time.perf_counter()
+    started, load_before = time.perf_counter(), load_average()
     with Evaluator((model, tokenizer), suite=suite, store=False, model_name=args.model) as evaluator:
         ids = evaluator.corpus_ids("wikipedia", tokenizer, args.prompt_tokens)
         prompt = speed_prompts(ids, tokenizer, args.prompt_tokens, 1)[0]
-        for _ in range(args.rounds):
-            bare += bare_rates(model, tokenizer, prompt, args.new_tokens, args.repeats)
+
+        def via_evaluator() -> float:
             evaluator.baseline_record = None  # measure the baseline again this round
             record = evaluator.baseline()
             if not record.ok:
                 raise SystemExit(f"the evaluator failed: {record.error}")
-            metric = record.metrics[cell]
-            through += [metric.value]
-    bare_median, through_median = statistics.median(bare), statistics.median(through)
+            return record.metrics[cell].value
+
+        for index in range(args.rounds):  # the order alternates, so a drift hits both sides alike
+            if index % 2:
+                through.append(via_evaluator())
+            bare.append(statistics.median(bare_rates(model, tokenizer, prompt, args.new_tokens, args.repeats)))
+            if not index % 2:
+                through.append(via_evaluator())
+    ratio = paired_ratios(through, bare)
     print(f"model {args.model}; prompt {args.prompt_tokens} tokens, {args.new_tokens} new tokens, batch 1; "
-          f"torch threads {torch.get_num_threads()}; load average {os.getloadavg()}")
-    print(f"bare loop : median {bare_median:.2f} tok/s over {len(bare)} runs (min {min(bare):.2f}, max {max(bare):.2f})")
-    print(f"evaluator : median {through_median:.2f} tok/s over {len(through)} medians of {args.repeats} runs "
-          f"(min {min(through):.2f}, max {max(through):.2f})")
-    print(f"ratio evaluator / bare = {through_median / bare_median:.3f}  ({time.perf_counter() - started:.0f} s)")
+          f"torch threads {torch.get_num_threads()}; load average before {load_before}, after {load_average()} "
+          f"(all three: {os.getloadavg()})")
+    print(f"bare loop : median {statistics.median(bare):.2f} tok/s over {len(bare)} rounds of {args.repeats} runs "
+          f"(min {min(bare):.2f}, max {max(bare):.2f})")
+    print(f"evaluator : median {statistics.median(through):.2f} tok/s over {len(through)} medians of {args.repeats} "
+          f"runs (min {min(through):.2f}, max {max(through):.2f})")
+    print(f"ratio evaluator / bare = {ratio.median:.3f} [{ratio.low:.3f}–{ratio.high:.3f}] (median of {ratio.n} "
+          f"per-round ratios) ({time.perf_counter() - started:.0f} s)")
 
 
 if __name__ == "__main__":

@@ -5,8 +5,13 @@
 
 One prompt of about 300 tokens (a Wikipedia summarization prompt of the versioned prompt
 set), greedy, a fixed number of new tokens (stop tokens ignored, so every method decodes
-the same count). Reported per method: prefill seconds, decode tok/s (median of the timed
-repeats, first call excluded) and, for the engine, the compile wall time of its first call.
+the same count). Every method is set up first (first call: compile, warm-up), then timed
+side by side: ``--repeats`` rounds in which each method runs once, the order reversing every
+round, so a change of the machine's load hits all methods alike. Reported per method:
+prefill seconds, decode tok/s (median over rounds) and its speed-up over HF generate as the
+median of per-round ratios with their min–max spread, and, for the engine, the compile wall
+time of its first call. ``--quick`` (16 tokens, 2 rounds, eager methods only, no table) checks
+the script in a minute.
 Roofline: bytes read per decoded token (weights + KV cache) ÷ measured read bandwidth.
 llama.cpp runs the same GGUF file the model was converted from (Q4_1, so it reads fewer
 bytes per token), through ``llama-cpp-python`` (the ``bench-peers`` extra) when installed.
@@ -26,6 +31,7 @@ import time
 import zipfile
 from dataclasses import asdict
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -35,10 +41,12 @@ from effinfer.core.generation import GenerationConfig, PlainDecoding, encode_pro
 from effinfer.core.models import BUILTIN_ALIASES, DEFAULT_MODEL, load_model
 from effinfer.data import load_prompts
 from effinfer.evaluation.environment import cpu_model
+from effinfer.evaluation.metrics.timing import load_average
 from effinfer.evaluation.metrics.memory import weight_bytes
 from effinfer.evaluation.metrics.roofline import measure_bandwidth
 from effinfer.evaluation.metrics.roofline import roofline as evaluator_roofline
-from effinfer.plugins.system.engine import EngineSettings, StaticDecoding
+from effinfer.evaluation.metrics.timing import paired_ratios, round_robin
+from effinfer.plugins.system.engine import StaticDecoding, StaticEngine
 
 ARTIFACTS = Path(__file__).resolve().parent.parent / "artifacts"
 #: markdown tables per taxonomy node, shown on the node's docs page under "Benchmarks"
@@ -98,39 +106,46 @@ def prompt_ids(tokenizer: Any, category: str = "summarize", index: int = 0) -> t
     return encode_prompts(tokenizer, [prompt.messages], chat_template=True)
 
 
-def time_strategy(strategy: Any, model: Any, ids: torch.Tensor, mask: torch.Tensor, new_tokens: int,
-                  repeats: int) -> dict[str, Any]:
-    """First call (compile, warm-up) then ``repeats`` timed calls; stop tokens ignored."""
+Method = tuple[dict[str, Any], Callable[[], dict[str, Any]]]  # (set-up facts, one timed call)
+
+
+def strategy_method(strategy: Any, model: Any, ids: torch.Tensor, mask: torch.Tensor, new_tokens: int) -> Method:
+    """A decoding strategy after its first call (compile, warm-up); stop tokens ignored."""
     config = GenerationConfig(max_new_tokens=new_tokens)
     started = time.perf_counter()
     first = strategy.generate(model, ids, mask, config, set())
-    first_seconds = time.perf_counter() - started
-    runs = [strategy.generate(model, ids, mask, config, set()) for _ in range(repeats)]
-    rates = [(r.new_tokens - len(r.sequences)) / r.decode_seconds for r in runs]
-    return {"decode_tok_s": statistics.median(rates), "decode_tok_s_all": rates,
-            "prefill_s": statistics.median(r.prefill_seconds for r in runs), "first_call_s": first_seconds,
-            "tokens": runs[-1].sequences[0], "first_tokens": first.sequences[0]}
+    setup = {"first_call_s": time.perf_counter() - started, "first_tokens": first.sequences[0]}
+
+    def call() -> dict[str, Any]:
+        run = strategy.generate(model, ids, mask, config, set())
+        return {"decode_tok_s": (run.new_tokens - len(run.sequences)) / run.decode_seconds,
+                "prefill_s": run.prefill_seconds, "tokens": run.sequences[0]}
+
+    return setup, call
 
 
-def time_hf_generate(model: Any, ids: torch.Tensor, mask: torch.Tensor, new_tokens: int, repeats: int,
-                     **kwargs: Any) -> dict[str, Any]:
+def hf_generate_method(model: Any, ids: torch.Tensor, mask: torch.Tensor, new_tokens: int, repeats: int,
+                       **kwargs: Any) -> Method:
     """transformers' ``generate``; decode rate = (n − 1) tokens ÷ (time − time of a 1-token call)."""
-    def call(n: int) -> tuple[float, torch.Tensor]:
+    def run(n: int) -> tuple[float, torch.Tensor]:
         started = time.perf_counter()
         with torch.inference_mode():
             out = model.generate(ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, do_sample=False,
                                  pad_token_id=model.generation_config.eos_token_id, **kwargs)
         return time.perf_counter() - started, out
 
-    call(new_tokens)  # warm-up
-    prefill = statistics.median(call(1)[0] for _ in range(repeats))
-    timed = [call(new_tokens) for _ in range(repeats)]
-    rates = [(new_tokens - 1) / (seconds - prefill) for seconds, _ in timed]
-    return {"decode_tok_s": statistics.median(rates), "decode_tok_s_all": rates, "prefill_s": prefill,
-            "tokens": timed[-1][1][0, ids.shape[1]:].tolist()}
+    run(new_tokens)  # warm-up
+    prefill = statistics.median(run(1)[0] for _ in range(repeats))
+
+    def call() -> dict[str, Any]:
+        seconds, out = run(new_tokens)
+        return {"decode_tok_s": (new_tokens - 1) / (seconds - prefill), "prefill_s": prefill,
+                "tokens": out[0, ids.shape[1]:].tolist()}
+
+    return {}, call
 
 
-def time_llama_cpp(ids: torch.Tensor, new_tokens: int, repeats: int, threads: int) -> dict[str, Any] | None:
+def llama_cpp_method(ids: torch.Tensor, new_tokens: int, threads: int) -> Method | None:
     """Greedy decoding of the same token ids by llama.cpp on the Q4_1 GGUF; ``None`` if not installed."""
     try:
         import llama_cpp.llama as llama_module
@@ -152,7 +167,7 @@ def time_llama_cpp(ids: torch.Tensor, new_tokens: int, repeats: int, threads: in
                 verbose=False, seed=0)
     tokens = ids[0].tolist()
 
-    def call() -> tuple[float, float, list[int]]:
+    def call() -> dict[str, Any]:
         llm.reset()
         started = time.perf_counter()
         out: list[int] = []
@@ -163,14 +178,42 @@ def time_llama_cpp(ids: torch.Tensor, new_tokens: int, repeats: int, threads: in
             out.append(token)
             if len(out) == new_tokens:
                 break
-        return first_at - started, time.perf_counter() - first_at, out
+        decode = time.perf_counter() - first_at
+        return {"decode_tok_s": (new_tokens - 1) / decode, "prefill_s": first_at - started, "tokens": out}
 
-    call()
-    timed = [call() for _ in range(repeats)]
-    rates = [(new_tokens - 1) / decode for _, decode, _ in timed]
+    call()  # warm-up
+    return {"gguf": str(gguf_path()), "note": "use_extra_bufts=False (AMX/repack buffers crash here)"}, call
+
+
+def summarize_calls(calls: list[dict[str, Any]]) -> dict[str, Any]:
+    rates = [c["decode_tok_s"] for c in calls]
     return {"decode_tok_s": statistics.median(rates), "decode_tok_s_all": rates,
-            "prefill_s": statistics.median(p for p, _, _ in timed), "tokens": timed[-1][2],
-            "gguf": str(gguf_path()), "note": "use_extra_bufts=False (AMX/repack buffers crash here)"}
+            "prefill_s": statistics.median(c["prefill_s"] for c in calls), "tokens": calls[-1]["tokens"]}
+
+
+def time_llama_cpp(ids: torch.Tensor, new_tokens: int, repeats: int, threads: int) -> dict[str, Any] | None:
+    """llama.cpp alone: ``repeats`` timed calls after a warm-up; ``None`` if not installed."""
+    method = llama_cpp_method(ids, new_tokens, threads)
+    if method is None:
+        return None
+    setup, call = method
+    return setup | summarize_calls([call() for _ in range(repeats)])
+
+
+def side_by_side(methods: dict[str, Method], rounds: int, baseline: str) -> dict[str, dict[str, Any]]:
+    """Time every method in ``rounds`` round-robin rounds; speed-ups from per-round ratios to ``baseline``."""
+    load_before = load_average()
+    calls = round_robin({name: call for name, (_, call) in methods.items()}, rounds)
+    load_after = load_average()
+    base = [c["decode_tok_s"] for c in calls[baseline]]
+    results = {}
+    for name, (setup, _) in methods.items():
+        rates = [c["decode_tok_s"] for c in calls[name]]
+        ratio = paired_ratios(rates, base)
+        results[name] = setup | summarize_calls(calls[name]) | {
+            "speedup_vs_hf_generate": ratio.median, "speedup_spread": [ratio.low, ratio.high],
+            "speedup_rounds": ratio.n, "load_before_after": [load_before, load_after]}
+    return results
 
 
 def agreement(tokens: list[int], reference: list[int]) -> int:
@@ -200,7 +243,13 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ARTIFACTS / "engine_benchmark.json")
     parser.add_argument("--no-table", action="store_true", help="do not write benchmarks/results/…/engine.md")
     parser.add_argument("--from-json", type=Path, help="only re-render the table of a run's JSON (no timing)")
+    parser.add_argument("--quick", action="store_true",
+                        help="check the script: 16 tokens, 2 rounds, eager methods, no llama.cpp, no table, "
+                             "artifacts/quick/engine_benchmark.json")
     args = parser.parse_args()
+    if args.quick:
+        args.new_tokens, args.repeats, args.no_llama_cpp, args.no_table = 16, 2, True, True
+        args.out = ARTIFACTS / "quick" / "engine_benchmark.json"
     if args.from_json:
         table = markdown(json.loads(args.from_json.read_text()))
         if not args.no_table:
@@ -211,23 +260,24 @@ def main() -> None:
     load_before = machine_load()
     model, tokenizer = load_model(DEFAULT_MODEL)
     ids, mask = prompt_ids(tokenizer)
-    results: dict[str, Any] = {}
-    results["hf_generate"] = time_hf_generate(model, ids, mask, args.new_tokens, args.repeats)
-    results["hf_loop"] = time_strategy(PlainDecoding(), model, ids, mask, args.new_tokens, args.repeats)
-    results["engine_eager"] = time_strategy(StaticDecoding(), model, ids, mask, args.new_tokens, args.repeats)
-    compiled = StaticDecoding(EngineSettings(compile=True))
-    results["engine_compiled"] = time_strategy(compiled, model, ids, mask, args.new_tokens, args.repeats)
-    results["engine_compiled"]["compile"] = compiled.engine.compile_report()
-    if not args.no_llama_cpp:
-        llama = time_llama_cpp(ids, args.new_tokens, args.repeats, args.threads)
-        if llama is not None:
-            results["llama_cpp_q4_1"] = llama
+    methods: dict[str, Method] = {
+        "hf_generate": hf_generate_method(model, ids, mask, args.new_tokens, args.repeats),
+        "hf_loop": strategy_method(PlainDecoding(), model, ids, mask, args.new_tokens),
+        "engine_eager": strategy_method(StaticDecoding(), model, ids, mask, args.new_tokens),
+    }
+    compiled = StaticDecoding(StaticEngine(compile=True))
+    if not args.quick:
+        methods["engine_compiled"] = strategy_method(compiled, model, ids, mask, args.new_tokens)
+    if not args.no_llama_cpp and (llama := llama_cpp_method(ids, args.new_tokens, args.threads)) is not None:
+        methods["llama_cpp_q4_1"] = llama
+    results = side_by_side(methods, args.repeats, baseline="hf_generate")
+    if "engine_compiled" in results:
+        results["engine_compiled"]["compile"] = compiled.engine.compile_report()
     bandwidth = measure_bandwidth().read
     reference = results["hf_generate"]["tokens"]
     context = ids.shape[1] + args.new_tokens // 2
     for name, row in results.items():
         row["agrees_with_hf_tokens"] = agreement(row["tokens"], reference)
-        row["speedup_vs_hf_generate"] = row["decode_tok_s"] / results["hf_generate"]["decode_tok_s"]
         if not name.startswith("llama"):
             row["roofline"] = roofline(model, context, row["decode_tok_s"], bandwidth)
     report = {"prompt_tokens": ids.shape[1], "new_tokens": args.new_tokens, "threads": args.threads,
@@ -252,7 +302,10 @@ def markdown(report: dict[str, Any]) -> str:
     lines += [
         f"One prompt of {report['prompt_tokens']} tokens (the first `summarize` prompt of the versioned prompt set), "
         f"{report['new_tokens']} new tokens (stop tokens ignored), batch 1; decode tok/s is the median of "
-        f"{report['repeats']} timed calls after a warm-up call. Roofline: weights + KV cache bytes read per token ÷ "
+        f"{report['repeats']} timed calls after a warm-up call"
+        + (" (methods timed side by side: round-robin rounds, the order reversing each round; × HF generate = "
+           "median of the per-round ratios [min–max])" if any("speedup_spread" in r for r in report["results"].values())
+           else "") + ". Roofline: weights + KV cache bytes read per token ÷ "
         f"the measured read bandwidth ({report['bandwidth_read_bytes_per_s'] / 1e9:.1f} GB/s). `hf_loop` is the "
         "core's reference loop (`runtime.engine: hf`); `engine_*` the static engine (`runtime.engine: static`, "
         f"`runtime.compile`); compile cost of the compiled engine: {engine.get('seconds', 0):.0f} s "
@@ -267,7 +320,9 @@ def markdown(report: dict[str, Any]) -> str:
     for name, row in report["results"].items():
         fraction = row.get("roofline", {}).get("fraction")
         first = row.get("first_call_s")
-        lines.append(f"| {name} | {row['decode_tok_s']:.1f} | {row['speedup_vs_hf_generate']:.2f} | "
+        spread = row.get("speedup_spread")
+        speedup = f"{row['speedup_vs_hf_generate']:.2f}" + (f" [{spread[0]:.2f}–{spread[1]:.2f}]" if spread else "")
+        lines.append(f"| {name} | {row['decode_tok_s']:.1f} | {speedup} | "
                      f"{'—' if fraction is None else f'{fraction:.2f}'} | {row['prefill_s']:.2f} | "
                      f"{'—' if first is None else f'{first:.1f}'} | {row['agrees_with_hf_tokens']}/"
                      f"{report['new_tokens']} | {eos_position(row['tokens'])} |")

@@ -19,10 +19,13 @@ replaced by the packed layer; quantization goes through the ``rtn`` technique of
 For each (batch B, input length L) cell: a prefill of B×L random token ids (logits of the
 last position only), then ``--decode-tokens`` greedy decode steps on the KV cache.
 Prefill = the prefill's time, decode = mean time per decode step, end to end = prefill
-plus all decode steps. Speed-up = fp32 time ÷ format time. Small cells get a warm-up
-run of their own shape and ``--repeats`` measured runs; cells with more than
-``--big-cell`` prompt tokens one warm-up-free run (every format ran a warm-up on a small
-cell first); the median is reported.
+plus all decode steps. Speed-up = fp32 time ÷ format time, measured side by side: in each
+round every format runs the cell once (the order reversing every round), the speed-up is
+the median of the per-round ratios, shown with their min–max. Small cells get a warm-up run
+of their own shape and ``--repeats`` rounds; cells with more than ``--big-cell`` prompt
+tokens one warm-up-free round (every format ran a warm-up on a small cell first).
+``--quick`` (batch 1, 128 tokens, 4 decode steps, 2 rounds; table and JSON under
+``artifacts/quick/``) checks the script in a minute.
 
 Run (as the numbers in the docs were made; a timing run, so alone on the CPU)::
 
@@ -52,6 +55,7 @@ from effinfer.core.compose import ComposedModel
 from effinfer.core.experiment import Experiment
 from effinfer.core.models import DEFAULT_MODEL, load_model
 from effinfer.evaluation.environment import collect_environment
+from effinfer.evaluation.metrics.timing import paired_ratios, round_robin
 
 FORMATS = {
     "W8A16": "rtn:bits=8,group_size=null,symmetric=true,execution=kernel,skip_modules=[]",
@@ -92,8 +96,10 @@ def run_once(model: torch.nn.Module, ids: torch.Tensor, decode_tokens: int) -> d
 
 
 def measure(models: dict[str, torch.nn.Module], batches: list[int], lengths: list[int], decode_tokens: int,
-            repeats: int, big_cell: int, vocab: int, budget: float) -> dict[str, dict[str, dict[str, float]]]:
-    """``{format: {"B×L": {stage: median seconds}}}``, formats interleaved cell by cell.
+            repeats: int, big_cell: int, vocab: int, budget: float
+            ) -> tuple[dict[str, dict[str, dict[str, float]]], dict[str, dict[str, dict[str, list[float]]]]]:
+    """``{format: {"B×L": {stage: median seconds}}}`` and ``{format: {"B×L": {stage: [low, median, high]}}}``
+    of the per-round speed-ups over fp32; formats interleaved round by round, cell by cell.
 
     After ``budget`` seconds every remaining cell runs once, without a warm-up of its own.
     """
@@ -102,35 +108,46 @@ def measure(models: dict[str, torch.nn.Module], batches: list[int], lengths: lis
     for name, model in models.items():  # one warm-up per format on a small cell
         run_once(model, torch.randint(100, vocab, (1, 64), generator=generator), 2)
     times: dict[str, dict[str, dict[str, float]]] = {name: {} for name in models}
+    speedups: dict[str, dict[str, dict[str, list[float]]]] = {name: {} for name in models if name != "fp32"}
     for length in lengths:
         for batch in batches:
             ids = torch.randint(100, vocab, (batch, length), generator=generator)
             small = batch * length <= big_cell and time.perf_counter() - started < budget
-            runs = {name: [] for name in models}
             for name, model in models.items():
                 if small:
                     run_once(model, ids, 2)
-            for _ in range(repeats if small else 1):
-                for name, model in models.items():
-                    runs[name].append(run_once(model, ids, decode_tokens))
+            runs = round_robin({name: (lambda model=model: run_once(model, ids, decode_tokens))
+                                for name, model in models.items()}, repeats if small else 1)
             cell = f"{batch}x{length}"
             for name in models:
                 times[name][cell] = {s: statistics.median(r[s] for r in runs[name]) for s in STAGES}
+                if name != "fp32":  # fp32 time ÷ format time, round by round
+                    ratios = {s: paired_ratios([r[s] for r in runs["fp32"]], [r[s] for r in runs[name]])
+                              for s in STAGES}
+                    speedups[name][cell] = {s: [r.low, r.median, r.high] for s, r in ratios.items()}
             base = times["fp32"][cell]
             print(f"B={batch:>2} L={length:>4}: fp32 prefill {base['prefill']:.3f} s, decode "
                   f"{base['decode'] * 1e3:.1f} ms/token; " + ", ".join(
-                      f"{n} ×{base['prefill'] / times[n][cell]['prefill']:.2f}/×{base['decode'] / times[n][cell]['decode']:.2f}"
+                      f"{n} ×{speedups[n][cell]['prefill'][1]:.2f}/×{speedups[n][cell]['decode'][1]:.2f}"
                       for n in models if n != "fp32"), flush=True)
-    return times
+    return times, speedups
 
 
-def markdown(times: dict, batches: list[int], lengths: list[int], meta: dict) -> str:
+def speedup_text(times: dict, speedups: dict | None, name: str, cell: str, stage: str) -> str:
+    """``1.23× [1.10–1.31]`` from per-round ratios; ``1.23×`` from medians (runs before side-by-side ratios)."""
+    if speedups and cell in speedups.get(name, {}):
+        low, median, high = speedups[name][cell][stage]
+        return f"{median:.2f}×" + (f" [{low:.2f}–{high:.2f}]" if high > low else "")
+    return f"{times['fp32'][cell][stage] / times[name][cell][stage]:.2f}×"
+
+
+def markdown(times: dict, batches: list[int], lengths: list[int], meta: dict, speedups: dict | None = None) -> str:
     env = meta["environment"]
     lines = [
         "## Weight-only quantization speed-up on CPU (the survey's Table 4, redone)",
         "",
         f"SmolLM2-135M-Instruct, speed-up over **fp32 measured in the same run** (fp32 time ÷ format time; "
-        f"> 1 is faster). Prefill = B×L prompt tokens in one forward pass; decode = mean time per token of "
+        f"> 1 is faster{'; side by side: median of per-round ratios [min–max], every format running once per round' if speedups else ''}). Prefill = B×L prompt tokens in one forward pass; decode = mean time per token of "
         f"{meta['decode_tokens']} greedy decode steps on the KV cache; end-to-end = prefill + those steps. "
         "W8A16 = int8 weights (per output channel) through `aten._weight_int8pack_mm`; W4A16 = int4 weights "
         "(group 64, zero points) through `aten._weight_int4pack_mm_for_cpu`; both with every linear layer "
@@ -156,8 +173,7 @@ def markdown(times: dict, batches: list[int], lengths: list[int], meta: dict) ->
                 if name == "fp32":
                     cells = [(f"{times[name][f'{b}x{length}'][stage] * 1e3:.1f} ms") for b in batches]
                 else:
-                    cells = [f"{times['fp32'][f'{b}x{length}'][stage] / times[name][f'{b}x{length}'][stage]:.2f}×"
-                             for b in batches]
+                    cells = [speedup_text(times, speedups, name, f"{b}x{length}", stage) for b in batches]
                 label = "fp32 (time)" if name == "fp32" else name
                 lines.append(f"| {label} | {STAGE_NAMES[stage]} | " + " | ".join(cells) + " |")
         lines.append("")
@@ -177,7 +193,13 @@ def main() -> None:
     parser.add_argument("--model", default=DEFAULT_MODEL)
     parser.add_argument("--table", type=Path, default=TABLE)
     parser.add_argument("--artifact", type=Path, default=ARTIFACT)
+    parser.add_argument("--quick", action="store_true",
+                        help="check the script: B=1, L=128, 4 decode steps, 2 rounds; writes under artifacts/quick/")
     args = parser.parse_args()
+    if args.quick:
+        args.batches, args.lengths, args.decode_tokens, args.repeats = [1], [128], 4, 2
+        args.table = Path("artifacts/quick") / TABLE.name
+        args.artifact = Path("artifacts/quick") / ARTIFACT.name
     if args.threads:
         torch.set_num_threads(args.threads)
     started = time.perf_counter()
@@ -185,8 +207,8 @@ def main() -> None:
     model, tokenizer = load_model(args.model)
     with ExitStack() as stack:
         models = build_models(model, tokenizer, stack)
-        times = measure(models, args.batches, args.lengths, args.decode_tokens, args.repeats, args.big_cell,
-                        model.config.vocab_size, args.budget_min * 60)
+        times, speedups = measure(models, args.batches, args.lengths, args.decode_tokens, args.repeats,
+                                  args.big_cell, model.config.vocab_size, args.budget_min * 60)
     environment = collect_environment()
     meta = {"command": " ".join(["python", *map(shlex.quote, sys.argv)]), "date": dt.datetime.now(dt.UTC).isoformat(
         timespec="minutes"), "threads": torch.get_num_threads(), "decode_tokens": args.decode_tokens,
@@ -195,9 +217,9 @@ def main() -> None:
         "budget_min": args.budget_min, "load_after": environment["load_average"], "environment": environment,
         "formats": {"fp32": "as loaded", "bf16": "model.to(bfloat16)", **FORMATS}, "model": args.model}
     args.artifact.parent.mkdir(parents=True, exist_ok=True)
-    args.artifact.write_text(json.dumps({"meta": meta, "seconds": times}, indent=2))
+    args.artifact.write_text(json.dumps({"meta": meta, "seconds": times, "speedups": speedups}, indent=2))
     args.table.parent.mkdir(parents=True, exist_ok=True)
-    args.table.write_text(markdown(times, args.batches, args.lengths, meta) + "\n")
+    args.table.write_text(markdown(times, args.batches, args.lengths, meta, speedups) + "\n")
     print(args.table.read_text())
 
 

@@ -12,6 +12,14 @@ one process, on 2 threads:
   ``assistant_model`` (the same draft the ``draft_model`` strategy uses);
 - llama.cpp (``llama-cpp-python``, the ``bench-peers`` extra) on the Q4_1 GGUF, if installed.
 
+Speed-ups are measured side by side: for every method, the engine's plain greedy decoding
+runs again on each prompt right next to it (the order alternating prompt by prompt), and the
+speed-up is the method's decode tok/s ÷ that adjacent baseline's, with the min–max of the
+per-prompt ratios; a row whose adjacent baseline moved more than ``--drift-tolerance`` from
+the first baseline measurement is flagged ⚠ (machine load changed: re-run it with ``--only``).
+``--quick`` (one prompt per category, 16 tokens, eager, prompt_lookup and HF generate only,
+no table) checks the script in a few minutes.
+
 Per method: decode tok/s over all prompts and per category, speed-up over the engine's plain
 greedy, mean accepted tokens per verification step, acceptance rate, drafting overhead,
 set-up cost (draft construction, datastore, head training), and whether its greedy output
@@ -28,6 +36,7 @@ import json
 import sys
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -41,8 +50,10 @@ from effinfer.core.models import DEFAULT_MODEL, load_model  # noqa: E402
 from effinfer.core.registry import get_registry  # noqa: E402
 from effinfer.core.stages import SystemStage  # noqa: E402
 from effinfer.data import PROMPT_CATEGORIES, load_prompts  # noqa: E402
-from effinfer.plugins.system.engine import EngineSettings, StaticDecoding  # noqa: E402
-from effinfer.plugins.system.engine.settings import shared_engine  # noqa: E402
+from effinfer.plugins.system.engine import StaticDecoding, StaticEngine, shared_engine  # noqa: E402
+from effinfer.evaluation.metrics.timing import load_average, paired_ratios  # noqa: E402
+
+OnePrompt = Callable[[int], GenerationResult]  # prompt index -> its result
 
 #: (row name, technique, config) — the strategies measured, with their settings
 STRATEGIES: list[tuple[str, str, dict[str, Any]]] = [
@@ -77,22 +88,24 @@ def strategy_for(technique_name: str, config: dict[str, Any], model: Any, tokeni
                  ) -> tuple[Any, Any, float]:
     """The technique's decoding strategy, as the composition would build it; set-up seconds."""
     technique = get_registry().get(technique_name)(config)
-    stage = SystemStage(model, tokenizer, extras={"engine": {"engine": "static", "compile": compile}})
+    stage = SystemStage(model, tokenizer, engine=StaticEngine(compile=compile))
     started = time.perf_counter()
     strategy = technique.effinfer_decoding_strategy(stage=stage)
     return technique, strategy, time.perf_counter() - started
 
 
-def run_ours(strategy: Any, model: Any, prompts: list[Any], encoded: list[Any], stops: set[int]
-             ) -> list[GenerationResult]:
-    return [strategy.generate(model, ids, mask, GenerationConfig(max_new_tokens=n), stops)
-            for (ids, mask, n) in encoded]
+def ours(strategy: Any, model: Any, encoded: list[Any], stops: set[int]) -> OnePrompt:
+    def one(index: int) -> GenerationResult:
+        ids, mask, n = encoded[index]
+        return strategy.generate(model, ids, mask, GenerationConfig(max_new_tokens=n), stops)
+    return one
 
 
-def run_hf(model: Any, encoded: list[Any], stops: set[int], **kwargs: Any) -> list[GenerationResult]:
-    """``generate`` per prompt; decode time = total − the time of a 1-token call."""
-    results = []
-    for ids, mask, n in encoded:
+def hf(model: Any, encoded: list[Any], stops: set[int], **kwargs: Any) -> OnePrompt:
+    """``generate`` on one prompt; decode time = total − the time of a 1-token call."""
+    def one(index: int) -> GenerationResult:
+        ids, mask, n = encoded[index]
+
         def call(tokens: int) -> tuple[float, torch.Tensor]:
             started = time.perf_counter()
             with torch.inference_mode():
@@ -104,27 +117,59 @@ def run_hf(model: Any, encoded: list[Any], stops: set[int], **kwargs: Any) -> li
         seconds, out = call(n)
         # a 1-token answer (or timer noise) leaves no decode time to subtract from: count the whole call
         decode = seconds - first if seconds > first else seconds
-        results.append(GenerationResult([out[0, ids.shape[1]:].tolist()], first, decode, 0))
-    return results
+        return GenerationResult([out[0, ids.shape[1]:].tolist()], first, decode, 0)
+    return one
 
 
-def run_llama(encoded: list[Any], threads: int) -> list[GenerationResult] | None:
-    results = []
-    for ids, _, n in encoded:
+def llama(encoded: list[Any], threads: int) -> OnePrompt | None:
+    """llama.cpp on one prompt (``None`` when ``llama-cpp-python`` is not installed)."""
+    try:
+        import llama_cpp  # noqa: F401
+    except ImportError:
+        return None
+
+    def one(index: int) -> GenerationResult:
+        ids, _, n = encoded[index]
         row = time_llama_cpp(ids, n, 1, threads)
-        if row is None:
-            return None
         decode = (n - 1) / row["decode_tok_s"]
-        results.append(GenerationResult([row["tokens"]], row["prefill_s"], decode, 0))
-    return results
+        return GenerationResult([row["tokens"]], row["prefill_s"], decode, 0)
+    return one
+
+
+def beside(method: OnePrompt, baseline: OnePrompt, count: int
+           ) -> tuple[list[GenerationResult], list[GenerationResult]]:
+    """Each prompt run by the method and by the baseline right next to it, the order alternating."""
+    mine, base = [], []
+    for index in range(count):
+        if index % 2:
+            base.append(baseline(index))
+            mine.append(method(index))
+        else:
+            mine.append(method(index))
+            base.append(baseline(index))
+    return mine, base
+
+
+def rate(rows: list[GenerationResult]) -> float:
+    tokens = sum(r.new_tokens - len(r.sequences) for r in rows)
+    seconds = sum(r.decode_seconds for r in rows)
+    return tokens / seconds if seconds > 0 else float("nan")
+
+
+def paired_speedup(results: list[GenerationResult], base: list[GenerationResult], reference: float | None,
+                   tolerance: float) -> dict[str, Any]:
+    """Speed-up over the baseline run next to it; per-prompt spread; drift of that baseline."""
+    per_prompt = paired_ratios([rate([r]) for r in results], [rate([b]) for b in base])
+    adjacent = rate(base)
+    out = {"speedup_vs_engine_plain": rate(results) / adjacent, "speedup_spread": [per_prompt.low, per_prompt.high],
+           "baseline_decode_tok_s": adjacent}
+    if reference and abs(adjacent / reference - 1) > tolerance:
+        out["drift"] = f"adjacent baseline {adjacent:.1f} vs first {reference:.1f} tok/s ({adjacent / reference - 1:+.0%})"
+    return out
 
 
 def summarize(results: list[GenerationResult], categories: list[str], reference: list[list[int]] | None
               ) -> dict[str, Any]:
-    def rate(rows: list[GenerationResult]) -> float:
-        tokens = sum(r.new_tokens - len(r.sequences) for r in rows)
-        return tokens / sum(r.decode_seconds for r in rows)
-
     per_category = defaultdict(list)
     for category, result in zip(categories, results):
         per_category[category].append(result)
@@ -164,10 +209,20 @@ def main() -> None:
     parser.add_argument("--only", nargs="*", help="row names (substring) to run besides the baseline")
     parser.add_argument("--out", type=Path, default=ARTIFACTS / "speculative_benchmark.json")
     parser.add_argument("--no-table", action="store_true", help="do not write benchmarks/results/…/table5.md")
+    parser.add_argument("--drift-tolerance", type=float, default=0.10,
+                        help="flag a row whose adjacent baseline moved more than this from the first one")
+    parser.add_argument("--quick", action="store_true",
+                        help="check the script: 1 prompt per category, 16 tokens, eager, prompt_lookup and hf "
+                             "generate only, no table, artifacts/quick/speculative_benchmark.json")
     args = parser.parse_args()
+    if args.quick:
+        args.per_category, args.max_new_tokens, args.no_compile, args.no_llama_cpp = 1, 16, True, True
+        args.only, args.no_table = args.only or ["prompt_lookup", "hf generate"], True
+        args.out = ARTIFACTS / "quick" / "speculative_benchmark.json"
     torch.set_num_threads(args.threads)
     compile = not args.no_compile
     report: dict[str, Any] = {"load_before": machine_load(), "threads": args.threads, "compile": compile,
+                              "drift_tolerance": args.drift_tolerance,
                               "command": "python benchmarks/speculative.py " + " ".join(sys.argv[1:]),
                               "torch": torch.__version__, "machine": machine(), "rows": {}}
     model, tokenizer = load_model(DEFAULT_MODEL)
@@ -177,14 +232,21 @@ def main() -> None:
                for p in prompts]
     stops = stop_token_ids(tokenizer, model, GenerationConfig())
     longest = max(ids.shape[1] + n for ids, _, n in encoded) + 64
-    settings = EngineSettings(compile=compile)
-    engine = shared_engine(model, settings)
+    engine = shared_engine(model, compile)
     for name in ("plain", "target"):  # one capacity for every prompt: compiled shapes are reused
         engine.cache_for(1, longest, name)
 
-    def measure(row: str, results: list[GenerationResult], extra: dict[str, Any]) -> None:
-        reference = report["rows"].get("engine plain greedy", {}).get("outputs")
-        summary = summarize(results, categories, reference) | extra
+    def measure(row: str, run: OnePrompt, extra: dict[str, Any]) -> None:
+        """Run ``run`` on every prompt next to the plain baseline; record the row."""
+        first = report["rows"].get("engine plain greedy", {})
+        load = load_average()
+        if first:
+            results, base = beside(run, plain_one, len(prompts))
+            extra = extra | paired_speedup(results, base, first["decode_tok_s"], args.drift_tolerance)
+        else:
+            results = [run(i) for i in range(len(prompts))]
+        extra["load_before_after"] = [load, load_average()]
+        summary = summarize(results, categories, first.get("outputs")) | extra
         summary["outputs"] = [r.sequences[0] for r in results]
         report["rows"][row] = summary
         accepted = summary.get("mean_accepted")
@@ -193,12 +255,12 @@ def main() -> None:
         print(f"{row}: {summary['decode_tok_s']:.1f} tok/s"
               + ("" if accepted is None else f", mean accepted {accepted:.2f}"), flush=True)
 
-    plain = StaticDecoding(settings)
+    plain = StaticDecoding(StaticEngine(compile=compile))
+    plain_one = ours(plain, model, encoded, stops)
     started = time.perf_counter()
-    run_ours(plain, model, prompts[:1], encoded[:1], stops)  # compile + warm-up
+    plain_one(0)  # compile + warm-up
     warmup = time.perf_counter() - started
-    measure("engine plain greedy", run_ours(plain, model, prompts, encoded, stops),
-            {"warmup_s": warmup, "compile": engine.compile_report()})
+    measure("engine plain greedy", plain_one, {"warmup_s": warmup, "compile": engine.compile_report()})
     wanted = lambda row: not args.only or any(o in row for o in args.only)  # noqa: E731
     drafts: dict[str, Any] = {}
     for row, technique_name, config in STRATEGIES:
@@ -212,40 +274,36 @@ def main() -> None:
             continue
         if technique_name == "draft_model":
             drafts[row] = strategy.draft
-            shared_engine(strategy.draft, settings).cache_for(1, longest, "draft")
+            shared_engine(strategy.draft, compile).cache_for(1, longest, "draft")
         started = time.perf_counter()
-        run_ours(strategy, model, prompts[:1], encoded[:1], stops)
+        ours(strategy, model, encoded, stops)(0)
         warmup = time.perf_counter() - started
         extra = {"technique": technique_name, "config": config, "setup_s": setup, "warmup_s": warmup,
                  "notes": list(technique.notes)}
         report_obj = getattr(technique, "training_report", None)
         if report_obj is not None:
             extra["training"] = vars(report_obj) | {"total_seconds": report_obj.total_seconds}
-        measure(row, run_ours(strategy, model, prompts, encoded, stops), extra)
-    def peer(row: str, run: Any) -> None:
+        measure(row, ours(strategy, model, encoded, stops), extra)
+
+    def peer(row: str, run: OnePrompt | None) -> None:
+        if run is None:
+            return
         try:
-            results = run()
+            measure(row, run, {})
         except Exception as error:  # noqa: BLE001 - a peer fails, the benchmark goes on
             report["rows"][row] = {"error": f"{type(error).__name__}: {error}"}
             print(f"{row}: FAILED {error}", flush=True)
-            return
-        if results is not None:
-            measure(row, results, {})
 
     if wanted("hf generate"):
-        peer("hf generate", lambda: run_hf(model, encoded, stops))
-        peer("hf generate + prompt_lookup_num_tokens=10",
-             lambda: run_hf(model, encoded, stops, prompt_lookup_num_tokens=10))
+        peer("hf generate", hf(model, encoded, stops))
+        peer("hf generate + prompt_lookup_num_tokens=10", hf(model, encoded, stops, prompt_lookup_num_tokens=10))
         draft_row = next((r for r in drafts if "drop" in r), next(iter(drafts), None))
         if draft_row is not None:
             peer(f"hf generate + assistant_model ({draft_row.split('(')[1].rstrip(')')})",
-                 lambda: run_hf(model, encoded, stops, assistant_model=drafts[draft_row]))
+                 hf(model, encoded, stops, assistant_model=drafts[draft_row]))
     if not args.no_llama_cpp and wanted("llama.cpp"):
-        peer("llama.cpp Q4_1 (llama-cpp-python)", lambda: run_llama(encoded, args.threads))
-    base = report["rows"]["engine plain greedy"]["decode_tok_s"]
-    for row in report["rows"].values():
-        if "decode_tok_s" in row:
-            row["speedup_vs_engine_plain"] = row["decode_tok_s"] / base
+        peer("llama.cpp Q4_1 (llama-cpp-python)", llama(encoded, args.threads))
+    report["rows"]["engine plain greedy"]["speedup_vs_engine_plain"] = 1.0
     report["load_after"] = machine_load()
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=1, default=str))
@@ -267,7 +325,13 @@ def table5(report: dict[str, Any]) -> str:
     lines += [
         f"Greedy decoding of {base.get('prompts', len(base['outputs']))} prompts of the versioned prompt set "
         "(summarize, qa, code_edit, story, chat), batch 1, all methods in one process on the same prompts. Speed-up = "
-        f"decode tok/s ÷ the engine's plain greedy decode tok/s ({base['decode_tok_s']:.1f}). Mean accepted = drafted "
+        + ("decode tok/s ÷ the engine's plain greedy decode tok/s measured right next to it (prompt by prompt, the "
+           "order alternating) [min–max of the per-prompt ratios]; ⚠ = that adjacent baseline moved more than "
+           f"{report.get('drift_tolerance', 0.1):.0%} from the first one ({base['decode_tok_s']:.1f} tok/s): the "
+           "machine's load changed, re-run the row with `--only`. "
+           if any("speedup_spread" in r for r in rows.values()) else
+           f"decode tok/s ÷ the engine's plain greedy decode tok/s ({base['decode_tok_s']:.1f}). ")
+        + "Mean accepted = drafted "
         "tokens accepted per verification step (τ − 1 in Spec-Bench's terms; each step also emits the target's own "
         "token); acceptance rate = accepted ÷ drafted tokens (every tree node counts as drafted). Drafting overhead = "
         "share of decode time spent proposing. Set-up = draft construction / datastore / head training (a cached "
@@ -297,8 +361,13 @@ def table5(report: dict[str, Any]) -> str:
                      else "reference")
         accepted = (f"{row['mean_accepted']:.2f} | {row['acceptance_rate']:.2f}" if "mean_accepted" in row
                     else "— | —")
+        speedup = f"{row['speedup_vs_engine_plain']:.2f}×"
+        if spread := row.get("speedup_spread"):
+            speedup += f" [{spread[0]:.2f}–{spread[1]:.2f}]"
+        if row.get("drift"):
+            speedup += " ⚠"
         lines.append(f"| {name} | {draft} | {construction} | {verifier} | {setup} | {overhead} | {accepted} | "
-                     f"{row['decode_tok_s']:.1f} | {row['speedup_vs_engine_plain']:.2f}× | {identical} |")
+                     f"{row['decode_tok_s']:.1f} | {speedup} | {identical} |")
     lines += ["", "Per prompt category — decode tok/s (mean accepted tokens):", "",
               "| method | " + " | ".join(PROMPT_CATEGORIES) + " |", "|---|" + "---|" * len(PROMPT_CATEGORIES)]
     for name, row in rows.items():
