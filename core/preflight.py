@@ -14,6 +14,7 @@ fix) instead of failing after minutes of loading, conversion or measuring:
 
 from __future__ import annotations
 
+import io
 import os
 import tempfile
 from collections.abc import Iterable
@@ -53,9 +54,14 @@ class UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep)
 
 
-def load_yaml_text(text: str) -> Any:
-    """Parse YAML with :class:`UniqueKeyLoader` (safe constructors, no duplicate keys)."""
-    return yaml.load(text, Loader=UniqueKeyLoader)  # noqa: S506 — a SafeLoader subclass
+def load_yaml_text(text: str, name: str | None = None) -> Any:
+    """Parse YAML with :class:`UniqueKeyLoader` (safe constructors, no duplicate keys); ``name``
+    (a file path) is what error messages call the text."""
+    stream: Any = text
+    if name is not None:
+        stream = io.StringIO(text)
+        stream.name = name
+    return yaml.load(stream, Loader=UniqueKeyLoader)  # noqa: S506 — a SafeLoader subclass
 
 
 class YamlFileError(EffinferError, ValueError):
@@ -83,7 +89,7 @@ def read_yaml_mapping(path: Path, what: str, fields: Iterable[str]) -> dict[str,
         raise YamlFileError(f"{path} is not a text file (binary or not UTF-8); {_a(what)} is a YAML file with "
                             f"fields such as {listed}") from None
     try:
-        data = load_yaml_text(text)
+        data = load_yaml_text(text, str(path))
     except yaml.YAMLError as error:
         raise YamlFileError(f"{path} is not valid YAML: {error}") from None
     if data is None:
