@@ -145,38 +145,14 @@ def bench_command(
     store, a markdown report and plots; exits 1 when a stack failed. An interrupted bench is
     recorded as interrupted; rerunning the same command resumes it (stored stacks are kept).
     """
-    from effinfer.evaluation.store import ResultsStore, StoreError
-    from effinfer.evaluation.suites import get_suite
-
     registry = get_registry()
-    try:
-        runtime = Runtime.model_validate({"device": device, "threads": threads})
-    except ValidationError as error:
-        _fail(ExperimentError(format_validation_errors(error, Runtime, prefix="runtime: ")))
-    try:
-        chosen_suite = get_suite(_suite_source(suite))
-    except ValidationError as error:
-        from effinfer.evaluation.suites import Suite
-
-        _fail("the suite is not valid:\n" + "\n".join(
-            f"  - {line}" for line in format_validation_errors(error, Suite, prefix=f"{suite}: ")))
-    except (EffinferError, ValueError) as error:
-        _fail(error)
-    except OSError as error:  # a suite file that cannot be read
-        _fail(f"cannot read {error.filename or suite}: {error.strerror or error}")
+    runtime, chosen_suite = _runtime_and_suite(device, threads, suite)
     try:
         stacks, skipped = ([], []) if baseline_only else chosen_stacks(technique, compose, registry, runtime)
         check_stacks(stacks, model, runtime, registry)  # all of them, before the baseline is measured
     except (EffinferError, ValueError) as error:
         _fail(error)
-    if out is not None and (problem := out_problem(out)):
-        _fail(problem)
-    if out is None and (problem := writable_problem(REPORTS_DIR, "the reports folder")):
-        _fail(f"{problem} (or pass --out)")
-    try:
-        results_store = ResultsStore(store)
-    except StoreError as error:
-        _fail(error)
+    results_store = _writable_outputs(out, store)
     for line in skipped:
         console.print(f"[yellow]skipped[/] {escape(line)}", highlight=False)
     from transformers.utils import logging as hf_logging
@@ -192,6 +168,9 @@ def bench_command(
                                 redo=redo, redo_drifted=redo_drifted)
     except KeyboardInterrupt:
         _interrupted(results_store)
+    except EffinferError as error:  # e.g. the model cannot be loaded: the bench is closed as interrupted
+        results_store.close()
+        _fail(error)
     seconds = time.perf_counter() - started
     try:
         _print_and_write(result, results_store, out, chosen_suite.name, model, command, seconds)
@@ -199,6 +178,40 @@ def bench_command(
         results_store.close()
     if result.failed:
         raise typer.Exit(1)
+
+
+def _runtime_and_suite(device: str, threads: int | None, suite: str) -> tuple[Runtime, Any]:
+    """The runtime and the suite of a bench, or ``error:`` with the fix."""
+    from effinfer.evaluation.suites import Suite, get_suite
+
+    try:
+        runtime = Runtime.model_validate({"device": device, "threads": threads})
+    except ValidationError as error:
+        _fail(ExperimentError(format_validation_errors(error, Runtime, prefix="runtime: ")))
+    try:
+        return runtime, get_suite(_suite_source(suite))
+    except ValidationError as error:
+        _fail("the suite is not valid:\n" + "\n".join(
+            f"  - {line}" for line in format_validation_errors(error, Suite, prefix=f"{suite}: ")))
+    except (EffinferError, ValueError) as error:
+        _fail(error)
+    except OSError as error:  # a suite file that cannot be read
+        _fail(f"cannot read {error.filename or suite}: {error.strerror or error}")
+    raise AssertionError("unreachable")
+
+
+def _writable_outputs(out: Path | None, store: Path | None) -> Any:
+    """Check the report folder and open the results database before any measurement."""
+    from effinfer.evaluation.store import ResultsStore, StoreError
+
+    if out is not None and (problem := out_problem(out)):
+        _fail(problem)
+    if out is None and (problem := writable_problem(REPORTS_DIR, "the reports folder")):
+        _fail(f"{problem} (or pass --out)")
+    try:
+        return ResultsStore(store)
+    except StoreError as error:
+        _fail(error)
 
 
 def _suite_source(suite: str) -> Any:
