@@ -24,3 +24,11 @@ def test_quick_suite_with_prompt_lookup_on_smollm2():
     assert any(note.startswith("lossless claim verified") for note in record.notes)
     assert record.value("speculative.acceptance_rate") > 0
     assert record.metrics["perplexity.wikipedia.token"].inherited
+    # speed side by side: the baseline re-timed next to the stack, ratios of adjacent rounds
+    ratio = record.metrics["speed.p128_b1.decode_ratio"]
+    assert ratio.n == 5 and ratio.low <= ratio.value <= ratio.high
+    assert record.value("speed.p128_b1.baseline_decode_tok_s") > 0.5 and "speed.drift" in record.metrics
+    assert record.value("generation.decode_ratio") > 0
+    # the stack's model copy (0.5 GB) is released before the record is stored
+    weights = base.value("memory.weight_bytes")
+    assert record.value("memory.rss_after_release_bytes") < base.value("memory.rss_after_release_bytes") + weights / 4
