@@ -30,7 +30,7 @@ Metric names (``<corpus>``, ``<task>``, ``<cell>`` = ``p<prompt tokens>_b<batch>
     generation.decode_ratio  generation.baseline_decode_tok_s                          (stacks only)
     speculative.mean_accepted  speculative.acceptance_rate  speculative.tokens_per_step
     memory.weight_bytes  memory.kv_cache_bytes  memory.kv_bytes_per_token  memory.peak_rss_bytes
-    memory.cuda_peak_bytes
+    memory.cuda_peak_bytes  memory.rss_after_release_bytes (the evaluator, once the stack is released)
     roofline.bytes_per_token  roofline.tok_s  roofline.fraction
 """
 
