@@ -105,7 +105,11 @@ class RunRecord(BaseModel):
         return None if mine is None or base is None else mine - base
 
     def ratio(self, name: str) -> float | None:
-        """This run's value divided by the baseline's (speedups), when both exist."""
+        """This run's value divided by the baseline's, when both exist.
+
+        For speed prefer the side-by-side ratios (``speed.<cell>.decode_ratio``,
+        ``generation.decode_ratio``): measured next to the baseline, round by round, whereas
+        this divides by the baseline's own measurement, taken earlier in the bench."""
         if self.baseline is None:
             return None
         mine, base = self.value(name), self.baseline.value(name)
