@@ -46,10 +46,18 @@ def check_source_layout(techniques: list[Technique], source: str) -> None:
 
 def run_experiment(experiment: Experiment, registry: Registry | None = None, model: Any = None,
                    tokenizer: Any = None) -> ExperimentRun:
-    """Validate the stack (before loading anything), load the model, apply, generate, restore."""
-    techniques = experiment.build_stack(registry)
+    """Validate the stack (before loading anything), load the model, apply, generate, restore.
+
+    When the model is loaded here (``model`` is ``None``), everything the CLI checks before
+    loading is checked first (:meth:`Experiment.preflight`: CUDA present, the model source,
+    ``save_dir`` writable, technique configs against the model's ``config.json``), with every
+    problem in one :class:`ExperimentError`; a model passed in is checked by the composition.
+    """
     if model is None:
+        techniques = experiment.preflight(registry)
         check_source_layout(techniques, experiment.model)
+    else:
+        techniques = experiment.build_stack(registry)
     apply_runtime(experiment)
     started = time.perf_counter()
     if model is None:

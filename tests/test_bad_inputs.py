@@ -373,6 +373,28 @@ def test_python_api_errors_are_effinfer_errors(tmp_path, tiny):
     assert issubclass(StoreError, EffinferError) and issubclass(PromptTooLongError, EffinferError)
 
 
+def test_run_experiment_checks_what_the_cli_checks_before_loading(tmp_path, monkeypatch):
+    """The Python API's ``run_experiment`` refuses, before loading, what ``effinfer run`` refuses."""
+    from effinfer.core import runner
+    from effinfer.core.errors import ExperimentError
+    from effinfer.core.experiment import Experiment
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(runner, "load_model", no_loading)
+    (tmp_path / "a-file").write_text("not a folder\n")
+    experiment = Experiment(model="./no-such-model", techniques=[f"rtn:bits=8,save_dir={tmp_path / 'a-file' / 'q'}"])
+    with pytest.raises(ExperimentError) as caught:
+        runner.run_experiment(experiment)
+    said = str(caught.value)
+    assert "model: ./no-such-model does not exist" in said and "techniques[0] (rtn): save_dir" in said
+    assert "is a file, not a folder" in said
+    if not torch.cuda.is_available():
+        with pytest.raises(ExperimentError, match="runtime.device is 'cuda' but this torch .* use device cpu"):
+            runner.run_experiment(Experiment(model="./no-such-model", runtime={"device": "cuda"}))
+
+
 def test_printed_text_is_literal_never_markup():
     """Model output, notes and config descriptions keep their brackets (no Rich markup)."""
     from rich.console import Console
