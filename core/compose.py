@@ -21,7 +21,8 @@ from effinfer.core.calibration import calibration_source
 from effinfer.core.engines import CacheFactory, DecodeEngine
 from effinfer.core.errors import EffinferError
 from effinfer.core.experiment import Runtime, TechniqueSpec, resolve_stack
-from effinfer.core.generation import GenerationConfig, GenerationResult, encode_prompts, stop_token_ids
+from effinfer.core.generation import (GenerationConfig, GenerationResult, context_limit, encode_prompts,
+                                      stop_token_ids)
 from effinfer.core.hookspecs import PROJECT, StageSpecs
 from effinfer.core.registry import Registry, get_registry
 from effinfer.core.stages import DataStage, ModelStage, ModulePatcher, Request, SystemStage
@@ -136,13 +137,18 @@ class ComposedModel:
 
     def generate(self, requests: Sequence[Request | str], config: GenerationConfig | None = None
                  ) -> tuple[list[Completion], GenerationResult]:
-        """Data stage, then the decoding strategy, on a batch of requests."""
+        """Data stage, then the decoding strategy, on a batch of requests.
+
+        A prompt longer than the model's context (:func:`prompt_limit`) is refused with
+        :class:`~effinfer.core.generation.PromptTooLongError` before any prefill, as on the CLI.
+        """
         config = config or GenerationConfig()
         requests = [Request.from_text(r) if isinstance(r, str) else r for r in requests]
         transformed = [self.transform_request(r) for r in requests]
         conversations = [r.render() for r in transformed]
         device = next(self.model.parameters()).device
-        input_ids, mask = encode_prompts(self.tokenizer, conversations, config.chat_template, device)
+        input_ids, mask = encode_prompts(self.tokenizer, conversations, config.chat_template, device,
+                                         max_tokens=prompt_limit(self.tokenizer, self.model))
         result = self.strategy.generate(self.model, input_ids, mask, config,
                                         stop_token_ids(self.tokenizer, self.model, config),
                                         cache_factory=self.system.cache_factory if self.system else None)
@@ -152,6 +158,14 @@ class ComposedModel:
             for i, (request, tokens) in enumerate(zip(transformed, result.sequences))
         ]
         return completions, result
+
+
+def prompt_limit(tokenizer: Any, model: nn.Module) -> int | None:
+    """The longest prompt ``model`` takes: the smaller of the tokenizer's real ``model_max_length``
+    and the model's ``max_position_embeddings`` (either alone when the other says nothing: GGUF
+    conversions declare no tokenizer limit). What the CLI checks after ``adopt_context_limit``."""
+    limits = [n for n in (context_limit(tokenizer), context_limit(None, model)) if n is not None]
+    return min(limits, default=None)
 
 
 def compose_stack(model: nn.Module, tokenizer: Any, stack: Sequence[Technique | TechniqueSpec | str],

@@ -395,6 +395,27 @@ def test_run_experiment_checks_what_the_cli_checks_before_loading(tmp_path, monk
             runner.run_experiment(Experiment(model="./no-such-model", runtime={"device": "cuda"}))
 
 
+def test_a_prompt_longer_than_the_model_is_refused_on_the_python_api(tiny):
+    """``ComposedModel.generate`` checks the prompt against the model's positions (a tokenizer without a
+    real ``model_max_length``, as GGUF conversions give, still gets the limit) and the tokenizer's limit."""
+    from effinfer.core.compose import compose_stack
+    from effinfer.core.generation import PromptTooLongError
+
+    model, tokenizer = tiny
+    assert tokenizer.model_max_length > 10**8  # declares no limit
+    with compose_stack(model, tokenizer, []) as composed:
+        with pytest.raises(PromptTooLongError, match=r"prompt 0 has \d+ tokens; the model's context is 2048 tokens"):
+            composed.generate(["word " * 500])
+        previous, tokenizer.model_max_length = tokenizer.model_max_length, 64
+        try:
+            with pytest.raises(PromptTooLongError, match="the model's context is 64 tokens. Shorten the prompt"):
+                composed.generate(["long prompt " * 20])
+        finally:
+            tokenizer.model_max_length = previous
+        [completion], _ = composed.generate(["hi"], None)
+        assert completion.prompt_tokens > 0
+
+
 def test_printed_text_is_literal_never_markup():
     """Model output, notes and config descriptions keep their brackets (no Rich markup)."""
     from rich.console import Console
