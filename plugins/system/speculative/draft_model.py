@@ -20,10 +20,11 @@ import copy
 from typing import Any
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from torch import nn
 
 from effinfer.core import Paper, Requirement, Technique, hookimpl
+from effinfer.core.preflight import model_source_problems
 from effinfer.core.stages import SystemStage
 from effinfer.plugins.system.speculative.api import DecodeEngine, Session, SpeculativeDecoding, TokenTree, draft_chain
 
@@ -121,6 +122,16 @@ class DraftModel(Technique):
         confidence_threshold: float = Field(
             0.0, ge=0.0, lt=1.0,
             description="stop drafting when the draft's probability of its token falls below this")
+
+        @field_validator("source")
+        @classmethod
+        def _source_can_be_a_model(cls, source: str | None) -> str | None:
+            """A path that is not a model (missing, a folder without config.json, a missing .gguf) is
+            refused here, before loading, with the main model's message (``model_source_problems``)."""
+            problems = [] if source is None else model_source_problems(source)
+            if problems:
+                raise ValueError("; ".join(p.removeprefix("model: ") for p in problems))
+            return source
 
         @model_validator(mode="after")
         def _has_a_draft(self) -> DraftModel.Config:
