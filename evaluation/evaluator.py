@@ -56,22 +56,6 @@ BASELINE = "baseline"
 PROTOCOL = 2
 
 
-def forget_engines(keep: Any = None) -> None:
-    """Drop the static engine's per-model compute engines (compiled steps, static KV buffers) of
-    every model but ``keep``: its registry is a WeakKeyDictionary whose values hold their model,
-    so without this each stack's model copy and buffers stay alive until the process ends."""
-    try:
-        from effinfer.plugins.system.engine import static
-    except ImportError:  # the engine plugin is not installed
-        return
-    engines = getattr(static, "_ENGINES", None)
-    if engines is None:
-        return
-    for model in list(engines.keys()):
-        if model is not keep:
-            engines.pop(model, None)
-
-
 def stack_spec(stack: StackLike, name: str | None = None) -> StackSpec:
     """Normalize a stack (strings, specs, dicts or an Experiment) into a :class:`StackSpec`."""
     if isinstance(stack, Experiment):
@@ -314,13 +298,14 @@ class Evaluator:
             composed.restore()
 
     def _release_stack(self, run: StackRun) -> None:
-        """Drop what a finished stack leaves in process-wide caches; empty its model's tensors.
+        """Empty a finished stack's model tensors, so a reference someone still holds (a plugin's
+        cache, a compiled graph) keeps almost nothing alive.
 
         The model copy is this stack's alone (``_fresh_model``), so emptying it is safe; the
-        baseline kept as the side-by-side peer is left whole.
+        baseline kept as the side-by-side peer is left whole. (The static engine's per-model table
+        holds its models weakly, so it lets go of them by itself.)
         """
         keep = self._peer.composed.model if self._peer is not None else None
-        forget_engines(keep)
         model = run.composed.model
         if model is not keep and not (not isinstance(self._source, str) and model is self._source[0]):
             hollow_module(model)
@@ -342,10 +327,6 @@ class Evaluator:
             record.add("memory.rss_after_release_bytes", rss, unit="B", higher_is_better=False,
                        params={"when": "after the stack's model, composition and caches were released"})
             bench["rss_after_release_bytes"][record.name] = rss
-
-    def _engine_options(self) -> dict[str, Any]:
-        """The runtime's decode-engine settings, for cores whose ComposedModel takes them."""
-        return {name: getattr(self.runtime, name) for name in ("engine", "compile") if name in Runtime.model_fields}
 
     def _fresh_model(self) -> tuple[Any, Any]:
         """A model nobody else holds: reloaded from its source, or a deep copy of the given object."""
