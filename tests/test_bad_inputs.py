@@ -149,7 +149,8 @@ CASES = [
          ("techniques[0] (rtn): bits", "allowed: one of 2, 3, 4, 8")),
     Case("rtn-group-size-does-not-divide", lambda f, cwd: ["generate", "hi", "--model", str(f.tiny), "-t",
                                                            "rtn:bits=4,group_size=48", "--max-new-tokens", "2"],
-         ("rtn", "group_size=48 does not divide", "64")),
+         ("rtn: group_size=48 does not divide the layer's 64 input features; use one of [16, 32, 64] or None "
+          "(one group per row); layers with 64 input features: self_attn.q_proj",)),
     Case("self-speculative-layer-out-of-range", lambda f, cwd: ["generate", "hi", "--model", str(f.tiny), "-t",
                                                                 "self_speculative:skip_layers=[99]",
                                                                 "--max-new-tokens", "2"],

@@ -163,6 +163,47 @@ def test_configs_out_of_range_are_refused_with_field_and_range(spec, expected):
     assert expected in str(caught.value), str(caught.value)
 
 
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gemma3"])
+@pytest.mark.parametrize("name", ["rtn", "gptq", "awq", "qat"])
+def test_a_group_size_that_does_not_divide_a_layer_is_refused_from_the_config(name, family):
+    """Told from the model's config alone (before loading), in the post-load error's wording, per input size."""
+    from effinfer.core.testing import tiny_model
+
+    model, _ = tiny_model(family, intermediate=96)  # q/k/v/o/gate/up: 64 inputs, down_proj: 96
+    [technique] = build(name, {"bits": 4, "group_size": 64})
+    assert technique.check_model_config(model.config) == [
+        "group_size=64 does not divide the layer's 96 input features; use one of [16, 32] or None (one group per "
+        "row); layers with 96 input features: mlp.down_proj"]
+    [fits] = build(name, {"bits": 4, "group_size": 32})
+    assert fits.check_model_config(model.config) == [] and fits.check_model_config(None) == []
+
+
+def test_the_group_size_check_respects_skip_modules_and_the_attention_width():
+    from effinfer.core.testing import tiny_gemma3
+
+    model, _ = tiny_gemma3(hidden=64, heads=4, head_dim=24, intermediate=128)  # o_proj takes 4 × 24 = 96
+    [rtn] = build("rtn", {"bits": 4, "group_size": 64})
+    assert rtn.check_model_config(model.config) == [
+        "group_size=64 does not divide the layer's 96 input features; use one of [16, 32] or None (one group per "
+        "row); layers with 96 input features: self_attn.o_proj"]
+    [skipping] = build("rtn", {"bits": 4, "group_size": 64, "skip_modules": ["lm_head", "o_proj"]})
+    assert skipping.check_model_config(model.config) == []
+    [with_head] = build("rtn", {"bits": 4, "group_size": 128, "skip_modules": ["self_attn", "mlp"]})
+    assert with_head.check_model_config(model.config) == [  # lm_head is quantized when not skipped
+        "group_size=128 does not divide the layer's 64 input features; use one of [16, 32, 64] or None (one group "
+        "per row); layers with 64 input features: lm_head"]
+
+
+def test_a_group_size_that_does_not_divide_is_refused_before_loading(tiny_model_dir, monkeypatch):
+    from effinfer.core import runner
+
+    monkeypatch.setattr(runner, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    experiment = Experiment(model=str(tiny_model_dir), techniques=["gptq:bits=4,group_size=48"])
+    with pytest.raises(ExperimentError, match=r"gptq: group_size=48 does not divide the layer's 64 input features; "
+                                              r"use one of \[16, 32, 64\] or None"):
+        runner.run_experiment(experiment)
+
+
 # --------------------------------------------------------------------------- GPTQ vs RTN, stored bytes
 
 

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from pydantic import Field
@@ -38,7 +39,7 @@ from torch import nn
 from effinfer.core import Paper, Requirement, Technique, hookimpl
 from effinfer.core.stages import ModelStage
 from effinfer.plugins.model.quantization.config import (CalibrationConfig, WeightQuantConfig, float_zero, grid_text,
-                                                        maybe_save, swap_note, weight_bytes,
+                                                        group_size_problems, maybe_save, swap_note, weight_bytes,
                                                         weight_math_threads)
 from effinfer.plugins.model.quantization.layers import PackedLayer, build_quantized_linear
 from effinfer.plugins.model.quantization.layerwise import (collect_inputs, decoder_layers, first_layer_inputs,
@@ -129,6 +130,11 @@ class AWQ(Technique):
         search_tokens: int = Field(2048, ge=16, le=1_000_000,
                                    description="calibration tokens used by the searches (a seeded subsample)")
         clip_tokens: int = Field(512, ge=16, le=100_000, description="tokens used by the clipping search")
+
+    def check_model_config(self, config: Any) -> list[str]:
+        """A ``group_size`` that does not divide the input features of the decoder layers' linear layers,
+        refused before loading (the model's config tells their sizes)."""
+        return group_size_problems(config, self.config.group_size, self.config.skip_modules, decoder_only=True)
 
     @hookimpl
     def effinfer_transform_model(self, stage: ModelStage) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -12,9 +13,10 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
 from effinfer.core.stages import ModelStage
+from effinfer.core.technique import BUILTIN_LAYOUTS
 from effinfer.plugins.model.quantization.layers import (PackedLayer, build_quantized_linear, packed_layers,
                                                        summarize_paths)
-from effinfer.plugins.model.quantization.packing import quantize
+from effinfer.plugins.model.quantization.packing import SUGGESTED_GROUPS, group_size_problem, quantize
 
 BITS_DESCRIPTION = "bits per weight (8, 4, 3 or 2); 8 and 4 have packed CPU kernels"
 GROUP_DESCRIPTION = ("input columns sharing one scale (a multiple of 8 that divides every quantized layer's "
@@ -68,6 +70,44 @@ class WeightQuantConfig(TargetConfig):
             raise ValueError(f"execution='kernel' with bits=4 needs group_size 32, 64, 128 or 256 (got "
                              f"{self.group_size})")
         return self
+
+
+def linear_input_features(model_config: Any, decoder_only: bool = False) -> dict[str, int]:
+    """Every ``nn.Linear`` of a model of a built-in layout (Llama, Qwen2, Gemma 3) by full name, with
+    its input features, read from the Hugging Face config alone (before loading); empty for
+    another layout or a config without the sizes. ``decoder_only`` leaves out ``lm_head``."""
+    if getattr(model_config, "model_type", None) not in BUILTIN_LAYOUTS:
+        return {}
+    try:
+        hidden, intermediate = int(model_config.hidden_size), int(model_config.intermediate_size)
+        heads, layers = int(model_config.num_attention_heads), int(model_config.num_hidden_layers)
+    except (AttributeError, TypeError, ValueError):
+        return {}
+    head_dim = getattr(model_config, "head_dim", None) or hidden // heads
+    block = {"self_attn.q_proj": hidden, "self_attn.k_proj": hidden, "self_attn.v_proj": hidden,
+             "self_attn.o_proj": heads * head_dim, "mlp.gate_proj": hidden, "mlp.up_proj": hidden,
+             "mlp.down_proj": intermediate}
+    features = {f"model.layers.{i}.{name}": size for i in range(layers) for name, size in block.items()}
+    return features if decoder_only else features | {"lm_head": hidden}
+
+
+def group_size_problems(model_config: Any, group_size: int | None, skip_modules: list[str],
+                        decoder_only: bool = False) -> list[str]:
+    """The quantized layers (those no ``skip_modules`` entry names) whose input features
+    ``group_size`` does not divide, told from the model's config before loading: one message per
+    input size, the post-load error's wording, offering the sizes that divide every quantized layer."""
+    if group_size is None or model_config is None:
+        return []
+    quantized = {name: size for name, size in linear_input_features(model_config, decoder_only).items()
+                 if not any(skip in name for skip in skip_modules)}
+    suggest = [g for g in SUGGESTED_GROUPS if all(size % g == 0 for size in quantized.values())]
+    problems = []
+    for size in sorted(set(quantized.values())):
+        problem = group_size_problem(size, group_size, suggest)
+        if problem:
+            kinds = dict.fromkeys(re.sub(r"^model\.layers\.\d+\.", "", n) for n, s in quantized.items() if s == size)
+            problems.append(f"{problem}; layers with {size} input features: {', '.join(kinds)}")
+    return problems
 
 
 class CalibrationConfig(BaseModel):

@@ -23,6 +23,7 @@ each decoder layer is calibrated on the outputs of the already quantized layers 
 from __future__ import annotations
 
 import time
+from typing import Any
 
 import torch
 from pydantic import Field
@@ -30,7 +31,7 @@ from pydantic import Field
 from effinfer.core import Paper, Requirement, Technique, hookimpl
 from effinfer.core.stages import ModelStage
 from effinfer.plugins.model.quantization.config import (CalibrationConfig, WeightQuantConfig, float_zero, grid_text,
-                                                        maybe_save, swap_note, weight_bytes,
+                                                        group_size_problems, maybe_save, swap_note, weight_bytes,
                                                         weight_math_threads)
 from effinfer.plugins.model.quantization.layers import PackedLayer, build_quantized_linear
 from effinfer.plugins.model.quantization.layerwise import (decoder_layers, first_layer_inputs, linears_of,
@@ -139,6 +140,11 @@ class GPTQ(Technique):
         damp: float = Field(0.01, gt=0.0, le=1.0, description="dampening added to the Hessian diagonal, as a "
                                                               "fraction of its mean")
         block_size: int = Field(128, ge=8, le=8192, description="columns per lazy batch update")
+
+    def check_model_config(self, config: Any) -> list[str]:
+        """A ``group_size`` that does not divide the input features of the decoder layers' linear layers,
+        refused before loading (the model's config tells their sizes)."""
+        return group_size_problems(config, self.config.group_size, self.config.skip_modules, decoder_only=True)
 
     @hookimpl
     def effinfer_transform_model(self, stage: ModelStage) -> None:

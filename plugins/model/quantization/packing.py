@@ -102,16 +102,28 @@ def check_bits(bits: int) -> None:
         raise ValueError(f"bits={bits} is not supported; use one of {SUPPORTED_BITS}")
 
 
+#: group sizes suggested when one does not divide a layer
+SUGGESTED_GROUPS = (16, 32, 64, 128, 256)
+
+
+def group_size_problem(in_features: int, group_size: int | None, suggest: list[int] | None = None) -> str | None:
+    """Why ``group_size`` cannot split a layer with ``in_features`` inputs (``None``: it can).
+    ``suggest`` (default: the suggested sizes dividing ``in_features``) are the sizes offered instead."""
+    group = in_features if group_size is None else group_size
+    if group > 0 and in_features % group == 0:
+        return None
+    if suggest is None:
+        suggest = [g for g in SUGGESTED_GROUPS if in_features % g == 0]
+    return (f"group_size={group_size} does not divide the layer's {in_features} input features; "
+            f"use one of {suggest} or None (one group per row)")
+
+
 def check_group_size(in_features: int, group_size: int | None) -> int:
     """The effective group size (``in_features`` when ``None``); explains a size that does not divide."""
-    group = in_features if group_size is None else group_size
-    if group <= 0 or in_features % group:
-        divisors = [g for g in (16, 32, 64, 128, 256) if in_features % g == 0]
-        raise ValueError(
-            f"group_size={group_size} does not divide the layer's {in_features} input features; "
-            f"use one of {divisors} or None (one group per row)"
-        )
-    return group
+    problem = group_size_problem(in_features, group_size)
+    if problem:
+        raise ValueError(problem)
+    return in_features if group_size is None else group_size
 
 
 def stored_scale(scale: torch.Tensor) -> torch.Tensor:

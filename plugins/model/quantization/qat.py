@@ -35,8 +35,8 @@ from transformers import DynamicCache
 from effinfer.core import Paper, Requirement, Technique, hookimpl
 from effinfer.core.memory import peak_rss_bytes
 from effinfer.core.stages import ModelStage
-from effinfer.plugins.model.quantization.config import (WeightQuantConfig, float_zero, grid_text, maybe_save,
-                                                        round_to_nearest_linear, selected_linears, swap_in,
+from effinfer.plugins.model.quantization.config import (WeightQuantConfig, float_zero, grid_text, group_size_problems,
+                                                        maybe_save, round_to_nearest_linear, selected_linears, swap_in,
                                                         weight_math_threads)
 from effinfer.plugins.model.quantization.packing import check_group_size, fake_quantize
 
@@ -125,6 +125,11 @@ class QAT(Technique):
         greedy_tokens: int = Field(3, ge=0, le=64, description="self-generated text: tokens after the random first "
                                                                "one chosen by argmax before sampling starts")
         seed: int = Field(0, ge=0, description="seed of data generation and batch order")
+
+    def check_model_config(self, config: Any) -> list[str]:
+        """A ``group_size`` that does not divide the input features of every linear layer not in skip_modules,
+        refused before loading (the model's config tells their sizes)."""
+        return group_size_problems(config, self.config.group_size, self.config.skip_modules)
 
     @hookimpl
     def effinfer_transform_model(self, stage: ModelStage) -> None:

@@ -12,7 +12,7 @@ Frantar et al., "GPTQ", arXiv:2210.17323, and Dettmers & Zettlemoyer, "The case 
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field, model_validator
 from torch import nn
@@ -20,8 +20,9 @@ from torch import nn
 from effinfer.core import Paper, Technique, hookimpl
 from effinfer.core.stages import ModelStage
 from effinfer.plugins.model.quantization.config import (BITS_DESCRIPTION, GROUP_DESCRIPTION, WeightQuantConfig,
-                                                        grid_text, maybe_save, round_to_nearest_linear,
-                                                        selected_linears, swap_in, weight_math_threads)
+                                                        grid_text, group_size_problems, maybe_save,
+                                                        round_to_nearest_linear, selected_linears, swap_in,
+                                                        weight_math_threads)
 from effinfer.plugins.model.quantization.layers import QuantizedLinear
 
 __all__ = ["RTN", "QuantizedLinear", "linear_layers"]
@@ -57,6 +58,11 @@ class RTN(Technique):
             if isinstance(data, dict) and "group_size" not in data and data.get("bits", 8) != 8:
                 data = {**data, "group_size": 16 if data.get("bits") == 2 else 32}
             return data
+
+    def check_model_config(self, config: Any) -> list[str]:
+        """A ``group_size`` that does not divide the input features of every linear layer not in skip_modules,
+        refused before loading (the model's config tells their sizes)."""
+        return group_size_problems(config, self.config.group_size, self.config.skip_modules)
 
     @hookimpl
     def effinfer_transform_model(self, stage: ModelStage) -> None:
