@@ -199,13 +199,14 @@ def stack_conflicts(stack: list[Technique], runtime: Runtime, layout: str | None
 
 
 def format_validation_errors(error: ValidationError, schema: type[BaseModel], prefix: str = "") -> list[str]:
-    """One line per pydantic error: the field, the message and the allowed range."""
+    """One line per pydantic error: the field, the message and the allowed range (also for the
+    fields of optional sections and of list items, e.g. a suite's ``speed.repeats``)."""
     json_schema = schema.model_json_schema()
     lines = []
     for item in error.errors():
         field = ".".join(str(part) for part in item["loc"]) or "<config>"
         parent = schema_at(json_schema, item["loc"][:-1])
-        prop = parent.get("properties", {}).get(str(item["loc"][-1]), {}) if item["loc"] else {}
+        prop = schema_at(json_schema, item["loc"]) if item["loc"] else {}
         allowed = allowed_range(prop)
         got = f" (got {item['input']!r})" if item["type"] != "missing" and "input" in item else ""
         hint = f"; allowed: {allowed}" if allowed else ""
@@ -219,14 +220,34 @@ def format_validation_errors(error: ValidationError, schema: type[BaseModel], pr
 
 
 def schema_at(json_schema: dict[str, Any], loc: tuple[Any, ...]) -> dict[str, Any]:
-    """The sub-schema of an object at ``loc``, following ``$ref`` into ``$defs``."""
-    node = json_schema
-    for part in (*loc, None):
+    """The sub-schema at ``loc`` (field names and list indices), following ``$ref`` into ``$defs``
+    and an optional section's ``anyOf`` to its one non-null schema; ``{}`` when unknown."""
+    node = _resolved(json_schema, json_schema)
+    for part in loc:
+        if isinstance(part, int) and isinstance(node.get("items"), dict):
+            node = node["items"]
+        elif str(part) in node.get("properties", {}):
+            node = node["properties"][str(part)]
+        elif isinstance(node.get("additionalProperties"), dict):
+            node = node["additionalProperties"]
+        else:
+            return {}
+        node = _resolved(json_schema, node)
+    return node
+
+
+def _resolved(json_schema: dict[str, Any], node: dict[str, Any]) -> dict[str, Any]:
+    """``node`` with its ``$ref`` followed, and ``X | None`` reduced to ``X`` when ``X`` is a
+    section or a list (a leaf's ``anyOf`` is kept: :func:`allowed_range` describes it)."""
+    for _ in range(16):  # a guard against a self-referencing schema
         if "$ref" in node:
-            node = json_schema.get("$defs", {})[node["$ref"].rsplit("/", 1)[-1]]
-        if part is None:
-            return node
-        node = node.get("properties", {}).get(str(part), {})
+            node = json_schema.get("$defs", {}).get(node["$ref"].rsplit("/", 1)[-1], {})
+            continue
+        options = [option for option in node.get("anyOf", []) if option.get("type") != "null"]
+        if len(options) == 1 and ("$ref" in options[0] or "properties" in options[0] or "items" in options[0]):
+            node = options[0]
+            continue
+        break
     return node
 
 

@@ -189,7 +189,7 @@ CASES = [
     Case("bench-suite-file-duplicate-key", bench(suite="suite.yaml"), ("duplicate key 'speed'",),
          setup=write("suite.yaml", "speed: null\nspeed: {repeats: 2}\n")),
     Case("bench-suite-file-bad-field", bench(suite="suite.yaml"), ("the suite is not valid", "speed.repeats",
-                                                                  "greater than or equal to 1 (got 0)"),
+                                                                  "greater than or equal to 1 (got 0); allowed: 1 ≤ value ≤ 100"),
          setup=write("suite.yaml", "speed: {repeats: 0}\n")),
     Case("bench-suite-is-a-folder", bench(suite="{root}"), ("is a folder, not a suite file",)),
     Case("bench-out-holds-a-report", lambda f, cwd: [*bench("--baseline-only")(f, cwd), "--out", str(f.report)],

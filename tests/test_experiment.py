@@ -37,6 +37,35 @@ def test_unknown_config_field_lists_known_fields():
     assert "known fields: max_ngram, min_ngram, num_draft_tokens" in message
 
 
+def test_fields_of_optional_sections_and_list_items_get_their_range_and_known_fields():
+    from pydantic import Field, ValidationError
+
+    from effinfer.core.experiment import format_validation_errors
+
+    class Speed(BaseModel):
+        model_config = {"extra": "forbid"}
+        repeats: int = Field(3, ge=1, le=100)
+        warmup: int | None = Field(None, ge=0)
+
+    class Suite(BaseModel):
+        model_config = {"extra": "forbid"}
+        speed: Speed | None = None
+        grid: list[Speed] = []
+
+    with pytest.raises(ValidationError) as caught:
+        Suite.model_validate({"speed": {"repeats": 0, "warmup": -1, "colour": 1}, "grid": [{"repats": 2}]})
+    assert format_validation_errors(caught.value, Suite, prefix="suite.yaml: ") == [
+        "suite.yaml: speed.repeats: Input should be greater than or equal to 1 (got 0); allowed: 1 ≤ value ≤ 100",
+        "suite.yaml: speed.warmup: Input should be greater than or equal to 0 (got -1); allowed: value ≥ 0",
+        "suite.yaml: speed.colour: Extra inputs are not permitted (got 1); known fields: repeats, warmup",
+        "suite.yaml: grid.0.repats: Extra inputs are not permitted (got 2); known fields: repeats, warmup",
+    ]
+    with pytest.raises(ExperimentError) as refused:
+        Experiment.checked(techniques=[{"name": "rtn", "confg": {}}])
+    message = str(refused.value)
+    assert "techniques.0.confg: Extra inputs are not permitted" in message and "known fields: name, config" in message
+
+
 def test_cross_field_rule_is_reported():
     assert "min_ngram (4) must be ≤ max_ngram (2)" in problems_of(techniques=["prompt_lookup:min_ngram=4,max_ngram=2"])
 
