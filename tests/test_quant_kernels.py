@@ -55,6 +55,34 @@ def test_int_mm_is_an_exact_integer_gemm():
     assert torch.equal(kernels.int8_gemm(a, b), a.int() @ b.int())
 
 
+@settings(max_examples=15, deadline=None)
+@given(rows=st.integers(1, 20), inner=st.sampled_from([1, 64, 576, 1024, 1025, 1536, 2049]),
+       cols=st.integers(1, 24), extreme=st.booleans(), seed=st.integers(0, 2**16))
+def test_float_int8_gemm_equals_the_integer_gemm_bit_for_bit(rows, inner, cols, extreme, seed):
+    generator = torch.Generator().manual_seed(seed)
+    if extreme:  # every product at its largest magnitude: the worst case for float32 exactness
+        x = torch.full((rows, inner), -127, dtype=torch.int8)
+        w = torch.full((inner, cols), -127, dtype=torch.int8)
+    else:
+        x = torch.randint(-127, 128, (rows, inner), dtype=torch.int8, generator=generator)
+        w = torch.randint(-127, 128, (inner, cols), dtype=torch.int8, generator=generator)
+    exact = x.long() @ w.long()
+    assert torch.equal(kernels.int8_gemm_float(x, w).long(), exact)
+    assert torch.equal(kernels.int8_gemm(x, w).long(), exact)  # whichever path this CPU chose
+
+
+def test_int8_gemm_path_can_be_forced(monkeypatch):
+    kernels.int8_gemm_path.cache_clear()
+    try:
+        for path in kernels.INT8_GEMM_PATHS:
+            monkeypatch.setenv("EFFINFER_INT8_GEMM", path)
+            kernels.int8_gemm_path.cache_clear()
+            assert kernels.int8_gemm_path() == path
+    finally:
+        monkeypatch.delenv("EFFINFER_INT8_GEMM")
+        kernels.int8_gemm_path.cache_clear()
+
+
 @pytest.mark.parametrize("static", [False, True])
 def test_w8a8_layer_is_close_to_float(static):
     torch.manual_seed(0)

@@ -6,7 +6,9 @@
   then ``torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, group_size, scales_and_zeros[K/g, N, 2])``,
   which computes ``w = (code - 8) * scale + zero`` per group of 32/64/128/256 input columns;
 - **W8A8** — ``torch._int_mm(x_int8[M, K], w_int8[K, N]) -> int32`` after per-token dynamic
-  (or static per-tensor) quantization of the activations.
+  (or static per-tensor) quantization of the activations; on CPUs where that op is slow (no
+  oneDNN int8 kernel: ~40× slower than float32 BLAS on an AMD EPYC) the same int32 product comes
+  from float32 BLAS on K-chunks small enough to be exact (:func:`int8_gemm_path` picks, once).
 
 This is the gpt-fast recipe. On this machine kind the weight-only kernels are fast only
 with bfloat16 activations, so the model stays float32 and the activations are cast to
@@ -22,6 +24,9 @@ long prompt can be run through a dequantized float GEMM.
 from __future__ import annotations
 
 import functools
+import os
+import time
+from collections.abc import Callable
 
 import torch
 
@@ -197,9 +202,61 @@ def quantize_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.round(x.float() / scales).clamp(-127, 127).to(torch.int8), scales
 
 
+#: int8 × int8 products are below 2**14, so a sum of up to 1024 of them stays below 2**24, where
+#: float32 represents every integer exactly whatever the summation order: a float32 GEMM over such
+#: a K-chunk *is* the int32 result
+EXACT_FLOAT_K = 1024
+INT8_GEMM_PATHS = {"int_mm": "torch._int_mm",
+                   "float": "int32-exact float32 GEMM in K-chunks of 1024 (faster than torch._int_mm here)"}
+
+
+def int8_gemm_float(x_int8: torch.Tensor, w_int8_t: torch.Tensor) -> torch.Tensor:
+    """``x_int8 @ w_int8_t`` in int32, computed exactly by float32 BLAS on K-chunks of ≤ 1024."""
+    out = None
+    for start in range(0, x_int8.shape[1], EXACT_FLOAT_K):
+        chunk = slice(start, start + EXACT_FLOAT_K)
+        part = (x_int8[:, chunk].float() @ w_int8_t[chunk].float()).to(torch.int32)
+        out = part if out is None else out + part
+    return out
+
+
+@functools.cache
+def int8_gemm_path() -> str:
+    """``"int_mm"`` or ``"float"``: the faster exact int8 GEMM on this CPU, probed once per process.
+
+    ``torch._int_mm`` is fast where oneDNN has int8 kernels for the CPU (Intel AMX) and ~40×
+    slower than float32 BLAS elsewhere (measured on an AMD EPYC Zen 5, 2 threads); both give the
+    same int32 result. ``EFFINFER_INT8_GEMM=int_mm|float`` forces one.
+    """
+    forced = os.environ.get("EFFINFER_INT8_GEMM")
+    if forced in INT8_GEMM_PATHS:
+        return forced
+    generator = torch.Generator().manual_seed(0)
+    # a prefill-sized product with the weight transposed, as the layers call it (decode-sized ones
+    # cost about the same either way)
+    x = torch.randint(-127, 128, (128, 512), dtype=torch.int8, generator=generator)
+    w = torch.randint(-127, 128, (1024, 512), dtype=torch.int8, generator=generator).t()
+    seconds = {name: _best_of(lambda fn=fn: fn(x, w)) for name, fn in
+               (("int_mm", torch._int_mm), ("float", int8_gemm_float))}
+    return min(seconds, key=seconds.get)
+
+
+def _best_of(call: Callable[[], object], repeats: int = 3) -> float:
+    call()  # warm-up
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        call()
+        times.append(time.perf_counter() - started)
+    return min(times)
+
+
 def int8_gemm(x_int8: torch.Tensor, w_int8_t: torch.Tensor) -> torch.Tensor:
-    """``x_int8 @ w_int8_t`` accumulated in int32 (``torch._int_mm``, a real integer GEMM)."""
-    return torch._int_mm(x_int8, w_int8_t)
+    """``x_int8 @ w_int8_t`` accumulated in int32: ``torch._int_mm`` (a real integer GEMM) on CUDA and
+    on CPUs where it is the faster one, else its exact float32 emulation (:func:`int8_gemm_path`)."""
+    if x_int8.is_cuda or int8_gemm_path() == "int_mm":
+        return torch._int_mm(x_int8, w_int8_t)
+    return int8_gemm_float(x_int8, w_int8_t)
 
 
 def w8a8_mm(x: torch.Tensor, w_int8_t: torch.Tensor, w_scales: torch.Tensor,

@@ -218,7 +218,7 @@ class Int8DynamicLinear(PackedLayer):
 
     def path(self) -> str:
         scheme = "per-token dynamic" if self.act_scale is None else "static per-tensor"
-        return f"int8×int8 GEMM (torch._int_mm, {scheme} activations)"
+        return f"int8×int8 GEMM ({kernels.INT8_GEMM_PATHS[kernels.int8_gemm_path()]}, {scheme} activations)"
 
     @classmethod
     def from_export(cls, meta: dict[str, Any], tensors: dict[str, torch.Tensor]) -> Int8DynamicLinear:
@@ -276,7 +276,8 @@ class OutlierInt8Linear(PackedLayer):
         return out.to(x.dtype).reshape(*shape[:-1], self.out_features)
 
     def path(self) -> str:
-        return "int8×int8 GEMM (torch._int_mm) + outlier features in float16"  # counts: the technique's note
+        gemm = kernels.INT8_GEMM_PATHS[kernels.int8_gemm_path()]
+        return f"int8×int8 GEMM ({gemm}) + outlier features in float16"  # counts: the technique's note
 
     def metadata(self) -> dict[str, Any]:
         return super().metadata() | {"runtime_threshold": self.runtime_threshold}
