@@ -51,7 +51,7 @@ class MedusaDecoding(SpeculativeDecoding):
     def propose(self, session: Session) -> TokenTree:
         lm_head = session.model.get_output_embeddings()
         with torch.inference_mode():
-            probs = self.heads(session.hidden.to(next(self.heads.parameters()).dtype)[None], lm_head)[:, 0]
+            probs = self.heads(session.hidden[None], lm_head)[:, 0]
         probs = probs.float().softmax(-1)
         prefixes = candidate_prefixes(probs, self.config.topk, self.config.max_nodes)
         return TokenTree.from_paths(session.pending, prefixes)

@@ -35,18 +35,27 @@ INSTRUCTIONS = (
 
 
 class MedusaHeads(nn.Module):
-    """``count`` residual heads over a hidden size, sharing an external LM head."""
+    """``count`` residual heads over a hidden size, sharing an external LM head.
 
-    def __init__(self, hidden_size: int, count: int) -> None:
+    The heads are trained and kept in float32 whatever the model's dtype; ``model_dtype`` (the
+    dtype of the model's activations, which its LM head takes) is what their output is cast to
+    before the LM head, so a float64 or bfloat16 model works with the same cached heads
+    (``None``: the heads' own dtype).
+    """
+
+    def __init__(self, hidden_size: int, count: int, model_dtype: torch.dtype | None = None) -> None:
         super().__init__()
         self.blocks = nn.ModuleList(nn.Linear(hidden_size, hidden_size) for _ in range(count))
+        self.model_dtype = model_dtype
         for block in self.blocks:
             nn.init.zeros_(block.weight)
             nn.init.zeros_(block.bias)
 
     def forward(self, hidden: torch.Tensor, lm_head: nn.Module) -> torch.Tensor:
-        """Logits ``count × … × vocab`` for the tokens 2, 3, … positions after ``hidden``."""
-        return torch.stack([lm_head(hidden + F.silu(block(hidden))) for block in self.blocks])
+        """Logits ``count × … × vocab`` for the tokens 2, 3, … positions after ``hidden`` (any float dtype)."""
+        own = self.blocks[0].weight.dtype
+        hidden, output = hidden.to(own), self.model_dtype or own
+        return torch.stack([lm_head((hidden + F.silu(block(hidden))).to(output)) for block in self.blocks])
 
 
 @dataclass
@@ -173,7 +182,8 @@ def train_medusa(model: nn.Module, tokenizer: Any, options: Any, engine: Any) ->
     """Heads for ``model`` from the cache, or trained now on self-generated text."""
     from effinfer.data.cache import cache_dir
 
-    heads = MedusaHeads(model.config.hidden_size, options.heads).to(next(model.parameters()).device)
+    embeddings = model.get_input_embeddings().weight
+    heads = MedusaHeads(model.config.hidden_size, options.heads, embeddings.dtype).to(embeddings.device)
     key_data = [model_fingerprint(model), options.heads, options.train_prompts, options.train_new_tokens,
                 options.epochs, options.lr, options.seed, options.corpora]
     key = hashlib.sha256(json.dumps(key_data).encode()).hexdigest()[:16]
