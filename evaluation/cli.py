@@ -45,7 +45,6 @@ DEFAULT_COMPOSITIONS = (
     "rtn+prompt_lookup",
     "selective_context+rtn+prompt_lookup",
     "smoothquant+self_speculative",
-    "rtn:bits=4,group_size=32+rest",
 )
 
 results_app = typer.Typer(help="Browse, compare and export stored evaluation runs.", no_args_is_help=True)
