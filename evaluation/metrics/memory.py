@@ -20,31 +20,21 @@ import ctypes
 import ctypes.util
 import gc
 from collections.abc import Callable, Iterable
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
 from effinfer.core.generation import new_cache
-from effinfer.core.memory import cuda_peak_bytes, peak_rss_bytes, reset_cuda_peak, reset_peak_rss
+from effinfer.core.memory import cuda_peak_bytes, peak_rss_bytes, reset_cuda_peak, reset_peak_rss, status_bytes
 
 __all__ = ["CacheRecorder", "cache_tensors", "cuda_peak_bytes", "peak_rss_bytes", "release_memory",
            "hollow_module", "reset_cuda_peak", "reset_peak_rss", "rss_bytes", "trim_heap", "unique_tensor_bytes",
            "weight_bytes"]
 
-_STATUS = Path("/proc/self/status")
-
-
 def rss_bytes() -> int | None:
     """The process's current resident set size (``VmRSS``), ``None`` where ``/proc`` is missing."""
-    try:
-        for line in _STATUS.read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
+    return status_bytes("VmRSS")
 
 
 def _libc() -> Any:
