@@ -88,6 +88,9 @@ class Technique:
     #: the config ``effinfer bench -t NAME`` (and the default bench) runs, when it should differ
     #: from the defaults (cheaper set-up, a draft stack); ``None``: the defaults
     bench_config: ClassVar[dict[str, Any] | None] = None
+    #: stacks benched with this technique's family (``effinfer bench --node <its node>``), written
+    #: like ``-c``: ``("wanda+gptq",)``; each names this technique
+    bench_compositions: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, config: BaseModel | dict[str, Any] | None = None) -> None:
         if config is None or isinstance(config, dict):
@@ -173,6 +176,11 @@ def check_technique_class(cls: Any) -> None:
     check_layouts(cls)
     if cls.bench_config is not None and not isinstance(cls.bench_config, dict):
         raise TypeError(f"{cls.__name__}.bench_config must be a dict of config values or None")
+    if not isinstance(cls.bench_compositions, tuple) or not all(
+            isinstance(c, str) and cls.name in [p.split(":")[0].strip() for p in c.split("+")]
+            for c in cls.bench_compositions):
+        raise TypeError(f"{cls.__name__}.bench_compositions must be a tuple of 'a+b' strings, each naming "
+                        f"{cls.name!r}")
 
 
 def check_hook_methods(cls: type[Technique]) -> None:

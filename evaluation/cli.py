@@ -47,6 +47,16 @@ DEFAULT_COMPOSITIONS = (
     "smoothquant+self_speculative",
 )
 
+#: the main job (``effinfer bench`` with no selection, ``make bench``): the quantization, speculative
+#: and selective-context techniques, within 20 minutes on a 2-core CPU. Every other family is benched
+#: by its taxonomy node (``effinfer bench --node model.compression.sparsification``), everything by
+#: ``--all``.
+MAIN_BENCH = (
+    "rtn", "gptq", "awq", "smoothquant", "llm_int8", "qat",
+    "prompt_lookup", "draft_model", "self_speculative", "lookahead", "rest", "medusa",
+    "selective_context",
+)
+
 results_app = typer.Typer(help="Browse, compare and export stored evaluation runs.", no_args_is_help=True)
 
 
@@ -73,14 +83,19 @@ def bench_config(cls: type, name: str = "") -> dict[str, Any]:
     return dict(config) if isinstance(config, dict) else {}
 
 
-def default_stacks(registry: Registry, runtime: Runtime) -> tuple[list[list[TechniqueSpec]], list[str]]:
-    """Every built-in technique alone plus the default compositions; and what was left out, with why."""
+def default_stacks(registry: Registry, runtime: Runtime, nodes: list[str] | None = None,
+                   everything: bool = False) -> tuple[list[list[TechniqueSpec]], list[str]]:
+    """The stacks of a bench without ``-t``/``-c``, and what was left out, with why.
+
+    No ``nodes``: the main job (:data:`MAIN_BENCH` alone plus :data:`DEFAULT_COMPOSITIONS`).
+    ``nodes``: every registered technique under those taxonomy nodes alone, plus the
+    ``bench_compositions`` they declare. ``everything``: every built-in technique and every
+    composition, the main job's and the families'.
+    """
     skipped: list[str] = []
     usable: dict[str, TechniqueSpec] = {}
-    for name in registry.names():
+    for name in _selected(registry, nodes, everything):
         entry = registry.techniques[name]
-        if entry.distribution != BUILTIN_DISTRIBUTION:
-            continue
         if Requirement.CUDA in entry.technique.requires and not runtime.device.startswith("cuda"):
             skipped.append(f"{name} (requires CUDA; run with --device cuda)")
             continue
@@ -93,19 +108,66 @@ def default_stacks(registry: Registry, runtime: Runtime) -> tuple[list[list[Tech
             continue
         usable[name] = TechniqueSpec(name=name, config=config)
     stacks = [[spec] for spec in usable.values()]
-    for composition in DEFAULT_COMPOSITIONS:
+    compositions = [] if nodes else list(DEFAULT_COMPOSITIONS)
+    if nodes or everything:
+        compositions += [c for name in usable for c in registry.techniques[name].technique.bench_compositions]
+    for composition in dict.fromkeys(compositions):
         parts = parse_composition(composition)
-        if all(p.name in usable for p in parts):
-            stacks.append([usable[p.name] if not p.config else p for p in parts])
+        if all(p.name in registry.techniques for p in parts):
+            stacks.append([with_bench_config(p, registry) for p in parts])
+        else:
+            missing = [p.name for p in parts if p.name not in registry.techniques]
+            skipped.append(f"{composition} (not registered: {', '.join(missing)})")
     return stacks, skipped
 
 
+def _selected(registry: Registry, nodes: list[str] | None, everything: bool) -> list[str]:
+    """Technique names a bench selects: under ``nodes``, every built-in, or the main job's."""
+    if nodes:
+        return [n for n in registry.names() if any(_under(registry.techniques[n].technique.node, node)
+                                                   for node in nodes)]
+    if everything:
+        return [n for n in registry.names() if registry.techniques[n].distribution == BUILTIN_DISTRIBUTION]
+    return [n for n in MAIN_BENCH if n in registry.techniques
+            and registry.techniques[n].distribution == BUILTIN_DISTRIBUTION]
+
+
+def _under(node: str, prefix: str) -> bool:
+    return node == prefix or node.startswith(prefix + ".")
+
+
+def check_nodes(nodes: list[str], registry: Registry) -> None:
+    """Each ``--node`` must be a taxonomy node with at least one registered technique under it."""
+    from effinfer.taxonomy import load_taxonomy
+
+    taxonomy = load_taxonomy()
+    problems = []
+    for node in nodes:
+        if node not in taxonomy:
+            close = taxonomy.closest(node)
+            problems.append(f"--node {node!r} is not a taxonomy node"
+                            + (f"; did you mean {', '.join(close)}?" if close else "; see `effinfer taxonomy`"))
+        elif not any(_under(entry.technique.node, node) for entry in registry.techniques.values()):
+            with_techniques = sorted({e.technique.node for e in registry.techniques.values()})
+            problems.append(f"no technique is registered under --node {node!r}; nodes with techniques: "
+                            f"{', '.join(with_techniques)}")
+    if problems:
+        raise ValueError("; ".join(problems))
+
+
 def chosen_stacks(techniques: list[str], compositions: list[str], registry: Registry,
-                  runtime: Runtime) -> tuple[list[list[TechniqueSpec]], list[str]]:
-    if not techniques and not compositions:
-        return default_stacks(registry, runtime)
-    stacks = [[parse_technique(t)] for t in techniques] + [parse_composition(c) for c in compositions]
-    return [[with_bench_config(spec, registry) for spec in stack] for stack in stacks], []
+                  runtime: Runtime, nodes: list[str] | None = None,
+                  everything: bool = False) -> tuple[list[list[TechniqueSpec]], list[str]]:
+    if nodes:
+        check_nodes(nodes, registry)
+    if nodes or everything or not (techniques or compositions):
+        stacks, skipped = default_stacks(registry, runtime, nodes, everything)
+        if not (techniques or compositions):
+            return stacks, skipped
+    else:
+        stacks, skipped = [], []
+    given = [[parse_technique(t)] for t in techniques] + [parse_composition(c) for c in compositions]
+    return stacks + [[with_bench_config(spec, registry) for spec in stack] for stack in given], skipped
 
 
 def with_bench_config(spec: TechniqueSpec, registry: Registry) -> TechniqueSpec:
@@ -127,6 +189,11 @@ def bench_command(
                                  "bench config); repeatable")] = [],  # noqa: B006
     compose: Annotated[list[str], typer.Option(
         "--compose", "-c", help="a stack such as 'selective_context+rtn+prompt_lookup'; repeatable")] = [],  # noqa: B006
+    node: Annotated[list[str], typer.Option(
+        "--node", "-n", help="a taxonomy node: every technique under it alone, plus the compositions its "
+                             "techniques declare (e.g. model.compression.sparsification); repeatable")] = [],  # noqa: B006
+    everything: Annotated[bool, typer.Option(
+        "--all", help="every built-in technique and every declared composition (hours on a 2-core CPU)")] = False,
     suite: Annotated[str, typer.Option(help="quick, standard, full, or a suite YAML file")] = "quick",
     model: Annotated[str, typer.Option(help="alias, .gguf file, folder or hub id")] = DEFAULT_MODEL,
     store: Annotated[Path | None, typer.Option(help="results database (default: $EFFINFER_RESULTS or the cache)")] = None,
@@ -142,7 +209,9 @@ def bench_command(
 ) -> None:
     """Benchmark technique stacks against the baseline: accuracy, fidelity, speed, memory.
 
-    Default: the baseline, every built-in technique alone and a few cross-level compositions.
+    Default (the main job, `make bench`): the baseline, the quantization, speculative-decoding and
+    selective-context techniques alone and a few cross-level compositions. `--node` benches a family
+    by its taxonomy node, `--all` every built-in; `-t`/`-c` add stacks to either.
     Every stack is validated before anything is measured. Prints the table and writes the
     store, a markdown report and plots; exits 1 when a stack failed. An interrupted bench is
     recorded as interrupted; rerunning the same command resumes it (stored stacks are kept).
@@ -150,7 +219,7 @@ def bench_command(
     registry = get_registry()
     runtime, chosen_suite = _runtime_and_suite(device, threads, suite)
     try:
-        stacks, skipped = ([], []) if baseline_only else chosen_stacks(technique, compose, registry, runtime)
+        stacks, skipped = ([], []) if baseline_only else chosen_stacks(technique, compose, registry, runtime, node, everything)
         check_stacks(stacks, model, runtime, registry)  # all of them, before the baseline is measured
     except (EffinferError, ValueError) as error:
         _fail(error)

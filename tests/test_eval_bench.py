@@ -237,6 +237,23 @@ def test_default_bench_stacks(registry):
         parse_composition("a++b")
 
 
+def test_bench_by_taxonomy_node(registry):
+    """``--node`` selects every registered technique under a node (third-party ones too) and
+    refuses a misspelt node or one without techniques, naming the fix."""
+    from effinfer.core.experiment import Runtime
+    from effinfer.evaluation.cli import MAIN_BENCH, chosen_stacks
+
+    stacks, _ = chosen_stacks([], [], registry, Runtime(), ["model.compression.sparsification"])
+    names = ["+".join(t.name for t in stack) for stack in stacks]
+    assert "drop_layers" in names and "rtn" not in names
+    stacks, _ = chosen_stacks(["rtn"], [], registry, Runtime(), ["model.compression.sparsification"])
+    assert ["+".join(t.name for t in stack) for stack in stacks][-1] == "rtn"
+    with pytest.raises(ValueError, match="did you mean model.compression.sparsification"):
+        chosen_stacks([], [], registry, Runtime(), ["model.compression.sparsificatio"])
+    main, _ = chosen_stacks([], [], registry, Runtime())
+    assert {stack[0].name for stack in main if len(stack) == 1} <= set(MAIN_BENCH)
+
+
 def test_suite_with_changes_validates_the_new_sections():
     suite = get_suite("quick").with_changes(name="custom", speed={"prompt_lengths": [64], "batch_sizes": [2]})
     assert suite.name == "custom" and suite.speed.prompt_lengths == [64] and suite.speed.batch_sizes == [2]

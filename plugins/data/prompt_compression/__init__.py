@@ -1,0 +1,5 @@
+"""Prompt pruning, prompt summary and soft-prompt compression (data › input compression).
+
+This package's ``__init__`` is its entry point (``[project.entry-points.effinfer]``): it registers
+every technique of the family through the public ``effinfer_register_techniques`` hook.
+"""

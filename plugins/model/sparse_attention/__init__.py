@@ -1,0 +1,5 @@
+"""Static and dynamic sparse attention as KV-cache policies (model › compression › sparsification › sparse attention).
+
+This package's ``__init__`` is its entry point (``[project.entry-points.effinfer]``): it registers
+every technique of the family through the public ``effinfer_register_techniques`` hook.
+"""
