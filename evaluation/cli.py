@@ -41,10 +41,11 @@ BUILTIN_DISTRIBUTION = "effinfer"
 #: the quantizers that need no long calibration: GPTQ and AWQ (about 2 and 3 minutes of set-up on a
 #: 2-core AMD EPYC) are benched alone, and composing them again would push `make bench` past its
 #: 20-minute budget; `effinfer bench -c gptq+prompt_lookup` measures such a stack on demand.
+#: smoothquant+self_speculative (88 s) is benched with its family (``--node``), as one of
+#: self_speculative's ``bench_compositions``.
 DEFAULT_COMPOSITIONS = (
     "rtn+prompt_lookup",
     "selective_context+rtn+prompt_lookup",
-    "smoothquant+self_speculative",
 )
 
 #: the main job (``effinfer bench`` with no selection, ``make bench``): the quantization, speculative

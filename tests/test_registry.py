@@ -185,6 +185,17 @@ def test_features_and_layouts_are_named_constants_and_typos_are_refused(monkeypa
     assert "'lama' is not a transformers model type; did you mean: llama" in errors
 
 
+def test_bench_compositions_must_name_their_technique(monkeypatch):
+    own = make_technique("own_combo", "model.compression.quantization.qat")
+    own.bench_compositions = ("own_combo:bits=4+prompt_lookup",)
+    other = make_technique("other_combo", "model.compression.quantization.qat")
+    other.bench_compositions = ("rtn+prompt_lookup",)
+    fake_entry_points(monkeypatch, {"combos": plugin_module("combos", own, other)})
+    built = registry_module.build_registry()
+    assert built.names() == ["own_combo"]
+    assert "bench_compositions must be a tuple of 'a+b' strings, each naming 'other_combo'" in built.broken[0].error
+
+
 def test_a_technique_of_a_plugin_that_failed_says_why(monkeypatch, tmp_path):
     (tmp_path / "exiting_plugin.py").write_text("import sys\nsys.exit(3)\n")
     monkeypatch.syspath_prepend(str(tmp_path))

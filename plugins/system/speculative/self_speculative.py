@@ -135,6 +135,8 @@ class SelfSpeculative(Technique):
                "them; the draft shares the target's KV cache. No extra model, no training, lossless.")
     lossless = True
     bench_config = {"skip_ratio": 0.4, "num_draft_tokens": 4}
+    #: benched with its family (`effinfer bench --node system.inference_engine.speculative_decoding`)
+    bench_compositions = ("smoothquant+self_speculative",)
 
     class Config(BaseModel):
         model_config = ConfigDict(extra="forbid")
