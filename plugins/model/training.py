@@ -98,9 +98,9 @@ def run_key(*parts: Any) -> str:
 
 
 def batch_tokens(batch: Any) -> int:
-    """Tokens in a batch: a tensor of ids, or a tuple whose first item is one."""
+    """Tokens in a batch: a tensor of ids, or a tuple whose first item is one (anything else: 0)."""
     first = batch[0] if isinstance(batch, (tuple, list)) else batch
-    return int(first.numel())
+    return int(first.numel()) if isinstance(first, torch.Tensor) else 0
 
 
 def train(parameters: dict[str, nn.Parameter], loss_fn: Callable[[Any], torch.Tensor], batches: Iterable[Any],
