@@ -19,6 +19,8 @@ from pathlib import Path
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from effinfer.evaluation.tasks_data_level import DataTasksSpec
+
 
 class PerplexitySpec(BaseModel):
     """Windowed (optionally strided) perplexity on real corpora."""
@@ -124,6 +126,8 @@ class Suite(BaseModel):
     speed: SpeedSpec | None = Field(default_factory=SpeedSpec)
     memory: MemorySpec | None = Field(default_factory=MemorySpec)
     roofline: RooflineSpec | None = Field(default_factory=RooflineSpec)
+    #: data-level tasks (long-context QA, multi-doc summary, few-shot BIG-bench); off unless set
+    data_tasks: DataTasksSpec | None = None
 
     @model_validator(mode="after")
     def _fidelity_needs_windows(self) -> Suite:
@@ -140,6 +144,8 @@ class Suite(BaseModel):
     def fingerprint(self) -> str:
         """A short hash of everything that changes the numbers (the name excluded)."""
         payload = self.model_dump(mode="json", exclude={"name", "description"})
+        if payload.get("data_tasks") is None:  # suites without data tasks keep their fingerprints
+            payload.pop("data_tasks", None)
         if payload.get("speed"):
             payload["speed"].pop("drift_tolerance")  # decides a flag, not a number
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
@@ -194,6 +200,14 @@ SUITES: dict[str, Suite] = {
         roofline=RooflineSpec(buffer_mib=1024, repeats=7),
     ),
 }
+# data-level techniques (``effinfer bench --node data --suite data``): the quick suite's speed and
+# generation phases plus the tasks where the context matters; perplexity, zero-shot tasks and
+# fidelity are left out (a data-level technique does not change the model they measure)
+SUITES["data"] = SUITES["quick"].with_changes(
+    name="data", description="data-level tasks (long-context QA, multi-document summary, few-shot "
+                             "BIG-bench): accuracy vs compression ratio and end-to-end latency",
+    perplexity=None, fidelity=None, tasks=None, roofline=None,
+    data_tasks=DataTasksSpec(n_examples=8).model_dump())
 
 
 def get_suite(suite: str | Path | Suite | dict) -> Suite:
