@@ -97,6 +97,15 @@ class RAG(Technique):
                                                         "log-likelihood of the question (0: no reranking)")
         original_order: bool = Field(False, description="put the kept chunks back in document order")
 
+    def __init__(self, config: Any = None) -> None:
+        super().__init__(config)
+        if self.config.retriever in ("bm25", "hybrid"):
+            try:
+                import bm25s  # noqa: F401
+            except ImportError:
+                raise ValueError(f"rag retriever={self.config.retriever!r} needs the bm25s package: "
+                                 "pip install 'effinfer[data]' (or use retriever=dense)") from None
+
     @hookimpl
     def effinfer_transform_request(self, request: Request, stage: DataStage) -> None:
         if not request.documents:
