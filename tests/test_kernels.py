@@ -162,3 +162,24 @@ def test_operators_refuse_bad_inputs_clearly():
                                  torch.tensor([5]))
     with pytest.raises(ValueError, match="cannot|unknown"):
         kernels.implementation("dequant_matmul", "gpu")
+
+
+@pytest.mark.skipif(triton_problem() is not None, reason=f"Triton kernels not testable: {triton_problem()}")
+def test_gpu_benchmark_dry_run(tmp_path):
+    """benchmarks/gpu_kernels.py --dry-run: every kernel and the engine section on CPU, JSON + table written."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    out = tmp_path / "gpu.json"
+    script = Path(__file__).resolve().parent.parent / "benchmarks/gpu_kernels.py"
+    spec = importlib.util.spec_from_file_location("gpu_kernels_benchmark", script)
+    benchmark = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(benchmark)
+    benchmark.main(["--dry-run", "--out", str(out)])
+    data = json.loads(out.read_text())
+    assert {row["kernel"].split()[0] for row in data["kernels"]} == {"dequant_matmul", "decode_attention",
+                                                                     "add_rmsnorm", "rotary_kv_write"}
+    assert all(row["max_rel_error"] < 1e-4 for row in data["kernels"])
+    assert {row["model"] for row in data["engine"]} >= {"fp16", "W8A16", "W4A16"}
+    assert "| kernel |" in out.with_suffix(".md").read_text()

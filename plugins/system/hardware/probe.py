@@ -1,0 +1,48 @@
+"""Short probes of this CPU's figures for the roofline model: stream read bandwidth, float32 GEMM FLOP/s,
+the effective bandwidth of each decode-time matmul kernel, and the cost of one dispatched op.
+
+Each probe takes a second or two; run them with the CPU to yourself (``flock -x``) when the numbers matter.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+
+
+def best_seconds(call: Callable[[], object], repeats: int = 5, inner: int = 1) -> float:
+    """Median seconds of one ``call`` over ``repeats`` timed batches of ``inner`` calls, after a warm-up."""
+    call()
+    samples = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        for _ in range(inner):
+            call()
+        samples.append((time.perf_counter() - started) / inner)
+    return statistics.median(samples)
+
+
+def read_bandwidth(mib: int = 256) -> float:
+    """Bytes/s of a reduction over a ``mib`` MiB float32 buffer (streaming read)."""
+    buffer = torch.ones(mib * 2**20 // 4)
+    return buffer.numel() * 4 / best_seconds(buffer.sum)
+
+
+def gemm_flops(n: int = 1024, dtype: torch.dtype = torch.float32) -> float:
+    """FLOP/s of an ``n × n × n`` matmul in ``dtype``."""
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    return 2 * n**3 / best_seconds(lambda: a @ b, repeats=3)
+
+
+def op_overhead(calls: int = 2000) -> float:
+    """Seconds of one tiny dispatched op (an 8-element add): the per-op cost of eager decoding."""
+    x = torch.ones(8)
+    return best_seconds(lambda: x.add(1.0), repeats=5, inner=calls)
+
+
+def matmul_bandwidth(call: Callable[[], object], weight_bytes: int) -> float:
+    """Effective bytes/s of a one-token matmul that reads ``weight_bytes`` of weights."""
+    return weight_bytes / best_seconds(call, repeats=5, inner=5)
