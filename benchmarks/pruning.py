@@ -1,0 +1,250 @@
+"""Pruning and low-rank factorization on SmolLM2: quality, bytes and decode speed vs the dense model.
+
+Part ``quality`` (one evaluator sweep, every row next to the fp32 baseline of the same run):
+
+- unstructured 50% and 2:4 for ``magnitude``, ``wanda``, ``sparsegpt``: perplexity on the
+  Wikipedia test split (``perplexity.wikipedia.token``), KL / top-1 agreement vs fp32, the
+  stored-format bytes the technique's note reports (bitmask + values, CSR) next to dense;
+- structured (``layer_drop``, ``width_prune``) and low rank (``svd``, ``svd_llm``):
+  parameters kept (``memory.weight_bytes`` ÷ the baseline's, every tensor fp32) vs perplexity
+  vs measured decode speed-up (``speed.p128_b1.decode_ratio``: alternating rounds with the
+  baseline, median of adjacent ratios).
+
+Part ``execution`` (sparse execution measured honestly): SmolLM2 pruned by magnitude to 50%
+unstructured and to 2:4, each stored three ways — dense float with zeros, bitmask + values
+(dense rebuilt per call) and CSR (``torch.sparse`` CSR × dense matmul) — decoded greedily
+(batch 1, KV cache) in alternating rounds with the dense model; decode tokens/s ratio and the
+weight bytes of the pruned layers in each format.
+
+Run (as the tables were made; alone on the CPU)::
+
+    flock -x /tmp/effinfer-cpu.lock .venv/bin/python benchmarks/pruning.py --part quality
+    flock -x /tmp/effinfer-cpu.lock .venv/bin/python benchmarks/pruning.py --part execution
+
+Writes ``benchmarks/results/<node>/pruning.md`` for the unstructured, structured and low-rank
+nodes, ``.../unstructured/sparse_execution.md``, and every record to ``artifacts/pruning.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import re
+import shlex
+import statistics
+import sys
+import time
+from pathlib import Path
+
+from effinfer.core.models import DEFAULT_MODEL
+
+CALIBRATION = "n_samples=16,seq_len=256"
+UNSTRUCTURED = "model.compression.sparsification.weight_pruning.unstructured"
+STRUCTURED = "model.compression.sparsification.weight_pruning.structured"
+LOW_RANK = "model.compression.structure_optimization.low_rank"
+#: (node, label, stack spec)
+GRID = [
+    (UNSTRUCTURED, "magnitude 50%", "magnitude:sparsity=0.5"),
+    (UNSTRUCTURED, "wanda 50%", f"wanda:sparsity=0.5,{CALIBRATION}"),
+    (UNSTRUCTURED, "sparsegpt 50%", f"sparsegpt:sparsity=0.5,{CALIBRATION}"),
+    (UNSTRUCTURED, "magnitude 2:4", "magnitude:pattern='2:4'"),
+    (UNSTRUCTURED, "wanda 2:4", f"wanda:pattern='2:4',{CALIBRATION}"),
+    (UNSTRUCTURED, "sparsegpt 2:4", f"sparsegpt:pattern='2:4',{CALIBRATION}"),
+    (STRUCTURED, "layer_drop 8 of 30 layers", f"layer_drop:drop=8,{CALIBRATION}"),
+    (STRUCTURED, "width_prune heads 9→6, FFN −25%", f"width_prune:attn_ratio=0.34,ffn_ratio=0.25,{CALIBRATION}"),
+    (LOW_RANK, "svd param_ratio 0.8", "svd:param_ratio=0.8"),
+    (LOW_RANK, "svd_llm param_ratio 0.8", f"svd_llm:param_ratio=0.8,{CALIBRATION}"),
+]
+TITLES = {
+    UNSTRUCTURED: "Unstructured and N:M pruning on SmolLM2-135M: magnitude vs Wanda vs SparseGPT",
+    STRUCTURED: "Structured pruning on SmolLM2-135M: parameters kept vs perplexity vs decode speed",
+    LOW_RANK: "Low-rank factorization on SmolLM2-135M: parameters kept vs perplexity vs decode speed",
+}
+ARTIFACT = Path("artifacts/pruning.json")
+STORE = Path("artifacts/pruning.db")
+
+
+def quality_suite(windows: int):
+    from effinfer.evaluation.suites import get_suite
+
+    quick = get_suite("quick")
+    return quick.with_changes(
+        name=f"pruning-w{windows}", tasks=None, generation=None, roofline=None,
+        perplexity={"window": 512, "max_windows": windows},
+        fidelity={"max_positions": 512 * windows},
+        speed={"prompt_lengths": [128], "batch_sizes": [1], "new_tokens": 32, "warmup": 1, "repeats": 3,
+               "drift_tolerance": 0.25},
+    )
+
+
+def formats(record) -> str:
+    found = re.search(r"dense ([\d.]+) MiB → bitmask\+values ([\d.]+) MiB, CSR ([\d.]+) MiB", " ".join(record.notes))
+    return f"{found[1]} / {found[2]} / {found[3]}" if found else "—"
+
+
+def quality_row(label: str, record, baseline, node: str) -> list[str]:
+    if not record.ok:
+        return [label, "failed: " + (record.error or "").splitlines()[0][:80]] + [""] * 6
+    value = record.value
+    kl, top1 = value("fidelity.kl_mean"), value("fidelity.top1_agreement")
+    ratio = value("speed.p128_b1.decode_ratio")
+    kept = value("memory.weight_bytes") / baseline.value("memory.weight_bytes")
+    middle = formats(record) if node == UNSTRUCTURED else f"{kept:.1%}"
+    return [label, f"{value('perplexity.wikipedia.token'):.2f}", "—" if kl is None else f"{kl:.3f}",
+            "—" if top1 is None else f"{top1:.1%}", middle,
+            "—" if ratio is None else f"{ratio:.2f}×", "—" if record.is_baseline else f"{value('setup.apply_s', 0):.1f}"]
+
+
+def run_quality(args, meta) -> None:
+    from effinfer.evaluation import bench
+
+    grid = [g for g in GRID if not args.only or any(o in g[1] for o in args.only)]
+    suite = quality_suite(args.windows)
+    meta["suite"] = suite.name
+    args.store.parent.mkdir(parents=True, exist_ok=True)
+    result = bench([[spec] for _, _, spec in grid], suite=suite, model=args.model, store=args.store,
+                   command=meta["command"], redo=True)
+    records = dict(zip([label for _, label, _ in grid], result.runs))
+    env = result.baseline.environment
+    artifact = {"meta": meta, "baseline": result.baseline.model_dump(mode="json", exclude={"baseline"}),
+                "runs": {label: {"node": node, "spec": spec,
+                                 **records[label].model_dump(mode="json", exclude={"baseline", "environment"})}
+                         for node, label, spec in grid}}
+    args.artifact.parent.mkdir(parents=True, exist_ok=True)
+    args.artifact.write_text(json.dumps(artifact, indent=2))
+    meta["seconds"] = time.perf_counter() - meta["started"]
+    for node in dict.fromkeys(node for node, _, _ in grid):
+        middle = "dense / bitmask+values / CSR MiB (pruned layers)" if node == UNSTRUCTURED else "params kept"
+        header = ["method", "ppl (wiki)", "KL vs fp32", "top-1 agree", middle, "decode vs dense", "setup s"]
+        rows = [quality_row("fp32 dense (baseline)", result.baseline, result.baseline, node)]
+        rows += [quality_row(label, records[label], result.baseline, node) for n, label, _ in grid if n == node]
+        text = [f"## {TITLES[node]}", "",
+                f"Every row next to the fp32 baseline measured in the same run by effinfer's evaluator (suite "
+                f"`{suite.name}`: perplexity on {args.windows} × 512 Wikipedia test tokens, KL and top-1 agreement vs "
+                f"fp32 on the same positions; decode = batch 1, 128-token prompt, 32 new tokens, 3 rounds "
+                f"alternating with the baseline, median ratio of adjacent rounds). Calibration: {CALIBRATION} "
+                "windows of the Wikipedia calibration split. *setup s* = calibration + pruning time.",
+                ""]
+        if node == UNSTRUCTURED:
+            text += ["Pruned weights are kept dense with zeros here (`execution=dense`, the fastest on CPU): the "
+                     "whole-model bytes do not change, the column gives what the 210 pruned linear layers take in "
+                     "each stored format (fp32 values; `execution=bitmask` or `csr` stores them so). See "
+                     "`sparse_execution.md` for the speed of each format.", ""]
+        text += [f"- command: `{meta['command']}`",
+                 f"- date: {meta['date']}; machine: {env.get('cpu')} ({env.get('cores')} cores), {meta['threads']} "
+                 f"threads; {meta['seconds'] / 60:.1f} min for the whole run", "",
+                 "| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)]
+        text += ["| " + " | ".join(r) + " |" for r in rows]
+        path = args.tables / node / "pruning.md"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("\n".join(text) + "\n")
+        print(path.read_text())
+
+
+# --------------------------------------------------------------------------- sparse execution
+
+
+def decode_seconds(model, prompt, new_tokens: int) -> float:
+    """Greedy decode of ``new_tokens`` after ``prompt`` (batch 1, KV cache); seconds of the decode steps."""
+    import torch
+
+    with torch.inference_mode():
+        out = model(input_ids=prompt, use_cache=True)
+        cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        started = time.perf_counter()
+        for _ in range(new_tokens - 1):
+            out = model(input_ids=token, past_key_values=cache, use_cache=True)
+            cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        return time.perf_counter() - started
+
+
+def run_execution(args, meta) -> None:
+    import copy
+
+    import torch
+
+    from effinfer.core.calibration import calibration_source
+    from effinfer.core.compose import ComposedModel
+    from effinfer.core.experiment import Experiment
+    from effinfer.core.models import load_model
+    from effinfer.evaluation.metrics.memory import weight_bytes
+
+    model, tokenizer = load_model(args.model)
+    prompt = calibration_source(tokenizer, seed=0)(1, 128)
+    rows = []
+    base_bytes = weight_bytes(model)
+    for pattern in ("sparsity=0.5", "pattern='2:4'"):
+        for execution in ("dense", "bitmask", "csr"):
+            spec = f"magnitude:{pattern},execution={execution}"
+            dense = model
+            pruned = copy.deepcopy(model)
+            with ComposedModel(pruned, tokenizer, Experiment(techniques=[spec]).build_stack()) as composed:
+                decode_seconds(composed.model, prompt, 4)  # warm-up
+                ratios, speeds = [], []
+                for round_ in range(args.rounds):
+                    order = [dense, composed.model] if round_ % 2 == 0 else [composed.model, dense]
+                    times = {id(m): decode_seconds(m, prompt, args.new_tokens) for m in order}
+                    ratios.append(times[id(dense)] / times[id(composed.model)])
+                    speeds.append((args.new_tokens - 1) / times[id(composed.model)])
+                stored = weight_bytes(composed.model)
+                note = " ".join(n for _, _, n in composed.report.entries)
+            found = re.search(r"dense ([\d.]+) MiB → bitmask\+values ([\d.]+) MiB, CSR ([\d.]+) MiB", note)
+            layer_mib = {"dense": found[1], "bitmask": found[2], "csr": found[3]}[execution] if found else "?"
+            rows.append([pattern.replace("sparsity=0.5", "50% unstructured").replace("pattern='2:4'", "2:4"),
+                         execution, f"{statistics.median(speeds):.1f}", f"{statistics.median(ratios):.2f}×",
+                         layer_mib, f"{stored / 2**20:.0f} / {base_bytes / 2**20:.0f}"])
+            print(rows[-1], flush=True)
+            del pruned
+    meta["seconds"] = time.perf_counter() - meta["started"]
+    from effinfer.evaluation.environment import cpu_model
+
+    import os
+
+    env = {"cpu": cpu_model(), "cores": os.cpu_count()}
+    header = ["pattern", "stored as", "decode tok/s", "decode vs dense", "pruned layers MiB",
+              "model MiB (pruned / dense)"]
+    text = ["## Sparse execution on CPU: does magnitude-pruned SmolLM2-135M decode faster?", "",
+            f"SmolLM2-135M (fp32) pruned by `magnitude` (50% unstructured, and 2:4), each stored three ways, decoded "
+            f"greedily (batch 1, KV cache, 128-token prompt, {args.new_tokens} new tokens) in {args.rounds} rounds "
+            "alternating with the dense model; *decode vs dense* = median ratio of adjacent rounds. *dense* = float "
+            "weights with zeros in `nn.Linear` (no bytes saved); *bitmask* = 1 bit per position + the non-zero values, "
+            "dense weight rebuilt on every call; *csr* = values + int32 column indices + row pointers through "
+            "`torch.sparse` CSR × dense matmul. PyTorch has no CPU kernel for a packed 2:4 format "
+            "(`to_sparse_semi_structured` is CUDA-only), so 2:4 runs through the same three paths.", "",
+            f"- command: `{meta['command']}`",
+            f"- date: {meta['date']}; machine: {env.get('cpu')} ({env.get('cores')} cores), {meta['threads']} threads; "
+            f"torch {torch.__version__}; {meta['seconds'] / 60:.1f} min", "",
+            "| " + " | ".join(header) + " |", "|---|---|" + "---:|" * (len(header) - 2)]
+    text += ["| " + " | ".join(r) + " |" for r in rows]
+    path = args.tables / UNSTRUCTURED / "sparse_execution.md"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(text) + "\n")
+    print(path.read_text())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--part", choices=["quality", "execution"], required=True)
+    parser.add_argument("--windows", type=int, default=4, help="512-token perplexity windows")
+    parser.add_argument("--only", nargs="*", default=None, help="labels (substrings) to run")
+    parser.add_argument("--rounds", type=int, default=4, help="execution part: alternating decode rounds")
+    parser.add_argument("--new-tokens", type=int, default=24, help="execution part: tokens decoded per round")
+    parser.add_argument("--model", default=DEFAULT_MODEL)
+    parser.add_argument("--store", type=Path, default=STORE)
+    parser.add_argument("--artifact", type=Path, default=ARTIFACT)
+    parser.add_argument("--tables", type=Path, default=Path("benchmarks/results"))
+    args = parser.parse_args()
+    import torch
+
+    meta = {"command": " ".join(["python", *map(shlex.quote, sys.argv)]), "started": time.perf_counter(),
+            "date": dt.datetime.now(dt.UTC).isoformat(timespec="minutes"), "threads": torch.get_num_threads()}
+    if args.part == "quality":
+        run_quality(args, meta)
+    else:
+        run_execution(args, meta)
+    print(f"took {(time.perf_counter() - meta['started']) / 60:.1f} min")
+
+
+if __name__ == "__main__":
+    main()
