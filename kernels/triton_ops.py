@@ -37,19 +37,22 @@ def _pow2(n: int) -> int:
 
 
 @triton.jit
-def _dequant_matmul_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, M, N, K, row_bytes, n_groups, stride_xm, stride_ym,
-                           BITS: tl.constexpr, GROUP: tl.constexpr, GROUP_ALIGNED: tl.constexpr,
-                           USE_DOT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                           BLOCK_K: tl.constexpr):
+def _dequant_matmul_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, M, N, K, k_per_split, row_bytes, n_groups,
+                           stride_xm, stride_ym, BITS: tl.constexpr, GROUP: tl.constexpr,
+                           GROUP_ALIGNED: tl.constexpr, USE_DOT: tl.constexpr, SPLIT_K: tl.constexpr,
+                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
+    pid_k = tl.program_id(2)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     m_mask = rm < M
     n_mask = rn < N
     PER_BYTE: tl.constexpr = 8 // BITS
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    k_start = pid_k * k_per_split
+    k_end = tl.minimum(k_start + k_per_split, K)
+    for k0 in range(k_start, k_end, BLOCK_K):
         rk = k0 + tl.arange(0, BLOCK_K)
         k_mask = rk < K
         x = tl.load(x_ptr + rm[:, None] * stride_xm + rk[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0)
@@ -69,31 +72,53 @@ def _dequant_matmul_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, M, N, K, row_bytes
             acc += tl.dot(x.to(x_ptr.dtype.element_ty), tl.trans(w.to(x_ptr.dtype.element_ty)))
         else:
             acc += tl.sum(x.to(tl.float32)[:, None, :] * w[None, :, :], axis=2)
-    tl.store(y_ptr + rm[:, None] * stride_ym + rn[None, :], acc.to(y_ptr.dtype.element_ty),
-             mask=m_mask[:, None] & n_mask[None, :])
+    y_mask = m_mask[:, None] & n_mask[None, :]
+    if SPLIT_K > 1:  # split-K: each split adds its partial sum into a float32 output
+        tl.atomic_add(y_ptr + rm[:, None] * stride_ym + rn[None, :], acc, mask=y_mask)
+    else:
+        tl.store(y_ptr + rm[:, None] * stride_ym + rn[None, :], acc.to(y_ptr.dtype.element_ty), mask=y_mask)
 
 
-def dequant_matmul(x: torch.Tensor, weight: PackedWeight) -> torch.Tensor:
+def _split_k(programs: int, k_blocks: int, device: torch.device) -> int:
+    """Splits of K that give a decode GEMV about two programs per SM (1 in the interpreter)."""
+    if device.type != "cuda":
+        return 1
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    return max(1, min(triton.cdiv(2 * sms, programs), k_blocks // 2, 16))
+
+
+def dequant_matmul(x: torch.Tensor, weight: PackedWeight, split_k: int | None = None) -> torch.Tensor:
+    """``x @ W.T``; ``split_k`` (default: chosen per device for decode, 1 for prefill) splits the reduction."""
     if weight.bits not in BYTE_ALIGNED_BITS:
         raise ValueError(f"the Triton dequant matmul reads {BYTE_ALIGNED_BITS}-bit codes (got {weight.bits}-bit); "
                          "use the cpu or reference backend for other widths")
     flat = x.reshape(-1, x.shape[-1]).contiguous()
     rows, k = flat.shape
     n = weight.out_features
-    out = torch.empty(rows, n, dtype=x.dtype, device=x.device)
     gemv = rows <= GEMV_ROWS
     block_m = _pow2(rows) if gemv else (16 if rows <= 16 else 32 if rows <= 32 else 64)
-    block_n = 64 if gemv else 64
     block_k = 64 if gemv else 32
     while block_k > 16 and weight.group_size % block_k:
         block_k //= 2
+    # the GEMV multiplies a BLOCK_M × BLOCK_N × BLOCK_K product in registers: keep it at 8K elements
+    block_n = max(16, 8192 // (block_m * block_k)) if gemv else 64
     aligned = weight.group_size % block_k == 0
-    grid = (triton.cdiv(rows, block_m), triton.cdiv(n, block_n))
-    _dequant_matmul_kernel[grid](flat, weight.packed, weight.scales, weight.bias, out, rows, n, k,
+    programs = triton.cdiv(rows, block_m) * triton.cdiv(n, block_n)
+    k_blocks = triton.cdiv(k, block_k)
+    if split_k is None:
+        split_k = _split_k(programs, k_blocks, x.device) if gemv else 1
+    split_k = max(1, min(split_k, k_blocks))
+    k_per_split = triton.cdiv(k_blocks, split_k) * block_k
+    split_k = triton.cdiv(k, k_per_split)
+    out = (torch.zeros(rows, n, dtype=torch.float32, device=x.device) if split_k > 1
+           else torch.empty(rows, n, dtype=x.dtype, device=x.device))
+    grid = (triton.cdiv(rows, block_m), triton.cdiv(n, block_n), split_k)
+    _dequant_matmul_kernel[grid](flat, weight.packed, weight.scales, weight.bias, out, rows, n, k, k_per_split,
                                  weight.packed.shape[1], weight.scales.shape[1], flat.stride(0), out.stride(0),
                                  BITS=weight.bits, GROUP=weight.group_size, GROUP_ALIGNED=aligned,
-                                 USE_DOT=not gemv, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k)
-    return out.reshape(*x.shape[:-1], n)
+                                 USE_DOT=not gemv, SPLIT_K=split_k, BLOCK_M=block_m, BLOCK_N=block_n,
+                                 BLOCK_K=block_k)
+    return out.to(x.dtype).reshape(*x.shape[:-1], n)
 
 
 # --------------------------------------------------------------------------- flash-decoding attention

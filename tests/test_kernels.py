@@ -38,6 +38,20 @@ def test_dequant_matmul_matches_the_reference(backend, rows, out_features, group
     assert max_error(kernels.dequant_matmul(x, packed, backend=backend), ref) < 1e-5
 
 
+@pytest.mark.skipif(triton_problem() is not None, reason=f"Triton kernels not testable: {triton_problem()}")
+@settings(max_examples=4, deadline=None)
+@given(rows=st.sampled_from([1, 3, 12]), split=st.integers(2, 5), bits=st.sampled_from([2, 4, 8]),
+       seed=st.integers(0, 1000))
+def test_split_k_dequant_matmul_matches_the_reference(rows, split, bits, seed):
+    from effinfer.kernels.dispatch import triton_kernels
+
+    torch.manual_seed(seed)
+    packed = kernels.PackedWeight.from_quantized(quantize(torch.randn(40, 256), bits, 64, False))
+    x = torch.randn(rows, 256)
+    out = triton_kernels().dequant_matmul(x, packed, split_k=split)
+    assert max_error(out, reference.dequant_matmul(x, packed)) < 1e-5
+
+
 def test_dequant_matmul_reads_two_and_three_bit_codes():
     torch.manual_seed(0)
     x = torch.randn(3, 64)

@@ -103,3 +103,13 @@ def test_the_benchmark_runs_quick(tmp_path, capsys):
     data = json.loads(out.with_name("roofline_quick.json").read_text())
     assert data["validation"][0]["stack"] == "fp32" and data["validation"][0]["measured_s"] > 0
     assert "Predicted decode" in capsys.readouterr().out
+
+
+def test_stack_from_techniques_reads_the_configs():
+    stack, unmodelled = roofline.stack_from_techniques(
+        [("rtn", {"bits": 4, "group_size": 32, "symmetric": False, "execution": "kernel"}),
+         ("wanda", {"sparsity": 0.5}), ("kv_int4", {}), ("h2o", {"budget": 256}), ("prompt_lookup", {})], context=1024)
+    assert (stack.weight_bits, stack.group_size, stack.group_bytes, stack.sparsity) == (4, 32, 4, 0.5)
+    assert (stack.kv_bytes, stack.kv_keep, unmodelled) == (0.5, 0.25, ["prompt_lookup"])
+    fp32 = roofline.decode(SMOLLM2, STACKS["fp32"], A100, 1024).seconds
+    assert roofline.decode(SMOLLM2, stack, A100, 1024).seconds < fp32 / 8

@@ -232,3 +232,50 @@ def prefill(shape: ModelShape, stack: Stack, hardware: Hardware, prompt: int, ba
 def weight_bytes(shape: ModelShape, stack: Stack) -> float:
     """Bytes of weights one decode step reads (every projection and the output head)."""
     return sum(op.weight_bytes for op in operators(shape, stack, 1, 0))
+
+
+#: technique names whose config sets the weight format (bits, group_size, symmetric)
+WEIGHT_QUANTIZERS = ("rtn", "gptq", "awq", "qat")
+#: techniques that run int8 × int8 matmuls (per-channel int8 weights)
+W8A8 = ("smoothquant", "llm_int8")
+#: techniques whose ``sparsity`` field prunes that fraction of the weights
+PRUNERS = ("magnitude", "wanda", "sparsegpt")
+#: KV-cache quantizers and their bits (a ``bits`` field wins)
+KV_QUANTIZERS = {"kivi": 2, "kv_int": 8, "kv_int8": 8, "kv_int4": 4}
+#: KV eviction / sparse attention: a ``budget`` of kept entries per layer and KV head
+KV_BUDGETED = ("eviction", "h2o", "sliding_window", "snapkv", "streaming_llm", "tova")
+
+
+def stack_from_techniques(techniques: list[tuple[str, dict]], context: int | None = None,
+                          base: Stack = Stack()) -> tuple[Stack, list[str]]:
+    """The roofline :class:`Stack` of an effinfer stack given as ``(technique name, config dict)`` pairs, and the
+    names of the techniques it does not model (speculative decoding, prompt compression, ...).
+
+    ``context`` turns a KV budget into the kept fraction of the cache. The evaluator can call this per stack
+    with the techniques' resolved configs and show :func:`decode`'s prediction beside its measured decode.
+    """
+    stack = base
+    unmodelled = []
+    for name, config in techniques:
+        config = config or {}
+        if name in WEIGHT_QUANTIZERS:
+            bits = config.get("bits", 4)
+            symmetric = config.get("symmetric", False)
+            group = config.get("group_size", 128 if name != "rtn" else None)
+            kernel_int4 = config.get("execution") == "kernel" and bits == 4
+            group_bytes = 4 if kernel_int4 else 2 + (0 if symmetric else 1)  # bf16 scale+zero / fp16 scale (+u8 zero)
+            stack = replace(stack, name=f"{stack.name}+{name}", weight_bits=bits, group_size=group,
+                            group_bytes=group_bytes, act_bytes=2 if config.get("execution") == "kernel" else stack.act_bytes)
+        elif name in W8A8:
+            stack = replace(stack, name=f"{stack.name}+{name}", weight_bits=8, group_size=None, group_bytes=4,
+                            compute="int8")
+        elif name in PRUNERS:
+            stack = replace(stack, name=f"{stack.name}+{name}", sparsity=config.get("sparsity", 0.5))
+        elif name in KV_QUANTIZERS:
+            stack = replace(stack, name=f"{stack.name}+{name}", kv_bytes=config.get("bits", KV_QUANTIZERS[name]) / 8)
+        elif name in KV_BUDGETED and context:
+            keep = min(1.0, config.get("budget", 1024) / max(context, 1))
+            stack = replace(stack, name=f"{stack.name}+{name}", kv_keep=keep)
+        else:
+            unmodelled.append(name)
+    return stack, unmodelled
