@@ -21,6 +21,11 @@ W8A16 and W4A16 (every linear layer replaced by the Triton dequant-matmul); vLLM
 Writes ``artifacts/gpu_kernels.json`` and
 ``benchmarks/results/system.inference_engine.graph_operator.linear_operator/gpu_kernels.md``
 (``--dry-run``: ``artifacts/gpu_kernels_dry_run.{json,md}``, no table under benchmarks/results).
+
+``--cpu`` times the CPU implementations instead (a timing run: ``flock -x /tmp/effinfer-cpu.lock``):
+flash-decoding split-KV attention vs SDPA at 512 / 2k / 8k context (SmolLM2's 9/3 heads of 64), and the
+blocked dequant-matmul vs the dense float32 GEMV and PyTorch's packed int4 kernel; table in
+``benchmarks/results/system.inference_engine.graph_operator.attention_operator/cpu_kernels.md``.
 """
 
 from __future__ import annotations
@@ -278,13 +283,95 @@ def markdown(meta: dict, kernel_table: list[dict], engine_table: list[dict]) -> 
     return "\n".join(lines) + "\n"
 
 
+CPU_TABLE = ROOT / "benchmarks/results/system.inference_engine.graph_operator.attention_operator/cpu_kernels.md"
+
+
+def cpu_rows(quick: bool) -> list[dict]:
+    """CPU implementations vs torch at batch 1 (median of 20 calls each, interleaved)."""
+    from effinfer import kernels
+    from effinfer.kernels import packed_cpu
+    from effinfer.plugins.model.quantization.packing import quantize
+
+    generator = torch.Generator().manual_seed(0)
+    rows = []
+
+    def timed(calls: dict[str, Callable[[], object]]) -> dict[str, float]:
+        for call in calls.values():
+            call()
+        samples: dict[str, list[float]] = {name: [] for name in calls}
+        for _ in range(3 if quick else 20):
+            for name, call in calls.items():
+                started = time.perf_counter()
+                call()
+                samples[name].append(time.perf_counter() - started)
+        return {name: statistics.median(v) for name, v in samples.items()}
+
+    heads, kv_heads, dim = 9, 3, 64
+    for context in ([64] if quick else [512, 2048, 8192]):
+        q = torch.randn(1, heads, dim, generator=generator)
+        k = torch.randn(1, kv_heads, context, dim, generator=generator)
+        v = torch.randn(1, kv_heads, context, dim, generator=generator)
+        lengths = torch.tensor([context])
+        kr, vr = k.repeat_interleave(3, 1), v.repeat_interleave(3, 1)
+        times = timed({
+            "split_kv": lambda: kernels.decode_attention(q, k, v, lengths, backend="cpu"),
+            "sdpa": lambda: torch.nn.functional.scaled_dot_product_attention(q.unsqueeze(2), kr, vr),
+            "sdpa_gqa": lambda: torch.nn.functional.scaled_dot_product_attention(q.unsqueeze(2), k, v, enable_gqa=True),
+        })
+        rows.append({"op": "decode_attention", "shape": f"H{heads}/{kv_heads} D{dim} T{context}", **times})
+    n_out, n_in = (64, 64) if quick else (1536, 576)
+    weight = torch.randn(n_out, n_in, generator=generator)
+    x = torch.randn(1, n_in, generator=generator)
+    qt = quantize(weight, 4, 32, False)
+    packed = kernels.PackedWeight.from_quantized(qt)
+    calls = {"blocked_dequant": lambda: kernels.dequant_matmul(x, packed, backend="cpu"),
+             "dense_fp32": lambda: x @ weight.t()}
+    if packed_cpu.int4_kernel_problem(qt) is None:
+        int4, pairs = packed_cpu.int4_kernel_weight(qt)
+        calls["aten_int4"] = lambda: packed_cpu.int4_weight_only_mm(x, int4, 32, pairs)
+    rows.append({"op": "dequant_matmul W4 g32", "shape": f"{n_out}×{n_in}, 1 token", **timed(calls)})
+    for row in rows:
+        print(row, flush=True)
+    return rows
+
+
+def cpu_markdown(rows: list[dict], command: str) -> str:
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), "unknown CPU")
+    lines = ["## CPU kernels: flash-decoding attention and the blocked dequant-matmul vs torch", "",
+             f"- command: `{command}`",
+             f"- date: {dt.datetime.now(dt.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}; machine: {cpu}, "
+             f"{torch.get_num_threads()} threads, torch {torch.__version__}",
+             "- batch 1, one query token; median of 20 interleaved calls; times in µs", "",
+             "| operator | shape | implementation | µs | × first |", "|---|---|---|---:|---:|"]
+    for row in rows:
+        names = [k for k in row if k not in ("op", "shape")]
+        for name in names:
+            lines.append(f"| {row['op']} | {row['shape']} | {name} | {row[name] * 1e6:.1f} | "
+                         f"{row[names[0]] / row[name]:.2f} |")
+    lines += ["", "split_kv = `effinfer.kernels.cpu.decode_attention` (splits of 512 positions merged by log-sum-exp); "
+              "sdpa = `scaled_dot_product_attention` on the KV heads repeated to the query heads; sdpa_gqa = SDPA with "
+              "`enable_gqa=True`. × first = the first row's time ÷ this row's (> 1: faster than the first).", ""]
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--dry-run", action="store_true", help="CPU, Triton interpreter, tiny sizes")
     parser.add_argument("--batches", default="1,2,4,8,16")
     parser.add_argument("--no-engine", action="store_true")
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--cpu", action="store_true", help="time the CPU implementations (flock -x)")
+    parser.add_argument("--quick", action="store_true", help="with --cpu: tiny sizes, no table")
     args = parser.parse_args(argv)
+    if args.cpu:
+        rows = cpu_rows(args.quick)
+        text = cpu_markdown(rows, "flock -x /tmp/effinfer-cpu.lock python benchmarks/gpu_kernels.py --cpu")
+        if not args.quick:
+            CPU_TABLE.parent.mkdir(parents=True, exist_ok=True)
+            CPU_TABLE.write_text(text)
+        print(text)
+        return
     if args.dry_run:
         os.environ["TRITON_INTERPRET"] = "1"
         device, dtype, batches = torch.device("cpu"), torch.float32, [1]

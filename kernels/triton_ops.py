@@ -191,10 +191,12 @@ def _decode_attention(q, k, v, lengths, table, page, scale, max_len):
     lengths = lengths.to(device=q.device, dtype=torch.int32)
     q = q.contiguous()
     table_arg = table if table is not None else lengths
+    block_h, block_d = max(1, _pow2(groups)), _pow2(dim)
     _decode_attention_kernel[(batch, heads_kv, n_splits)](
         q, k, v, lengths, table_arg, partial, lse, q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), table_arg.stride(0), n_splits, split_len, scale, groups, dim,
-        PAGED=table is not None, PAGE=page, BLOCK_H=max(1, _pow2(groups)), BLOCK_D=_pow2(dim), BLOCK_T=32)
+        PAGED=table is not None, PAGE=page, BLOCK_H=block_h, BLOCK_D=block_d,
+        BLOCK_T=max(8, min(64, 8192 // (block_h * block_d))))  # H × T × D product: ≤ 8K register elements
     weights = torch.softmax(lse, dim=-1).nan_to_num_(0.0)
     return (partial * weights.unsqueeze(-1)).sum(2).to(q.dtype)
 
