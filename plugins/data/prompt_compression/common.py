@@ -17,7 +17,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
-from effinfer.core.engines import crop_to
+from effinfer.core.engines import crop_to, sliding_window
 from effinfer.core.stages import Request
 
 
@@ -131,7 +131,9 @@ class PrefixScorer:
 
         self.model = model
         self.device = model_device(model)
-        self.cache = DynamicCache(config=model.config)
+        # sliding-window layers (gemma3) cannot roll back once their window is full: keep full layers
+        # (the model still masks to its window); otherwise the model's own cache layout
+        self.cache = DynamicCache() if sliding_window(model) is not None else DynamicCache(config=model.config)
         self.length = 0
         self.last_logits: torch.Tensor | None = None
         if start:

@@ -102,15 +102,16 @@ def train_head(model: Any, tokenizer: Any, passages: int, label_rate: float, epo
         keep[torch.topk(info, max(1, int(label_rate * len(spans)))).indices] = 1.0
         features.append(word_features(text, spans))
         labels.append(keep)
-    x, y = torch.cat(features), torch.cat(labels)
-    head = torch.nn.Linear(x.shape[1], 1)
-    optimizer = torch.optim.Adam(head.parameters(), lr=3e-3)
-    for _ in range(epochs):
-        for batch in torch.randperm(len(x)).split(512):
-            loss = torch.nn.functional.binary_cross_entropy_with_logits(head(x[batch])[:, 0], y[batch])
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
+    with torch.inference_mode(False), torch.enable_grad():  # the data stage may run under inference mode
+        x, y = torch.cat(features).clone(), torch.cat(labels).clone()
+        head = torch.nn.Linear(x.shape[1], 1)
+        optimizer = torch.optim.Adam(head.parameters(), lr=3e-3)
+        for _ in range(epochs):
+            for batch in torch.randperm(len(x)).split(512):
+                loss = torch.nn.functional.binary_cross_entropy_with_logits(head(x[batch])[:, 0], y[batch])
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
     with torch.no_grad():
         accuracy = float(((head(x)[:, 0] > 0).float() == y).float().mean())
     return head, {"words": float(len(x)), "train_accuracy": accuracy, "passages": float(len(texts))}
@@ -151,9 +152,10 @@ class LLMLingua2(Technique):
             self._head = head.eval()
         return self._head
 
-    @torch.inference_mode()
     def keep_probabilities(self, model: Any, tokenizer: Any, text: str, spans: list[tuple[int, int]]) -> torch.Tensor:
-        return torch.sigmoid(self.head(model, tokenizer)(word_features(text, spans))[:, 0])
+        head = self.head(model, tokenizer)
+        with torch.inference_mode():
+            return torch.sigmoid(head(word_features(text, spans))[:, 0])
 
     @hookimpl
     def effinfer_transform_request(self, request: Request, stage: DataStage) -> None:

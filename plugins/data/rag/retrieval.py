@@ -50,7 +50,10 @@ def bm25_scores(chunks: list[str], query: str) -> list[float]:
     import bm25s
 
     index = bm25s.BM25()
-    index.index(bm25s.tokenize(chunks, return_ids=False, show_progress=False), show_progress=False)
+    try:
+        index.index(bm25s.tokenize(chunks, return_ids=False, show_progress=False), show_progress=False)
+    except ValueError:  # nothing but stopwords in every chunk: no term to score
+        return [0.0] * len(chunks)
     query_tokens = bm25s.tokenize([query], return_ids=False, show_progress=False)[0]
     if not query_tokens:
         return [0.0] * len(chunks)
