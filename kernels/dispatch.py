@@ -41,13 +41,16 @@ def triton_kernels() -> ModuleType:
     problem = triton_problem()
     if problem:
         raise RuntimeError(f"the Triton kernels cannot run: {problem}")
-    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+    if not torch.cuda.is_available():
         os.environ["TRITON_INTERPRET"] = "1"  # read by @triton.jit when a function is defined
-        # triton's own library functions (tl.zeros, ...) are @triton.jit too: if something imported
-        # triton before (torch.compile does), they were defined for the GPU, so import triton afresh
-        for name in [name for name in sys.modules if (name == "triton" or name.startswith("triton."))
-                     and not name.startswith("triton._C")]:  # the native module cannot load twice
-            del sys.modules[name]
+        # triton's own library functions (tl.cdiv, tl.zeros, ...) are @triton.jit too: if triton was imported
+        # before the interpreter was chosen (torch.compile and transformers import it), they were defined for
+        # the GPU, so import triton's Python modules afresh (its native module cannot load twice)
+        standard = sys.modules.get("triton.language.standard")
+        if standard is not None and type(standard.cdiv).__name__ != "InterpretedFunction":
+            for name in [name for name in sys.modules if (name == "triton" or name.startswith("triton."))
+                         and not name.startswith("triton._C")]:
+                del sys.modules[name]
     try:
         return importlib.import_module("effinfer.kernels.triton_ops")
     except ImportError as error:
