@@ -153,3 +153,58 @@ def latency_throughput_plot(series: dict[str, list[dict]], path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=120)
     plt.close(figure)
+
+
+def sweep_command(
+    sweep_file: Annotated[Path, typer.Argument(help="sweep YAML: models, stacks, grid, base")],
+    out: Annotated[Path | None, typer.Option(help="results folder (default: <file>.results next to the file)")] = None,
+    runner: Annotated[str, typer.Option(help="auto (Ray when installed), ray or local (in this process)")] = "auto",
+    address: Annotated[str | None, typer.Option(help="Ray cluster address (default: a local Ray)")] = None,
+    retry_failed: Annotated[bool, typer.Option(help="run again the experiments stored as failed")] = False,
+    dry_run: Annotated[bool, typer.Option(help="list the experiments and exit")] = False,
+) -> None:
+    """Run a grid of experiments (models × stacks × config values); each result is stored as it
+    finishes in <out>/results.jsonl, and a sweep started again skips what is already stored."""
+    from effinfer.core.errors import ExperimentError
+    from effinfer.plugins.system.serving.sweep import (Ledger, expand, iter_summary, load_sweep, pending,
+                                                       ray_available, run_in_process, run_key, run_on_ray)
+
+    if runner not in ("auto", "ray", "local"):
+        console.print(f"[red]error:[/] --runner must be auto, ray or local (got {runner!r})")
+        raise typer.Exit(2)
+    try:
+        experiments = expand(load_sweep(sweep_file))
+    except ExperimentError as error:
+        for problem in error.problems:
+            console.print(f"[red]error:[/] {problem}", highlight=False, markup=False)
+        raise typer.Exit(2) from None
+    use_ray = runner == "ray" or (runner == "auto" and ray_available())
+    if runner == "ray" and not ray_available():
+        console.print("[red]error:[/] Ray is not installed; pip install -e '.[ray]' or use --runner local")
+        raise typer.Exit(2)
+    ledger = Ledger((out or sweep_file.with_suffix(".results")) / "results.jsonl")
+    todo = pending(experiments, ledger, retry_failed)
+    console.print(f"{len(experiments)} experiments, {len(experiments) - len(todo)} already stored, {len(todo)} to run "
+                  f"({'Ray' if use_ray else 'in process'}); results in {ledger.path}", highlight=False)
+    if dry_run:
+        for experiment in experiments:
+            print(run_key(experiment), experiment.name)
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    with Progress(TextColumn("sweep"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console,
+                  transient=True) as progress:
+        bar = progress.add_task("runs", total=len(todo))
+
+        def on_result(record: dict) -> None:
+            ledger.append(record)
+            progress.advance(bar)
+            console.print(next(iter_summary([record])), highlight=False, markup=False)
+
+        if use_ray:
+            run_on_ray(todo, on_result, address)
+        else:
+            run_in_process(todo, on_result)
+    records = ledger.records()
+    failed = sum(1 for r in records if r.get("status") != "ok")
+    console.print(f"done: {len(records)} stored, {failed} failed", highlight=False)
