@@ -226,13 +226,51 @@ def markdown(meta: dict, cpu: Hardware, figures: dict, validation: list[dict], c
                      f"**{row['probed_ratio']:.2f}** | {row['dispatched_ops']} | {breakdown} |")
     lines += ["", "Within ±30% means probed ÷ measured in 0.70–1.30. The ideal roofline is the floor the hardware "
               "allows; the gap between it and the measurement is the kernels' bandwidth shortfall plus dispatch.", "",
-              f"### Predicted decode (tok/s, batch 1, context {meta['context']}) and prefill ({meta['context']} tokens)",
-              "", "Hardware figures (published, dense):", ""]
+              markdown_catalogue(catalogue, meta["context"])]
+    return "\n".join(lines)
+
+
+def catalogue_only(args: argparse.Namespace) -> None:
+    """The published hardware's predictions alone; the CPU validation section says how to produce it."""
+    shapes = {args.model: ModelShape.from_config(json.loads(
+        (Path.home() / f".cache/effinfer/models/{args.model}/config.json").read_text()))}
+    qwen = Path.home() / ".cache/effinfer/models/qwen2.5-coder-1.5b-instruct/config.json"
+    if qwen.exists():
+        shapes["Qwen2.5-Coder-1.5B"] = ModelShape.from_config(json.loads(qwen.read_text()))
+    shapes["Llama-2-7B"] = LLAMA2_7B
+    rows = []
+    for hardware in CATALOGUE:
+        for model_name, shape in shapes.items():
+            for stack_name in ("fp32", "bf16", "w8a16", "w4a16_g128", "w4a16_g128_50%sparse", "w4a16_g128_kv4"):
+                d = decode(shape, STACKS[stack_name], hardware, args.context)
+                p = prefill(shape, STACKS[stack_name], hardware, args.context)
+                rows.append({"hardware": hardware.name, "model": model_name, "stack": stack_name,
+                             "decode_tok_s": d.tokens_per_s, "decode_bound": d.bound, "prefill_s": p.seconds,
+                             "prefill_bound": p.bound})
+    text = markdown_catalogue(rows, args.context)
+    header = ["## Roofline model: predictions on a hardware catalogue", "",
+              "Analytical roofline model (`effinfer.plugins.system.hardware.roofline`, after LLM-Viewer, "
+              "arXiv:2402.16363): FLOPs and bytes of every projection, attention, norm and element-wise op of a pass, "
+              "given the stack's weight bits (with their group scales), sparsity and KV bytes; time = Σ max(FLOPs ÷ "
+              "peak, bytes ÷ bandwidth).", "",
+              "- command: `python benchmarks/roofline.py --catalogue-only` (no timing)",
+              f"- date: {dt.datetime.now(dt.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}",
+              "- **CPU validation not in this table**: the exclusive timing run "
+              "(`flock -x /tmp/effinfer-cpu.lock python benchmarks/roofline.py`, ~3 min) did not get the CPU to "
+              "itself in this session; it adds this CPU's probed entry and the predicted ÷ measured decode of "
+              "SmolLM2 fp32 / rtn int8 / rtn int4 g32.", ""]
+    args.table.parent.mkdir(parents=True, exist_ok=True)
+    args.table.write_text("\n".join(header) + "\n" + text)
+    print("\n".join(header) + "\n" + text)
+
+
+def markdown_catalogue(catalogue: list[dict], context: int) -> str:
+    lines = [f"### Predicted decode (tok/s, batch 1, context {context}) and prefill ({context} tokens)", "",
+             "Hardware figures (published, dense):", ""]
     for hardware in CATALOGUE:
         lines.append(f"- **{hardware.name}**: {hardware.source}")
     lines.append("")
-    models = sorted({r["model"] for r in catalogue}, key=lambda m: [r["model"] for r in catalogue].index(m))
-    for model_name in models:
+    for model_name in dict.fromkeys(r["model"] for r in catalogue):
         rows = [r for r in catalogue if r["model"] == model_name]
         stacks = list(dict.fromkeys(r["stack"] for r in rows))
         lines += [f"#### {model_name}", "", "| hardware | " + " | ".join(stacks) + " |",
@@ -257,9 +295,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--context", type=int, default=1024, help="context of the catalogue's predictions")
     parser.add_argument("--quick", action="store_true", help="tiny model, 4 steps: checks the script (no table)")
+    parser.add_argument("--catalogue-only", action="store_true",
+                        help="only the published hardware's predictions (no probe, no timing, no lock needed)")
     parser.add_argument("--out", type=Path, default=ARTIFACT)
     parser.add_argument("--table", type=Path, default=TABLE)
     args = parser.parse_args(argv)
+    if args.catalogue_only:
+        catalogue_only(args)
+        return
     with ExitStack() as stack:
         if args.quick:
             from effinfer.core.testing import tiny_llama
