@@ -217,14 +217,15 @@ class HFRunner:
         kept = list(kept)
         if kept == list(range(len(kept))):
             crop_to(self.cache, self.length + len(kept))
-        elif all(hasattr(layer, "keys") and not hasattr(layer, "sliding_window")
+        elif all(isinstance(layer, DynamicLayer) and not hasattr(layer, "sliding_window")
                  for layer in getattr(self.cache, "layers", [None])):
             index = torch.tensor(list(range(self.length)) + [self.length + i for i in kept], device=self.device)
             for layer in self.cache.layers:
                 if getattr(layer, "keys", None) is not None and layer.keys.numel():
                     layer.keys = layer.keys.index_select(-2, index)
                     layer.values = layer.values.index_select(-2, index)
-        else:  # an opaque cache (a technique's policy): drop the tree, feed the accepted tokens again
+        else:  # an opaque cache (a technique's policy, effinfer.core.kv_cache): drop the tree, feed the accepted
+            # tokens again
             self._drop_pending()
             self.forward([self._tokens[i] for i in kept])
         self.length += len(kept)

@@ -1,0 +1,165 @@
+"""Long-context evaluation: perplexity of a long document, needle in a haystack, KV bytes and decode speed.
+
+One pass per (context, needle depth) measures everything, through the stack's KV cache
+(``cache_factory``; ``None`` = the full dynamic cache) so that a KV-cache policy (eviction,
+quantization) acts as it would in a long generation:
+
+- the haystack is one long real document (a Shakespeare play from the offline corpus,
+  :mod:`effinfer.data.corpora`) with a fact — a random 6-digit passcode — inserted at ``depth``
+  (a sentence boundary), then a question about it;
+- the prompt is fed in chunks of :data:`CHUNK` tokens, except at each *mark* (2k, 4k, 8k):
+  there the next :data:`TIMED` tokens are fed one at a time (exactly the work of a decode
+  step, on the same text) and timed → decode tokens per second at that context; the bytes the
+  cache really holds are read there too (packed codes, scales, kept entries: every distinct
+  tensor storage reachable from the cache object) → KV bytes per token;
+- the log-probabilities of every position give the token perplexity of the document's first
+  2k, 4k, 8k tokens (a causal model scores a prefix the same inside a longer pass);
+- at the end the greedy answer is checked exactly: the passcode must be the first number generated.
+
+:func:`long_context` aggregates passes over several depths into flat metrics
+(``long.ppl.c8192``, ``long.needle.c8192``, ``long.kv_bytes_per_token.c8192``,
+``long.decode_tok_s.c8192`` …).
+"""
+
+from __future__ import annotations
+
+import random
+import re
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from effinfer.core.generation import new_cache
+from effinfer.evaluation.metrics.memory import cache_tensors, unique_tensor_bytes
+
+CacheFactory = Callable[[nn.Module], Any] | None
+#: tokens per forward while filling the cache (memory stays bounded at 8k context)
+CHUNK = 512
+#: single-token forwards timed at each mark
+TIMED = 16
+NEEDLE = "The secret passcode of the blue lighthouse is {code}."
+QUESTION = ("\n\nQuestion: What is the secret passcode of the blue lighthouse?\n"
+            "Answer: The secret passcode of the blue lighthouse is")
+
+
+def long_document(tokenizer: Any, tokens: int, corpus: str = "shakespeare") -> list[int]:
+    """Token ids of the first document of the corpus with at least ``tokens`` tokens."""
+    from effinfer.data.corpora import load_corpus
+
+    for doc in load_corpus(corpus, "test"):
+        ids = tokenizer(doc["text"], add_special_tokens=False).input_ids
+        if len(ids) >= tokens:
+            return ids
+    raise ValueError(f"no {corpus} document has {tokens} tokens; use a shorter context")
+
+
+def haystack(tokenizer: Any, document: list[int], context: int, depth: float, code: str) -> tuple[list[int], int]:
+    """``context`` tokens: the document's start with the needle sentence at ``depth`` (a sentence
+    boundary), then the question; also the needle's first token index."""
+    encode = lambda text: tokenizer(text, add_special_tokens=False).input_ids  # noqa: E731
+    needle, question = encode(" " + NEEDLE.format(code=code)), encode(QUESTION)
+    room = context - len(needle) - len(question)
+    cut = int(room * depth)
+    before = tokenizer.decode(document[:cut])
+    boundary = max(before.rfind(". "), before.rfind(".\n"))
+    if boundary > 0:
+        cut = len(encode(before[:boundary + 1]))
+    ids = document[:cut] + needle + document[cut:room]
+    return ids + question, cut
+
+
+def cache_bytes(cache: Any) -> int:
+    """Bytes the cache object really holds (distinct storages reachable from it)."""
+    return unique_tensor_bytes(cache_tensors(cache))
+
+
+@dataclass
+class Pass:
+    context: int
+    depth: float
+    correct: bool
+    answer: str
+    #: per mark: summed NLL and count of the positions before it, decode tok/s, KV bytes held
+    nll: dict[int, float] = field(default_factory=dict)
+    scored: dict[int, int] = field(default_factory=dict)
+    tok_s: dict[int, float] = field(default_factory=dict)
+    kv_bytes: dict[int, int] = field(default_factory=dict)
+    seconds: float = 0.0
+
+
+@torch.inference_mode()
+def one_pass(model: nn.Module, tokenizer: Any, context: int, depth: float, cache_factory: CacheFactory = None,
+             marks: Sequence[int] = (2048, 4096, 8192), seed: int = 0, answer_tokens: int = 10,
+             document: list[int] | None = None) -> Pass:
+    """Feed one haystack through the cache; see the module docstring."""
+    started = time.perf_counter()
+    code = str(random.Random(f"{seed}-{depth}-{context}").randrange(100000, 1000000))
+    document = document if document is not None else long_document(tokenizer, context)
+    ids, _ = haystack(tokenizer, document, context, depth, code)
+    device = next(model.parameters()).device
+    tokens = torch.tensor(ids, device=device)
+    cache = new_cache(model, cache_factory)
+    marks = sorted(m for m in marks if m + TIMED <= len(ids))
+    result = Pass(context, depth, False, "")
+    nll = torch.zeros((), dtype=torch.float64)
+    position = 0
+    last = None
+
+    def run(piece: torch.Tensor) -> torch.Tensor:
+        nonlocal position, nll, last
+        positions = torch.arange(position, position + len(piece), device=device)[None]
+        logits = model(input_ids=piece[None], position_ids=positions, cache=cache, use_cache=True).logits[0].float()
+        targets = tokens[position + 1:position + 1 + len(piece)]
+        log_probs = logits[:len(targets)].log_softmax(-1)
+        nll = nll - log_probs.gather(-1, targets[:, None]).sum().double().cpu()
+        position += len(piece)
+        last = logits[-1]
+        return logits
+
+    for mark in [*marks, len(ids)]:
+        while position < mark:
+            run(tokens[position:min(mark, position + CHUNK)])
+        if mark == len(ids):
+            break
+        result.nll[mark], result.scored[mark] = float(nll), mark - 1
+        result.kv_bytes[mark] = cache_bytes(cache)
+        began = time.perf_counter()
+        for _ in range(TIMED):
+            run(tokens[position:position + 1])
+        result.tok_s[mark] = TIMED / (time.perf_counter() - began)
+    answer = []
+    for i in range(answer_tokens):
+        token = int(last.argmax())
+        answer.append(token)
+        if i < answer_tokens - 1:
+            out = model(input_ids=torch.tensor([[token]], device=device),
+                        position_ids=torch.tensor([[position]], device=device), cache=cache, use_cache=True)
+            last, position = out.logits[0, -1].float(), position + 1
+    result.answer = tokenizer.decode(answer)
+    found = re.search(r"\d+", result.answer)
+    result.correct = bool(found and found.group() == code)
+    result.seconds = time.perf_counter() - started
+    return result
+
+
+def long_context(model: nn.Module, tokenizer: Any, context: int = 8192, depths: Sequence[float] = (0.25, 0.75),
+                 cache_factory: CacheFactory = None, marks: Sequence[int] = (2048, 4096, 8192),
+                 progress: Callable[[str], None] | None = None) -> tuple[dict[str, float], list[Pass]]:
+    """Passes at each needle depth; flat metrics (perplexity and speed averaged over the passes)."""
+    document = long_document(tokenizer, context)
+    passes = []
+    for depth in depths:
+        if progress:
+            progress(f"long context {context}, needle depth {depth:.0%}")
+        passes.append(one_pass(model, tokenizer, context, depth, cache_factory, marks, document=document))
+    metrics: dict[str, float] = {f"long.needle.c{context}": sum(p.correct for p in passes) / len(passes)}
+    for mark in passes[0].nll:
+        nll = sum(p.nll[mark] for p in passes) / sum(p.scored[mark] for p in passes)
+        metrics[f"long.ppl.c{mark}"] = float(torch.tensor(nll).exp())
+        metrics[f"long.decode_tok_s.c{mark}"] = sum(p.tok_s[mark] for p in passes) / len(passes)
+        metrics[f"long.kv_bytes_per_token.c{mark}"] = passes[-1].kv_bytes[mark] / mark
+    return metrics, passes
