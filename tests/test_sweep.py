@@ -44,20 +44,25 @@ def test_ledger_cuts_a_torn_last_line(tmp_path):
     assert [r["key"] for r in ledger.records()] == ["a", "c"]
 
 
-def test_a_sweep_killed_with_sigkill_and_resumed_stores_each_run_exactly_once(tmp_path, tiny_model_dir):
+@pytest.mark.parametrize("runner", ["local", pytest.param("ray", marks=pytest.mark.slow)])
+def test_a_sweep_killed_with_sigkill_and_resumed_stores_each_run_exactly_once(tmp_path, tiny_model_dir, runner):
+    if runner == "ray":
+        pytest.importorskip("ray")
     path = _sweep_file(tmp_path, tiny_model_dir)
     expected = {run_key(e) for e in expand(SweepFile.model_validate(yaml.safe_load(path.read_text())))}
     assert len(expected) == 10
     ledger = tmp_path / "grid.results" / "results.jsonl"
-    command = [sys.executable, "-m", "effinfer.core.cli", "sweep", str(path), "--runner", "local"]
+    command = [sys.executable, "-m", "effinfer.core.cli", "sweep", str(path), "--runner", runner]
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    first = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    # its own process group, so that SIGKILL takes the sweep and (with Ray) the local Ray processes it started
+    first = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                             start_new_session=True)
     deadline = time.time() + 120
     while time.time() < deadline and first.poll() is None:
         if ledger.exists() and ledger.read_text().count("\n") >= 2:
             break
         time.sleep(0.02)
-    first.send_signal(signal.SIGKILL)
+    os.killpg(first.pid, signal.SIGKILL)
     first.wait()
     stored = ledger.read_text().count("\n")
     assert 2 <= stored < 10, f"the first pass should be killed mid-way (stored {stored})"

@@ -202,5 +202,5 @@ def load_sweep(path: Path) -> SweepFile:
 
 def iter_summary(records: list[dict[str, Any]]) -> Iterator[str]:
     for r in records:
-        detail = f"{r.get('decode_tok_s') or 0:.1f} tok/s" if r.get("status") == "ok" else r.get("error", "")[:80]
+        detail = f"{r.get('decode_tok_s') or 0:.1f} tok/s" if r.get("status") == "ok" else r.get("error", "").replace("\n", " ")[:100]
         yield f"{r.get('status', '?'):>6}  {r.get('name', r.get('key'))}  {detail}"
