@@ -21,7 +21,7 @@ from pydantic import Field
 from effinfer.core import Paper, Requirement, Technique, hookimpl
 from effinfer.core.stages import SystemStage
 from effinfer.plugins.model.dynamic_inference.early_exit import EarlyExitError, static_engine
-from effinfer.plugins.model.dynamic_inference.exits import ExitHeads, ExitTraining, train_exits
+from effinfer.plugins.model.dynamic_inference.exits import ExitHeads, ExitTraining, default_exits, train_exits
 from effinfer.plugins.model.dynamic_inference.layers import exit_step
 from effinfer.plugins.system.engine.forward import lm_logits
 from effinfer.plugins.system.speculative.api import DecodeEngine, Session, SpeculativeDecoding, TokenTree, draft_token
@@ -78,7 +78,7 @@ class LayerSkip(Technique):
                "the model's own KV cache; the full model verifies (shared speculative verifier): lossless.")
     lossless = True
     requires = frozenset({Requirement.TRAINING})
-    bench_config = {"draft_layers": 16, "train_prompts": 16, "train_new_tokens": 64, "train_steps": 80}
+    bench_config = {"train_prompts": 16, "train_new_tokens": 64, "train_steps": 80}
 
     class Config(ExitTraining):
         draft_layers: int | None = Field(None, ge=1, le=1024, description="blocks the draft runs before its exit "
@@ -105,7 +105,9 @@ class LayerSkip(Technique):
             raise EarlyExitError(problems[0])
         static_engine(model, self.name)
         layers = self.draft_layers(model.config.num_hidden_layers)
-        heads, report = train_exits(model, stage.tokenizer, [layers - 1],
+        # trained with early_exit's default exits (one cached set serves both techniques)
+        heads, report = train_exits(model, stage.tokenizer,
+                                    sorted(set(default_exits(model.config.num_hidden_layers)) | {layers - 1}),
                                     ExitTraining(**self.config.model_dump(include=set(ExitTraining.model_fields))))
         self.report = report
         self.note(report.describe())

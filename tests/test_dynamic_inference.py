@@ -1,0 +1,98 @@
+"""Token-level early exit: threshold 1.0 is the full model, LayerSkip is lossless, KV fill, bad configs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from pydantic import ValidationError
+
+from effinfer.core.engines import HFEngine
+from effinfer.core.generation import GenerationConfig, PlainDecoding, encode_prompts
+from effinfer.core.stages import SystemStage
+from effinfer.core.testing import TINY_FAMILIES, tiny_llama, tiny_model
+from effinfer.plugins.model.dynamic_inference import exits as exits_module
+from effinfer.plugins.model.dynamic_inference.early_exit import EarlyExit, EarlyExitError
+from effinfer.plugins.model.dynamic_inference.exits import check_exits, default_exits
+from effinfer.plugins.model.dynamic_inference.layerskip import LayerSkip
+from effinfer.plugins.system.engine import StaticEngine
+
+TRAINING = {"train_prompts": 2, "train_new_tokens": 8, "train_steps": 5}
+
+
+@pytest.fixture(autouse=True)
+def private_exit_cache(tmp_path, monkeypatch):
+    """Trained exits go to a temporary folder, not the user's cache."""
+    monkeypatch.setattr(exits_module, "checkpoint_path", lambda kind, key: tmp_path / kind / f"{key}.pt")
+
+
+def decode(strategy, model, tokenizer, sample=False):
+    ids, mask = encode_prompts(tokenizer, ["Hello there, how are you?", "abc"], True)
+    config = GenerationConfig(max_new_tokens=16, do_sample=sample, seed=3)
+    return strategy.generate(model, ids, mask, config, set())
+
+
+@pytest.mark.parametrize("family", TINY_FAMILIES)
+def test_threshold_one_is_the_full_model_and_layerskip_is_plain_greedy(family):
+    model, tokenizer = tiny_model(family, layers=4, seed=1)
+    engine = StaticEngine()
+    plain = decode(PlainDecoding(), model, tokenizer).sequences
+    assert decode(engine.decoding(), model, tokenizer).sequences == plain
+    never = EarlyExit({"threshold": 1.0, **TRAINING})
+    strategy = never.effinfer_decoding_strategy(SystemStage(model, tokenizer, engine=engine))
+    assert decode(strategy, model, tokenizer).sequences == plain
+    assert set(strategy.layers_per_token) == {4}
+    skip = LayerSkip({"draft_layers": 2, **TRAINING}).effinfer_decoding_strategy(
+        SystemStage(model, tokenizer, engine=engine))
+    result = decode(skip, model, tokenizer)
+    assert result.sequences == plain and result.drafted_per_step
+
+
+def test_low_threshold_exits_early_and_fills_the_skipped_kv():
+    model, tokenizer = tiny_llama(layers=4, seed=2)
+    always = EarlyExit({"threshold": 0.0, "exit_layers": [1], **TRAINING})
+    strategy = always.effinfer_decoding_strategy(SystemStage(model, tokenizer, engine=StaticEngine()))
+    out = decode(strategy, model, tokenizer)
+    assert set(strategy.layers_per_token) == {2} and all(len(s) == 16 for s in out.sequences)
+    # the KV written for the skipped blocks is that block's K/V of the exit hidden state: check one column
+    from effinfer.plugins.model.dynamic_inference.layers import StepContext, fill_kv
+    from effinfer.plugins.system.engine import shared_engine
+    from effinfer.plugins.system.engine.forward import apply_rotary
+
+    engine = shared_engine(model)
+    cache = engine.cache_for(1, 8, name="test-fill")
+    cache.reset(torch.ones(1, 1, dtype=torch.long))
+    hidden = torch.randn(1, 1, model.config.hidden_size)
+    context = StepContext(engine.layout, cache, hidden, 0)
+    fill_kv(engine.layout, cache, context, 3, hidden)
+    layer = model.model.layers[3]
+    x = layer.input_layernorm(hidden)
+    value = layer.self_attn.v_proj(x).view(1, 1, -1, engine.layout.head_dim).transpose(1, 2)
+    key = layer.self_attn.k_proj(x).view(1, 1, -1, engine.layout.head_dim).transpose(1, 2)
+    cos, sin = context.rope["full_attention"]
+    torch.testing.assert_close(cache.values[3][:, :, :1], value)
+    torch.testing.assert_close(cache.keys[3][:, :, :1], apply_rotary(key, cos, sin))
+
+
+def test_layerskip_is_lossless_when_sampling():
+    model, tokenizer = tiny_llama(layers=4, seed=3)
+    skip = LayerSkip({"draft_layers": 2, **TRAINING}).effinfer_decoding_strategy(
+        SystemStage(model, tokenizer, engine=StaticEngine()))
+    out = decode(skip, model, tokenizer, sample=True)
+    assert all(len(s) == 16 for s in out.sequences)  # distribution exactness: the shared verifier's own tests
+
+
+def test_bad_configs_are_refused():
+    config = tiny_llama(layers=4)[0].config
+    assert check_exits(4, [3]) and check_exits(4, [0, 2]) == [] and check_exits(1, None)
+    assert "out of range" in EarlyExit({"exit_layers": [5]}).check_model_config(config)[0]
+    assert "draft_layers ≤ 3" in LayerSkip({"draft_layers": 4}).check_model_config(config)[0]
+    assert default_exits(30) == [11, 14, 17, 20, 23, 26] and default_exits(2) == [0]
+    with pytest.raises(ValidationError):
+        EarlyExit({"threshold": 1.5})
+    with pytest.raises(ValidationError):
+        EarlyExit({"confidence": "entropy"})
+    model, tokenizer = tiny_llama(layers=4)
+    skip = LayerSkip({"draft_layers": 2, **TRAINING}).effinfer_decoding_strategy(
+        SystemStage(model, tokenizer, engine=HFEngine()))
+    with pytest.raises(EarlyExitError, match="static"):
+        decode(skip, model, tokenizer)
