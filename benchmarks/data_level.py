@@ -105,7 +105,8 @@ def run_method(model: Any, tokenizer: Any, stack: list[str], examples: list[Any]
             "latency_s": median([r.seconds for r in rows]), "latency_ratio": median(ratios),
             "latency_ratio_range": [min(ratios), max(ratios)] if ratios else None,
             "recall": sum(recall) / len(recall) if recall else None, "n": n, "notes": [str(x) for x in notes],
-            "seconds": [r.seconds for r in rows]}
+            "seconds": [r.seconds for r in rows], "per_example": [r.score["accuracy"] for r in rows],
+            "tokens": [(r.tokens_before, r.tokens_after) for r in rows]}
 
 
 class _Tiktoken:
@@ -205,11 +206,17 @@ def main() -> None:
     parser.add_argument("--examples", type=int, default=12)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--sot-tokens", type=int, default=96)
+    parser.add_argument("--sweep-until-s", type=float, default=300,
+                        help="skip the rest of the accuracy-vs-compression sweep after this many seconds "
+                             "(one run stays within 8 minutes)")
+    parser.add_argument("--peer-examples", type=int, default=4,
+                        help="questions the llmlingua package compresses (the first ones; ours are compared on them)")
     parser.add_argument("--quick", action="store_true", help="3 examples, 3 methods, no tables")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     command = "flock -x /tmp/effinfer-cpu.lock .venv/bin/python benchmarks/data_level.py " + " ".join(sys.argv[1:])
     load_before = machine_load()
+    run_started = time.perf_counter()
     model, tokenizer = load_model(DEFAULT_MODEL)
     spec = DataTasksSpec(n_examples=2 if args.quick else args.examples, passages=5)
     examples = build_examples(spec, "long_context_qa")
@@ -227,17 +234,24 @@ def main() -> None:
     for name, long, rate in (("llmlingua package (LLMLingua, rate 0.33)", False, 0.33),
                              ("llmlingua package (LongLLMLingua, rate 0.25)", True, 0.25)):
         try:
-            results["peers"][name] = run_peer(model, tokenizer, examples, spec, base, rate, long)
+            results["peers"][name] = run_peer(model, tokenizer, examples[:args.peer_examples], spec, base, rate, long)
         except Exception as error:  # the peer is optional: report why it did not run
             results["peers"][name] = {"error": f"{type(error).__name__}: {error}"[:300]}
         print(f"{name}: {results['peers'][name]}", flush=True)
     if not args.quick:
         for label, template in SWEEP.items():
             for rate in SWEEP_RATES:
+                if time.perf_counter() - run_started > args.sweep_until_s:
+                    print(f"sweep {label}@{rate} skipped: past --sweep-until-s", flush=True)
+                    continue
                 stack = [template.format(r=rate)]
                 results["sweep"][f"{label}@{rate}"] = run_method(model, tokenizer, stack, examples, spec, base_seconds)
                 print(f"sweep {label}@{rate}: {results['sweep'][f'{label}@{rate}']}", flush=True)
-    results["sot"] = run_sot(model, tokenizer, base, 16 if args.quick else args.sot_tokens)
+    try:
+        results["sot"] = run_sot(model, tokenizer, base, 16 if args.quick else args.sot_tokens)
+    except Exception as error:  # keep the other tables
+        results["sot"] = {"rows": [], "error": f"{type(error).__name__}: {error}"}
+        print(f"skeleton_of_thought failed: {results['sot']['error']}", flush=True)
     for row in results["sot"]["rows"]:
         print({k: v for k, v in row.items() if k != "sot_text"}, flush=True)
     base.restore()
@@ -283,11 +297,15 @@ def write_tables(results: dict[str, Any], command: str, args: Any) -> None:
     lines = table_header("Our LLMLingua / LongLLMLingua vs the llmlingua package (same model, same inputs)",
                          command, args.threads, extra)
     lines += ["The package's `PromptCompressor` loads the same local SmolLM2 folder (fp32, CPU); its compressed "
-              "prompt is answered by the same model and engine. Latency = compression + answer (median).", "",
+              "prompt is answered by the same model and engine. Latency = compression + answer (median). "
+              f"Both on the first {args.peer_examples} questions of the long-context QA table.", "",
               "| implementation | EM | F1 | compression | latency (s) | set-up (s) |", "|---|---|---|---|---|---|"]
+    k = args.peer_examples
     for name, r in ours.items():
-        lines.append(f"| effinfer {name} | {r['accuracy']:.2f} | {r['f1']:.2f} | {r['ratio']:.2f}× | "
-                     f"{r['latency_s']:.2f} | — |")
+        tokens = r["tokens"][:k]
+        lines.append(f"| effinfer {name} | {sum(r['per_example'][:k]) / len(tokens):.2f} | — | "
+                     f"{sum(t[0] for t in tokens) / sum(t[1] for t in tokens):.2f}× | "
+                     f"{median(r['seconds'][:k]):.2f} | — |")
     for name, r in results["peers"].items():
         if r is None or "error" in r:
             lines.append(f"| {name} | not run: {'not installed' if r is None else r['error']} | | | | |")
@@ -298,6 +316,8 @@ def write_tables(results: dict[str, Any], command: str, args: Any) -> None:
     print(f"wrote {path}")
 
     rows = results["sot"]["rows"]
+    if not rows:
+        return
     accepted = [r for r in rows if r["decision"].startswith("skeleton")]
     lines = table_header("Skeleton-of-Thought vs normal decoding on SmolLM2-135M", command, args.threads, extra)
     ratios = [r["sot_s"] / r["plain_s"] for r in accepted]
