@@ -289,7 +289,7 @@ def write_tables(results: dict[str, Any], command: str, args: Any) -> None:
             lines.append(f"| {name} | {r['accuracy']:.2f} | {r['f1']:.2f} | {r['ratio']:.2f}× |")
         plot = plot_sweep(results)
         if plot is not None:
-            lines += ["", f"![accuracy vs compression]({plot.name})"]
+            lines += ["", f"Plot: `benchmarks/results/data.input_compression/{plot.name}` (exact match vs compression)."]
     path = write_table("data.input_compression", "long_context_qa", "\n".join(lines) + "\n")
     print(f"wrote {path}")
 
