@@ -303,11 +303,22 @@ def data_tasks_phase(run: Any) -> None:
         for index, example in enumerate(examples):
             run.advance(f"data task {name} {index + 1}/{len(examples)}")
             if peer is not None and index % 2 == 1:
-                base_seconds.append(run_example(peer.composed, example, spec, run.clock).seconds)
+                base_seconds.append(_on_peer(peer, example, spec, run.clock))
+            if run.recorder is not None:
+                run.recorder.reset()  # the caches of earlier examples must not pile up
             outcomes.append(run_example(run.composed, example, spec, run.clock))
             if peer is not None and index % 2 == 0:
-                base_seconds.append(run_example(peer.composed, example, spec, run.clock).seconds)
+                base_seconds.append(_on_peer(peer, example, spec, run.clock))
         record_outcomes(run.record, name, outcomes, base_seconds)
+
+
+def _on_peer(peer: Any, example: Example, spec: DataTasksSpec, clock: Callable[[], float]) -> float:
+    """Seconds of the uncompressed example on the bench's baseline model (its cache recorder reset after)."""
+    try:
+        return run_example(peer.composed, example, spec, clock).seconds
+    finally:
+        if getattr(peer, "recorder", None) is not None:
+            peer.recorder.reset()
 
 
 def record_outcomes(record: Any, name: str, outcomes: list[Outcome], base_seconds: list[float]) -> None:
