@@ -36,7 +36,7 @@ from functools import lru_cache
 from typing import Any
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from effinfer.core.generation import GenerationConfig, encode_prompts
 from effinfer.core.stages import Request
@@ -63,10 +63,15 @@ class DataTasksSpec(BaseModel):
     paired_baseline: bool = Field(True, description="time the uncompressed prompt on the baseline next to "
                                                     "each stack's example (latency ratio)")
 
-    def model_post_init(self, _: Any) -> None:
-        unknown = [n for n in self.names if n not in TASKS]
+    @field_validator("names")
+    @classmethod
+    def _known(cls, names: list[str]) -> list[str]:
+        unknown = [n for n in names if n not in TASKS]
         if unknown:
             raise ValueError(f"unknown data-level task(s) {unknown}; available: {', '.join(TASKS)}")
+        if not names:
+            raise ValueError(f"no data-level task named; list some of {', '.join(TASKS)} (or set data_tasks to null)")
+        return names
 
 
 # --------------------------------------------------------------------------- examples
