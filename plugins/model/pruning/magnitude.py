@@ -31,7 +31,6 @@ class Magnitude(MaskPruner):
                "(unstructured at a sparsity ratio, or an N:M pattern such as 2:4); no calibration. Stored dense "
                "with zeros, as a bitmask + values, or in CSR.")
     bench_config = {"sparsity": 0.5}
-    bench_compositions = ("magnitude+rtn",)
 
     Config = PruneConfig
 

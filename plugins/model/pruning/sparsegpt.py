@@ -75,7 +75,6 @@ class SparseGPT(MaskPruner):
                "inputs, GPTQ's machinery); unstructured or N:M; blocks calibrated sequentially.")
     requires = frozenset({Requirement.CALIBRATION_DATA})
     bench_config = {"sparsity": 0.5, "n_samples": 8, "seq_len": 256}
-    bench_compositions = ("sparsegpt+gptq",)
 
     class Config(PruneConfig, CalibrationConfig):
         damp: float = Field(0.01, gt=0.0, le=1.0, description="dampening added to the Hessian diagonal, as a "

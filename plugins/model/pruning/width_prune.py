@@ -122,7 +122,6 @@ class WidthPrune(Technique):
     requires = frozenset({Requirement.CALIBRATION_DATA})
     needs_features = frozenset({Feature.DENSE_WEIGHTS, Feature.STOCK_ATTENTION})
     bench_config = {"attn_ratio": 0.34, "ffn_ratio": 0.3, "n_samples": 8, "seq_len": 256}
-    bench_compositions = ("width_prune+rtn",)
 
     class Config(CalibrationConfig):
         attn_ratio: float = Field(0.25, ge=0.0, lt=1.0, description="fraction of query heads (per KV group) or of "
