@@ -275,3 +275,20 @@ def test_serving_techniques_select_engine_and_scheduler(registry):
 
     with pytest.raises(ExperimentError, match="incompatible"):
         Experiment.checked(techniques=["fcfs", "sjf"]).build_stack(registry)
+
+
+def test_a_pool_too_small_for_both_requests_still_serves_each_exactly():
+    """Two prompts whose KV does not fit the pool together, prefilled chunk by chunk: both finish, exact."""
+    model, _ = tiny_model("llama", layers=1)
+    prompts = _prompts(model.config.vocab_size, [30, 30], seed=3)
+    engine = ContinuousBatchingEngine(model, EngineConfig(block_size=4, num_blocks=11, max_batched_tokens=8,
+                                                          prefix_caching=False))
+    requests = [ServeRequest(str(i), p, max_tokens=4) for i, p in enumerate(prompts)]
+    for r in requests:
+        engine.add(r)
+    for _ in range(200):
+        if not engine.has_work():
+            break
+        engine.step()
+    assert not engine.has_work()
+    assert [r.output for r in requests] == [_greedy_alone(model, p, 4) for p in prompts]

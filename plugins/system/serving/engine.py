@@ -287,6 +287,10 @@ class ContinuousBatchingEngine(BaseEngine):
             if request.admitted is None:
                 request.admitted = now
         if not plan:
+            if self.running:  # every running request waits for blocks: free the scheduler's victim's
+                victim = self.scheduler.victim(self.running)
+                if victim is not None and len(self.running) > 1:
+                    self._preempt(victim)
             return 0
         self._run(plan)
         self.steps += 1

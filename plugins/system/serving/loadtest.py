@@ -134,7 +134,8 @@ def replay_engine(engine: BaseEngine, trace: list[TraceItem], tokenizer: Any, ti
                 engine.abort(request.id)
             pending = []
         if engine.has_work():
-            engine.step()
+            if engine.step() == 0:
+                time.sleep(0.001)
         elif pending:
             time.sleep(max(0.0, min(0.01, trace[pending[0]].arrival - now)))
     makespan = time.perf_counter() - start

@@ -122,7 +122,8 @@ class ServingApp:
         while not self._stop.is_set():
             if self.engine.has_work():
                 try:
-                    self.engine.step()
+                    if self.engine.step() == 0:
+                        time.sleep(0.002)  # nothing could run this iteration (e.g. waiting for blocks)
                 except BaseException as error:  # keep serving: fail the running requests, report
                     self.error = error
                     for request in list(self.engine.running):
