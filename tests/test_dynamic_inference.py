@@ -96,3 +96,23 @@ def test_bad_configs_are_refused():
         SystemStage(model, tokenizer, engine=HFEngine()))
     with pytest.raises(EarlyExitError, match="static"):
         decode(skip, model, tokenizer)
+
+
+def test_cascade_escalates_by_its_threshold():
+    from effinfer.plugins.model.dynamic_inference.cascade import Cascade
+
+    model, tokenizer = tiny_llama(layers=2, seed=4)
+    engine = StaticEngine()
+    full = decode(engine.decoding(), model, tokenizer).sequences
+    always = Cascade({"cheap": ["rtn:bits=4"], "threshold": -0.0}).effinfer_decoding_strategy(
+        SystemStage(model, tokenizer, engine=engine))
+    assert always.threshold == 0.0
+    assert decode(always, model, tokenizer).sequences == full and always.escalated_fraction() == 1.0
+    never = Cascade({"cheap": ["rtn:bits=4"], "threshold": -50.0}).effinfer_decoding_strategy(
+        SystemStage(model, tokenizer, engine=engine))
+    cheap = decode(engine.decoding(), never.cheap, tokenizer).sequences
+    assert decode(never, model, tokenizer).sequences == cheap and never.escalated_fraction() == 0.0
+    with pytest.raises(ValidationError, match="threshold ≤ 0"):
+        Cascade({"threshold": 1.0})
+    with pytest.raises(ValidationError, match="cheap is empty"):
+        Cascade({"cheap": []})
