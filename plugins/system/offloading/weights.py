@@ -47,8 +47,7 @@ class LayerStreamer:
             path = self.folder / f"layer{index:03d}.bin"
             with open(path, "wb") as f:
                 for param in layer.parameters():
-                    f.write(param.detach().contiguous().view(torch.uint8).numpy().tobytes()
-                            if param.dtype == torch.bfloat16 else param.detach().contiguous().numpy().tobytes())
+                    f.write(memoryview(param.detach().contiguous().view(torch.uint8).numpy()))
                     spec.append((param, param.shape, offset, param.numel()))
                     offset += param.numel()
             largest = max(largest, offset)
@@ -66,6 +65,14 @@ class LayerStreamer:
                 patcher.set_attr(norm, "forward", hooked)
             else:
                 norm.forward = hooked
+        # the rest (embeddings, final norm, head) may be views of the memory-mapped checkpoint, whose pages the
+        # file writes just touched: own copies let the mapping go, so only what stays resident is counted
+        for param in model.parameters():
+            if param.numel():
+                if patcher is not None:
+                    patcher.set_attr(param, "data", param.data.clone())
+                else:
+                    param.data = param.data.clone()
         self.slots = [torch.empty(largest, dtype=self.dtype) for _ in range(3)]
         self.loaded: list[int | None] = [None, None, None]
         self.pending: list[Future | None] = [None, None, None]
