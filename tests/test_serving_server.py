@@ -149,3 +149,21 @@ def test_graceful_shutdown_finishes_running_requests_then_refuses_new_ones():
     serving.shutdown()
     assert request.finish_reason == "length" and len(request.output) == 20
     assert not serving.accepting and not serving._thread.is_alive()
+
+
+def test_a_speculative_stack_is_served_one_request_at_a_time_through_its_strategy():
+    from effinfer.plugins.system.serving.engine import ServeRequest
+
+    model, tokenizer = tiny_model("llama", layers=1, seed=0)
+    with pytest.warns(RuntimeWarning, match="one at a time"):
+        served = build_served(Experiment.checked(model="tiny", techniques=["prompt_lookup"]), model, tokenizer)
+    assert served.engine.name == "strategy"
+    prompt = encode_text(tokenizer, "abcabcabc")
+    request = ServeRequest("s", prompt, max_tokens=6, ignore_eos=True)
+    served.engine.add(request)
+    served.engine.run_until_done()
+    ids = torch.tensor([prompt])
+    expected = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False,
+                              eos_token_id=None, pad_token_id=0)[0, len(prompt):].tolist()
+    assert request.output == expected
+    served.composed.restore()
