@@ -86,7 +86,7 @@ def test_white_box_kd_lowers_the_students_kl_to_the_teacher():
     cost = train(trainable(student, "blocks"), lambda ids: technique.loss(student, teacher, kept, ids), batches, 30,
                  lr=5e-3, progress=False)
     after = probe(student, teacher, held_out)["kl"]
-    assert after < 0.85 * before, (before, after)
+    assert after < 0.9 * before, (before, after)
     assert cost.steps == 30 and cost.tokens == 30 * 4 * 32 and cost.seconds > 0
 
 
