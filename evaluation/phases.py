@@ -62,6 +62,7 @@ from effinfer.evaluation.metrics.timing import (Clock, Summary, Timed, drift, in
 from effinfer.evaluation.records import RunRecord
 from effinfer.evaluation.suites import Suite
 from effinfer.evaluation.tasks_data_level import data_tasks_phase
+from effinfer.evaluation.tasks_long_context import long_context_phase
 
 
 @dataclass
@@ -526,5 +527,5 @@ def _finite(value: float | None) -> float | None:
 
 PHASES: tuple[Callable[[StackRun], None], ...] = (
     weights_phase, perplexity_phase, tasks_phase, start_peak_tracking, speed_phase, generation_phase,
-    data_tasks_phase, drift_phase, peak_memory_phase, roofline_phase,
+    data_tasks_phase, long_context_phase, drift_phase, peak_memory_phase, roofline_phase,
 )

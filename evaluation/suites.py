@@ -20,6 +20,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from effinfer.evaluation.tasks_data_level import DataTasksSpec
+from effinfer.evaluation.tasks_long_context import LongContextSpec
 
 
 class PerplexitySpec(BaseModel):
@@ -128,6 +129,8 @@ class Suite(BaseModel):
     roofline: RooflineSpec | None = Field(default_factory=RooflineSpec)
     #: data-level tasks (long-context QA, multi-doc summary, few-shot BIG-bench); off unless set
     data_tasks: DataTasksSpec | None = None
+    #: long-context passes (perplexity at 2k/4k/8k, needle, KV bytes, decode speed); off unless set
+    long_context: LongContextSpec | None = None
 
     @model_validator(mode="after")
     def _fidelity_needs_windows(self) -> Suite:
@@ -146,6 +149,8 @@ class Suite(BaseModel):
         payload = self.model_dump(mode="json", exclude={"name", "description"})
         if payload.get("data_tasks") is None:  # suites without data tasks keep their fingerprints
             payload.pop("data_tasks", None)
+        if payload.get("long_context") is None:  # likewise for suites without long-context passes
+            payload.pop("long_context", None)
         if payload.get("speed"):
             payload["speed"].pop("drift_tolerance")  # decides a flag, not a number
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]

@@ -126,11 +126,11 @@ def one_pass(model: nn.Module, tokenizer: Any, context: int, depth: float, cache
         if mark == len(ids):
             break
         result.nll[mark], result.scored[mark] = float(nll), mark - 1
-        result.kv_bytes[mark] = cache_bytes(cache)
         began = time.perf_counter()
         for _ in range(TIMED):
             run(tokens[position:position + 1])
         result.tok_s[mark] = TIMED / (time.perf_counter() - began)
+        result.kv_bytes[mark] = cache_bytes(cache)  # what decoding at this context holds
     answer = []
     for i in range(answer_tokens):
         token = int(last.argmax())
@@ -161,5 +161,36 @@ def long_context(model: nn.Module, tokenizer: Any, context: int = 8192, depths: 
         nll = sum(p.nll[mark] for p in passes) / sum(p.scored[mark] for p in passes)
         metrics[f"long.ppl.c{mark}"] = float(torch.tensor(nll).exp())
         metrics[f"long.decode_tok_s.c{mark}"] = sum(p.tok_s[mark] for p in passes) / len(passes)
-        metrics[f"long.kv_bytes_per_token.c{mark}"] = passes[-1].kv_bytes[mark] / mark
+        metrics[f"long.kv_bytes_per_token.c{mark}"] = passes[-1].kv_bytes[mark] / (mark + TIMED)
     return metrics, passes
+
+
+# --------------------------------------------------------------------------- the evaluator's section
+
+from pydantic import BaseModel, ConfigDict, Field  # noqa: E402
+
+
+class LongContextSpec(BaseModel):
+    """Long-context passes (perplexity, needle, KV bytes, decode speed); off unless a suite sets it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    context: int = Field(8192, ge=256, le=131072, description="tokens per pass (≤ the model's context)")
+    depths: list[float] = Field(default_factory=lambda: [0.25, 0.75], description="needle depths, 0 … 1")
+    marks: list[int] = Field(default_factory=lambda: [2048, 4096], description="contexts where decode speed, "
+                             "KV bytes and perplexity are read (the full context is always added)")
+
+
+def long_context_phase(run: Any) -> None:
+    """The suite's long-context section on the stack's own KV cache (``run.cache_factory``)."""
+    spec: LongContextSpec | None = getattr(run.suite, "long_context", None)
+    if spec is None:
+        return
+    marks = sorted({m for m in spec.marks if m < spec.context - 64} | {spec.context - 32})
+    metrics, passes = long_context(run.model, run.tokenizer, spec.context, spec.depths, run.cache_factory, marks,
+                                   progress=run.advance)
+    params = {"context": spec.context, "depths": list(spec.depths)}
+    for name, value in metrics.items():
+        unit, better = (("ppl", False) if ".ppl." in name else ("tok/s", True) if "tok_s" in name
+                        else ("bytes", False) if "bytes" in name else ("accuracy", True))
+        run.record.add(name, value, unit=unit, higher_is_better=better, params=params | {"passes": len(passes)})

@@ -81,7 +81,8 @@ class EvictionPolicy(KVPolicy):
     def _reserve(self, keys: torch.Tensor, values: torch.Tensor, need: int) -> None:
         capacity = 0 if self.keys is None else self.keys.shape[-2]
         wanted = max(need, self.budget + SLACK)
-        if capacity >= need and capacity <= 2 * wanted:
+        decoding = need - self.n <= SLACK  # a few tokens: give back a prefill's room beyond the slack
+        if capacity >= need and capacity <= (wanted + SLACK if decoding else 2 * wanted):
             return
         batch, heads, _, dim = keys.shape
         fresh = {
