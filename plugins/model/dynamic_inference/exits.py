@@ -76,7 +76,7 @@ class ExitHeads(nn.Module):
         self.classifiers = nn.ModuleList(nn.Linear(model.config.hidden_size, 1) for _ in self.exits).to(
             parameter.device, torch.float32)
         for norm in self.norms:
-            norm.to(parameter.device)
+            norm.to(parameter.device).requires_grad_(True)  # the model's own norm may be frozen
         self.slot = {layer: index for index, layer in enumerate(self.exits)}
 
     def normed(self, layer: int, hidden: torch.Tensor) -> torch.Tensor:
