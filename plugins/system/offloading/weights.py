@@ -14,8 +14,10 @@ forward and the static engine (which calls the layer's modules directly) both st
 
 from __future__ import annotations
 
+import shutil
 import tempfile
 import threading
+import weakref
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -32,6 +34,8 @@ class LayerStreamer:
         decoder = model.get_decoder()
         self.layers = list(decoder.layers)
         self.folder = Path(folder) if folder else Path(tempfile.mkdtemp(prefix="effinfer-offload-"))
+        if folder is None:  # a temporary folder goes when the streamer does (or at exit)
+            weakref.finalize(self, shutil.rmtree, str(self.folder), True)
         self.folder.mkdir(parents=True, exist_ok=True)
         self.prefetch = prefetch
         self.specs: list[list[tuple[nn.Parameter, torch.Size, int, int]]] = []
