@@ -21,7 +21,7 @@ from effinfer.plugins.data.rag.retrieval import RAG
 
 WORDS = ["the", "river", "Paris", "1887", "castle", "quickly", "engine", "is", "of", "blue", "Newton", "and", "a"]
 COMPRESSORS = {
-    "llmlingua": lambda rate: LLMLingua({"rate": rate, "min_tokens": 0, "segment_tokens": 16}),
+    "llmlingua": lambda rate: LLMLingua({"rate": rate, "min_tokens": 0, "segment_tokens": 64}),
     "longllmlingua": lambda rate: LongLLMLingua({"rate": rate, "min_tokens": 0}),
     "llmlingua2": lambda rate: LLMLingua2({"rate": rate, "min_tokens": 0, "train_passages": 8, "epochs": 2}),
     "extractive_summary": lambda rate: ExtractiveSummary({"rate": rate, "min_tokens": 0}),
