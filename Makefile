@@ -9,7 +9,7 @@ $(STAMP): pyproject.toml setup.py examples/effinfer-example-plugin/pyproject.tom
 	test -x $(PY) || python3 -m venv $(VENV)
 	# torch first, pinned: pip finds this CPU build locally; an unpinned torch pulls a multi-GB CUDA build
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[test,eval,docs]'
+	$(PY) -m pip install -q -e '.[test,eval,docs,data,serve]'
 	$(PY) -m pip install -q -e examples/effinfer-example-plugin
 	touch $(STAMP)
 
