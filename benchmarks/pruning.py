@@ -65,16 +65,16 @@ ARTIFACT = Path("artifacts/pruning.json")
 STORE = Path("artifacts/pruning.db")
 
 
-def quality_suite(windows: int):
+def quality_suite(windows: int, speed: bool = True):
     from effinfer.evaluation.suites import get_suite
 
     quick = get_suite("quick")
     return quick.with_changes(
-        name=f"pruning-w{windows}", tasks=None, generation=None, roofline=None,
+        name=f"pruning-w{windows}" + ("" if speed else "-nospeed"), tasks=None, generation=None, roofline=None,
         perplexity={"window": 512, "max_windows": windows},
         fidelity={"max_positions": 512 * windows},
         speed={"prompt_lengths": [128], "batch_sizes": [1], "new_tokens": 32, "warmup": 1, "repeats": 3,
-               "drift_tolerance": 0.25},
+               "drift_tolerance": 0.25} if speed else None,
     )
 
 
@@ -100,7 +100,7 @@ def run_quality(args, meta) -> None:
     from effinfer.evaluation import bench
 
     grid = [g for g in GRID if not args.only or any(o in g[1] for o in args.only)]
-    suite = quality_suite(args.windows)
+    suite = quality_suite(args.windows, not args.no_speed)
     meta["suite"] = suite.name
     args.store.parent.mkdir(parents=True, exist_ok=True)
     result = bench([[spec] for _, _, spec in grid], suite=suite, model=args.model, store=args.store,
@@ -123,8 +123,10 @@ def run_quality(args, meta) -> None:
                 f"Every row next to the fp32 baseline measured in the same run by effinfer's evaluator (suite "
                 f"`{suite.name}`: perplexity on {args.windows} × 512 Wikipedia test tokens, KL and top-1 agreement vs "
                 f"fp32 on the same positions; decode = batch 1, 128-token prompt, 32 new tokens, 3 rounds "
-                f"alternating with the baseline, median ratio of adjacent rounds). Calibration: {CALIBRATION} "
-                "windows of the Wikipedia calibration split. *setup s* = calibration + pruning time.",
+                f"alternating with the baseline, median ratio of adjacent rounds"
+                f"{'' if not args.no_speed else ': not measured in this run (—), see sparse_execution.md'}). Calibration: {CALIBRATION} "
+                "windows of the Wikipedia calibration split. *setup s* = calibration + pruning time"
+                + (" (this run shared the CPU with other work: indicative only)." if args.no_speed else "."),
                 ""]
         if node == UNSTRUCTURED:
             text += ["Pruned weights are kept dense with zeros here (`execution=dense`, the fastest on CPU): the "
@@ -230,6 +232,8 @@ def main() -> None:
     parser.add_argument("--only", nargs="*", default=None, help="labels (substrings) to run")
     parser.add_argument("--rounds", type=int, default=4, help="execution part: alternating decode rounds")
     parser.add_argument("--new-tokens", type=int, default=24, help="execution part: tokens decoded per round")
+    parser.add_argument("--no-speed", action="store_true", help="quality part without the decode timing (it can "
+                                                                 "then run next to other work: no timing is reported)")
     parser.add_argument("--model", default=DEFAULT_MODEL)
     parser.add_argument("--store", type=Path, default=STORE)
     parser.add_argument("--artifact", type=Path, default=ARTIFACT)
