@@ -130,3 +130,15 @@ def test_bad_configs_are_refused():
     assert WhiteBoxDistillation({"drop": 3}).check_model_config(config) == [
         "drop=3 leaves fewer than 2 of the model's 4 decoder layers; use drop ≤ 2"]
     assert WhiteBoxDistillation({"drop": 2}).check_model_config(config) == []
+
+
+def test_black_box_trains_on_answers_even_when_prompts_exceed_seq_len():
+    from effinfer.plugins.model.distillation.black_box import BlackBoxDistillation
+
+    teacher, tokenizer = tiny_llama(layers=3, seed=0)
+    technique = BlackBoxDistillation({"drop": 1, "steps": 2, "seq_len": 24, "num_prompts": 4, "new_tokens": 8,
+                                      "prompt_tokens": 32, "checkpoint": False, "eval_windows": 0})
+    stage = ModelStage(teacher, tokenizer, ModulePatcher())
+    technique.effinfer_transform_model(stage)
+    assert technique.cost.steps == 2 and math.isfinite(technique.cost.final_loss)
+    assert stage.model.config.num_hidden_layers == 2

@@ -147,7 +147,12 @@ class BlackBoxDistillation(Technique):
                 generated = (f"teacher wrote {written} tokens for {len(sequences)} prompts in "
                              f"{time.perf_counter() - started:.1f} s")
                 pad = stage.tokenizer.pad_token_id if stage.tokenizer.pad_token_id is not None else 0
-                sequences = [s[:c.seq_len] for s in sequences]
+                # keep every answer and, within seq_len, the end of its prompt; drop empty answers
+                kept = [(s[max(0, len(s) - c.seq_len):], max(0, n - max(0, len(s) - c.seq_len)))
+                        for s, n in zip(sequences, lengths) if len(s) > n]
+                if not kept:
+                    raise RuntimeError("the teacher wrote no tokens for any prompt; raise new_tokens")
+                sequences, lengths = [s for s, _ in kept], [n for _, n in kept]
                 batches = ((ids.to(device), labels.to(device)) for ids, labels in
                            sequence_batches(sequences, min(c.batch_size, len(sequences)), pad, c.seed, lengths))
             self.note(generated)
