@@ -124,12 +124,12 @@ def run_quality(args, meta) -> None:
                 f"`{suite.name}`: perplexity on {args.windows} × 512 Wikipedia test tokens, KL and top-1 agreement vs "
                 f"fp32 on the same positions; decode = batch 1, 128-token prompt, 32 new tokens, 3 rounds "
                 f"alternating with the baseline, median ratio of adjacent rounds"
-                f"{'' if not args.no_speed else ': not measured in this run (—), see sparse_execution.md'}). Calibration: {CALIBRATION} "
+                f"{'' if not args.no_speed else ': not measured in this run (—)'}). Calibration: {CALIBRATION} "
                 "windows of the Wikipedia calibration split. *setup s* = calibration + pruning time"
                 + (" (this run shared the CPU with other work: indicative only)." if args.no_speed else "."),
                 ""]
         if node == UNSTRUCTURED:
-            text += ["Pruned weights are kept dense with zeros here (`execution=dense`, the fastest on CPU): the "
+            text += ["Pruned weights are kept dense with zeros here (`execution=dense`, the default): the "
                      "whole-model bytes do not change, the column gives what the 210 pruned linear layers take in "
                      "each stored format (fp32 values; `execution=bitmask` or `csr` stores them so). See "
                      "`sparse_execution.md` for the speed of each format.", ""]
