@@ -112,7 +112,7 @@ def write_tables(rows, marks, args) -> None:
             ppl = " | ".join(f"{r['ppl'][m]:.2f}" for m in marks)
             speed = " | ".join(f"{r['tok_s'][m]:.1f} ({r['tok_s'][m] / full['tok_s'][m]:.2f}×)" for m in marks)
             kv = r["kv_bytes_per_token"][last]
-            lines.append(f"| {r['method']} | {'✓' if r['needle'] else '✗'} `{r['answer'][:12]}` | {ppl} | {speed} | "
+            lines.append(f"| {r['method']} | {'✓' if r['needle'] else '✗'} `{r['answer'][:12].replace(chr(10), '⏎').replace('|', '¦')}` | {ppl} | {speed} | "
                          f"{kv:,.0f} (1/{full['kv_bytes_per_token'][last] / kv:.1f}) |")
         lines += ["", "Peers: transformers' `QuantizedCache` needs `optimum-quanto` or `hqq` (not installed here) and "
                       "`OffloadedCache` offloads to CPU from an accelerator (this machine has none); kvpress is not "
