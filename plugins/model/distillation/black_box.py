@@ -25,8 +25,8 @@ from torch import nn
 
 from effinfer.core import Feature, Paper, Requirement, Technique, hookimpl
 from effinfer.core.stages import ModelStage
-from effinfer.plugins.model.distillation.common import (StudentConfig, checkpoint_identity, held_out_windows, probe,
-                                                        trainable)
+from effinfer.plugins.model.distillation.common import (StudentConfig, before_after_note, checkpoint_identity, freeze,
+                                                        held_out_windows, probe, trainable)
 from effinfer.plugins.model.distillation.student import build_student, check_drop, describe
 from effinfer.plugins.model.training import checkpoint_path, run_key, sequence_batches, token_batches, train
 
@@ -166,14 +166,10 @@ class BlackBoxDistillation(Technique):
             student.train()
             cost = train(parameters, loss, batches, c.steps, lr=c.lr, warmup=max(1, c.steps // 10), checkpoint=path,
                          checkpoint_every=c.checkpoint_every, description=f"{self.name}: CE on teacher text")
-            student.eval()
-            for parameter in student.parameters():
-                parameter.requires_grad_(False)
+            freeze(student)
             self.cost = cost
             self.note(f"fine-tuned on teacher text{' (rationales)' if c.rationale else ''}: {cost.describe()}")
         if before is not None:
-            after = probe(student, teacher, windows)
-            self.measured = {"before": before, "after": after}
-            self.note(f"held-out (wikipedia test, {len(windows)} windows): perplexity {before['perplexity']:.2f} → "
-                      f"{after['perplexity']:.2f}, KL to teacher {before['kl']:.3f} → {after['kl']:.3f}")
+            self.measured = {"before": before, "after": probe(student, teacher, windows)}
+            self.note(before_after_note(self.measured, len(windows)))
         stage.model = student

@@ -74,6 +74,19 @@ def probe(student: nn.Module, teacher: nn.Module, windows: torch.Tensor) -> dict
     return {"perplexity": math.exp(nll / count), "kl": kl / count}
 
 
+def freeze(student: nn.Module) -> None:
+    """Back to inference after training: eval mode, no gradients."""
+    student.eval()
+    for parameter in student.parameters():
+        parameter.requires_grad_(False)
+
+
+def before_after_note(measured: dict[str, dict[str, float]], windows: int) -> str:
+    before, after = measured["before"], measured["after"]
+    return (f"held-out (wikipedia test, {windows} windows): perplexity {before['perplexity']:.2f} → "
+            f"{after['perplexity']:.2f}, KL to teacher {before['kl']:.3f} → {after['kl']:.3f}")
+
+
 def held_out_windows(tokenizer: Any, count: int, seq_len: int) -> torch.Tensor | None:
     """``count`` windows of the wikipedia *test* split (only measured, never trained on)."""
     if count == 0:

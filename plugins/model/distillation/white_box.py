@@ -21,8 +21,8 @@ from pydantic import Field, model_validator
 
 from effinfer.core import Feature, Paper, Requirement, Technique, hookimpl
 from effinfer.core.stages import ModelStage
-from effinfer.plugins.model.distillation.common import (StudentConfig, checkpoint_identity, held_out_windows, probe,
-                                                        trainable)
+from effinfer.plugins.model.distillation.common import (StudentConfig, before_after_note, checkpoint_identity, freeze,
+                                                        held_out_windows, probe, trainable)
 from effinfer.plugins.model.distillation.losses import forward_kl, hidden_mse, reverse_kl
 from effinfer.plugins.model.distillation.student import build_student, check_drop, describe, kept_blocks
 from effinfer.plugins.model.training import checkpoint_path, run_key, token_batches, train
@@ -99,14 +99,10 @@ class WhiteBoxDistillation(Technique):
             cost = train(parameters, lambda ids: self.loss(student, teacher, kept, ids), batches, c.steps, lr=c.lr,
                          warmup=max(1, c.steps // 10), checkpoint=path, checkpoint_every=c.checkpoint_every,
                          description=f"{self.name}: {self.objective()}")
-            student.eval()
-            for parameter in student.parameters():
-                parameter.requires_grad_(False)
+            freeze(student)
             self.cost = cost
             self.note(f"KD {self.objective()}: {cost.describe()}")
         if before is not None:
-            after = probe(student, teacher, windows)
-            self.measured = {"before": before, "after": after}
-            self.note(f"held-out (wikipedia test, {len(windows)} windows): perplexity {before['perplexity']:.2f} → "
-                      f"{after['perplexity']:.2f}, KL to teacher {before['kl']:.3f} → {after['kl']:.3f}")
+            self.measured = {"before": before, "after": probe(student, teacher, windows)}
+            self.note(before_after_note(self.measured, len(windows)))
         stage.model = student
