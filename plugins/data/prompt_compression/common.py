@@ -79,19 +79,29 @@ def fit_to_budget(tokenizer: Any, texts: list[str], budget: int, priority: list[
     order = list(reversed(priority)) if priority is not None else list(range(len(texts)))[::-1]
     counts = [count_tokens(tokenizer, t) for t in texts]
     for index in order:
-        while sum(counts) > budget and counts[index] > 0:
-            excess = sum(counts) - budget
-            ids = tokenizer(texts[index], add_special_tokens=False)["input_ids"]
-            keep = max(0, len(ids) - excess)
-            texts[index] = tokenizer.decode(ids[:keep]) if keep else ""
-            new = count_tokens(tokenizer, texts[index])
-            if new >= counts[index]:  # re-tokenization did not shrink it: drop one more token
-                texts[index] = tokenizer.decode(ids[:max(0, keep - 1)]) if keep > 1 else ""
-                new = count_tokens(tokenizer, texts[index])
-            counts[index] = new
+        allowed = max(0, counts[index] - (sum(counts) - budget))
+        if counts[index] > allowed:
+            texts[index], counts[index] = _prefix_within(tokenizer, texts[index], allowed)
         if sum(counts) <= budget:
             break
     return texts
+
+
+def _prefix_within(tokenizer: Any, text: str, allowed: int) -> tuple[str, int]:
+    """The longest token prefix of ``text`` whose re-tokenized length is ≤ ``allowed``, and that length.
+
+    Decoding then re-encoding a prefix can merge or split tokens, so the prefix shrinks one token at a
+    time until it fits; the length strictly falls each step, so this always ends (at "" in the worst case).
+    """
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    keep = min(len(ids), allowed)
+    while keep > 0:
+        candidate = tokenizer.decode(ids[:keep])
+        count = count_tokens(tokenizer, candidate)
+        if count <= allowed:
+            return candidate, count
+        keep -= 1
+    return "", 0
 
 
 def decode_kept(tokenizer: Any, ids: list[int], keep: list[bool]) -> str:
