@@ -38,3 +38,26 @@ def test_offload_weights_runs_in_a_composition_on_the_static_engine(tiny, tmp_pa
     # the composition restored the weights
     with ComposedModel(model, tokenizer) as plain:
         assert plain.generate(["hello"], config)[1].sequences == expected
+
+
+@pytest.mark.parametrize("family", TINY_FAMILIES)
+def test_offloaded_kv_gives_the_full_cache_logits_and_keeps_only_the_budget_in_ram(family, tmp_path):
+    from effinfer.core.kv_cache import policy_cache
+    from effinfer.plugins.system.offloading import offloaded_kv_factory
+
+    model, _ = tiny_model(family, layers=2)
+    ids = torch.randint(3, 200, (2, 70), generator=torch.Generator().manual_seed(1))
+    cache = policy_cache(offloaded_kv_factory(budget=8, block=16, folder=tmp_path), "offload_kv")(model)
+    with torch.inference_mode():
+        expected = model(input_ids=ids).logits
+        pieces = [model(input_ids=ids[:, s:s + 13], cache=cache, use_cache=True).logits for s in range(0, 70, 13)]
+    torch.testing.assert_close(torch.cat(pieces, dim=1), expected, rtol=1e-5, atol=1e-5)
+    policies = cache.policies()
+    assert len({id(p.staging) for p in policies}) == 1  # one staging buffer for every layer
+    for policy in policies:
+        assert policy.seen == 70 and policy.on_disk == 48 and policy.keys.shape[-2] == 22
+        assert policy.disk_bytes() == 2 * policy.on_disk * policy.keys[0, :, 0].numel() * 4 * 2
+        policy.crop(3)
+        assert policy.seen == 67
+        with pytest.raises(NotImplementedError, match="raise budget"):
+            policy.crop(30)

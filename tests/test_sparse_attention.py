@@ -194,3 +194,28 @@ def test_snapkv_pooling_matches_torch_avg_pool():
     pooled = F.avg_pool1d(scores, 3, stride=1, padding=1, count_include_pad=False)
     manual = torch.tensor([scores[0, 0, max(0, j - 1):j + 2].mean() for j in range(9)])
     torch.testing.assert_close(pooled[0, 0], manual)
+
+
+@settings(max_examples=10, deadline=None)
+@given(chunks=st.lists(st.integers(1, 40), min_size=2, max_size=5), budget=st.integers(16, 40), seed=st.integers(0, 99))
+def test_snapkv_after_prompt_keeps_what_one_whole_prompt_forward_keeps(chunks, budget, seed):
+    """Fed in chunks (some single tokens, with compression paused), the after-prompt mode keeps exactly
+    the entries that per-forward SnapKV keeps when the whole prompt comes in one forward."""
+    g = torch.Generator().manual_seed(seed)
+    total = sum(chunks) + 8
+    keys, values = torch.randn(1, 2, total + 1, 8, generator=g), torch.randn(1, 2, total + 1, 8, generator=g)
+    queries = torch.randn(1, 4, total + 1, 8, generator=g)
+    whole = ObservationPolicy(budget, 8, 3)
+    chunked = ObservationPolicy(budget, 8, 3, after_prompt=True)
+    whole.update(keys[..., :total, :], values[..., :total, :], queries[..., :total, :])
+    chunked.paused = True
+    start = 0
+    for size in [*chunks, 8]:
+        chunked.update(keys[..., start:start + size, :], values[..., start:start + size, :],
+                       queries[..., start:start + size, :])
+        start += size
+    assert chunked.n == total  # nothing evicted while the prompt came in
+    chunked.paused = False
+    for policy in (whole, chunked):
+        policy.update(keys[..., total:, :], values[..., total:, :], queries[..., total:, :])
+    assert torch.equal(whole.entries()[0], chunked.entries()[0])

@@ -59,11 +59,16 @@ class EvictionPolicy(KVPolicy):
         """Update ``self.scores[..., :n]`` from the forward's queries over the ``n`` keys it attends to
         (the last ``new`` are this forward's)."""
 
+    def ready_to_evict(self, new: int) -> bool:
+        """Whether the entries over budget go before a forward of ``new`` tokens (a policy that compresses
+        only once the prompt is complete says no while it is still coming)."""
+        return True
+
     # ------------------------------------------------------------------ the cache
 
     def update(self, keys: torch.Tensor, values: torch.Tensor, queries: torch.Tensor | None = None
                ) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.n > self.budget:
+        if self.n > self.budget and self.ready_to_evict(keys.shape[-2]):
             self.evict()
         new = keys.shape[-2]
         self._reserve(keys, values, self.n + new)

@@ -18,8 +18,11 @@ from torch import nn
 
 from effinfer.core.generation import (GenerationConfig, GenerationResult, PlainDecoding, make_generator,
                                       select_tokens)
+from effinfer.core.kv_cache import PolicyCache
+from effinfer.plugins.system.engine.policy import policy_decode, policy_prefill
 
 if TYPE_CHECKING:
+    from effinfer.plugins.system.engine.engine import Engine
     from effinfer.plugins.system.engine.static import StaticEngine
 
 
@@ -36,10 +39,12 @@ class StaticDecoding:
     def generate(self, model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                  config: GenerationConfig, stop_ids: set[int],
                  cache_factory: Callable[[nn.Module], Any] | None = None) -> GenerationResult:
-        engine, probe = self.engine.engine_for(model, cache_factory)
+        engine, probe = self.engine.engine_for(model, cache_factory, policy=True)
         if engine is None:
             return PlainDecoding().generate(model, input_ids, attention_mask, config, stop_ids,
                                             cache_factory=(lambda _: probe) if probe is not None else None)
+        if isinstance(probe, PolicyCache):
+            return self._generate_policy(engine, probe, input_ids, attention_mask, config, stop_ids)
         batch, prompt = input_ids.shape
         cache = engine.cache_for(batch, prompt + config.max_new_tokens, name="plain")
         if probe is not None:
@@ -59,6 +64,31 @@ class StaticDecoding:
             if step == config.max_new_tokens - 1 or bool(finished.all()):
                 break
             logits = engine.decode(cache, tokens)
+        done = time.perf_counter()
+        return GenerationResult(cut_at_stop(torch.stack(chosen, dim=1).tolist(), stop_ids),
+                                prefill_done - started, done - prefill_done, len(chosen) - 1)
+
+
+    def _generate_policy(self, engine: Engine, cache: PolicyCache, input_ids: torch.Tensor,
+                         attention_mask: torch.Tensor, config: GenerationConfig, stop_ids: set[int]
+                         ) -> GenerationResult:
+        """The same loop over a technique's KV policy (:mod:`.policy`), eager."""
+        batch = input_ids.shape[0]
+        generator = make_generator(config, input_ids.device)
+        stop = torch.tensor(sorted(stop_ids) or [-1], device=input_ids.device)
+        started = time.perf_counter()
+        state, out = policy_prefill(engine.layout, cache, input_ids, attention_mask)
+        logits = out.logits[:, -1]
+        prefill_done = time.perf_counter()
+        chosen: list[torch.Tensor] = []
+        finished = torch.zeros(batch, dtype=torch.bool, device=input_ids.device)
+        for step in range(config.max_new_tokens):
+            tokens = select_tokens(logits, config, generator)
+            chosen.append(tokens)
+            finished |= torch.isin(tokens, stop)
+            if step == config.max_new_tokens - 1 or bool(finished.all()):
+                break
+            logits = policy_decode(engine.layout, state, tokens)
         done = time.perf_counter()
         return GenerationResult(cut_at_stop(torch.stack(chosen, dim=1).tolist(), stop_ids),
                                 prefill_done - started, done - prefill_done, len(chosen) - 1)

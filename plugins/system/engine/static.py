@@ -8,8 +8,14 @@ decoder (Llama, Qwen2, Gemma 3 layouts) with its own attention over its own cach
 steps aside, with a warning, for the core's Hugging Face path when
 
 - the model is not a supported architecture, or a technique replaced its attention; or
-- the stack contributes a KV-cache policy (a cache factory returning anything but the
-  default ``DynamicCache``): that policy lives in the HF cache object.
+- the stack's cache factory returns a cache object other than the default ``DynamicCache``
+  that is not a KV policy (:class:`~effinfer.core.kv_cache.PolicyCache`); or
+- a speculative strategy drives a runner over a KV policy (the policy's cache is then an HF
+  cache object driven by :class:`~effinfer.core.engines.HFRunner`).
+
+Plain decoding runs a KV policy itself (:mod:`.policy`): the engine's own forward, each
+layer attending over what the policy returns (compact for sparse policies, dequantized
+packed codes for quantized ones).
 
 Measurement wrappers that only *record* caches (the evaluator's ``CacheRecorder``) return
 the default cache: the engine then hands its static buffers to that object (attribute
@@ -26,6 +32,7 @@ from torch import nn
 from transformers import DynamicCache
 
 from effinfer.core.engines import CacheFactory, DecodeEngine, HFRunner, Runner
+from effinfer.core.kv_cache import PolicyCache
 from effinfer.plugins.system.engine.engine import Engine
 from effinfer.plugins.system.engine.forward import UnsupportedModel
 
@@ -82,11 +89,17 @@ class StaticEngine(DecodeEngine):
             probe.static_kv = runner.cache  # lets a recording cache factory count the static buffers
         return runner
 
-    def engine_for(self, model: nn.Module, cache_factory: CacheFactory = None) -> tuple[Engine | None, Any]:
-        """``(compute engine or None for the HF path, the probed cache object)`` for one generation."""
+    def engine_for(self, model: nn.Module, cache_factory: CacheFactory = None, policy: bool = False
+                   ) -> tuple[Engine | None, Any]:
+        """``(compute engine or None for the HF path, the probed cache object)`` for one generation.
+
+        ``policy``: the caller runs a :class:`~effinfer.core.kv_cache.PolicyCache` itself
+        (plain decoding does, :mod:`.policy`); otherwise such a cache takes the HF path.
+        """
         allowed, probe = probe_cache(model, cache_factory)
-        if not allowed:
-            self._fallback(f"the stack's KV-cache policy ({type(probe).__name__}) runs on the HF path")
+        if not allowed and not (policy and isinstance(probe, PolicyCache)):
+            self._fallback(f"the stack's KV cache ({type(probe).__name__}) is not a KV-cache policy the static "
+                           "engine runs; it runs on the HF path")
             return None, probe
         try:
             self.last = shared_engine(model, self.compile, self.compile_mode)
