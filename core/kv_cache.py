@@ -74,6 +74,10 @@ class KVPolicy:
     def __len__(self) -> int:
         return 0 if self.keys is None else self.keys.shape[-2]
 
+    def stored_before(self, new: int) -> int:
+        """Stored entries a forward of ``new`` tokens attends to besides its own (for the attention mask)."""
+        return len(self)
+
     def crop(self, count: int) -> None:
         """Drop the ``count`` newest entries (a policy that cannot raises ``NotImplementedError``)."""
         if count <= 0 or self.keys is None:
@@ -122,7 +126,7 @@ class PolicyLayer(CacheLayerMixin):
         return self.policy.update(key_states, value_states, queries)
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        stored = len(self.policy)
+        stored = self.policy.stored_before(query_length)
         return stored + query_length, self.policy.seen - stored
 
     def get_seq_length(self) -> int:

@@ -14,10 +14,20 @@ quantization) acts as it would in a long generation:
   tensor storage reachable from the cache object) → KV bytes per token;
 - the log-probabilities of every position give the token perplexity of the document's first
   2k, 4k, 8k tokens (a causal model scores a prefix the same inside a longer pass);
-- at the end the greedy answer is checked exactly: the passcode must be the first number generated.
+- at the end the greedy answer is checked exactly: the passcode must be the first number generated;
+- then a long-document QA task on the same pass: :data:`QA_QUESTIONS` questions that quote six
+  words of the document (at several depths, just before a name or number; the cloze questions of
+  :mod:`effinfer.evaluation.tasks_data_level`, built here on the long document) and ask for the
+  next word, asked one after the other (each after the previous answer, as in a conversation
+  about the document), scored by exact match and token F1 of the first words of the answer.
+
+A policy that compresses once the prompt is complete (SnapKV's ``after_prompt`` mode: attribute
+``paused``) is held while the haystack comes in, including the timed single-token steps, and
+released before the answer. ``answer_tok_s`` times the answer's decode steps after the first
+(at the full context, after any such compression).
 
 :func:`long_context` aggregates passes over several depths into flat metrics
-(``long.ppl.c8192``, ``long.needle.c8192``, ``long.kv_bytes_per_token.c8192``,
+(``long.ppl.c8192``, ``long.needle.c8192``, ``long.qa_em.c8192``, ``long.kv_bytes_per_token.c8192``,
 ``long.decode_tok_s.c8192`` …).
 """
 
@@ -44,6 +54,10 @@ TIMED = 16
 NEEDLE = "The secret passcode of the blue lighthouse is {code}."
 QUESTION = ("\n\nQuestion: What is the secret passcode of the blue lighthouse?\n"
             "Answer: The secret passcode of the blue lighthouse is")
+#: long-document QA: questions per pass, the depths they quote from, answer tokens each
+QA_DEPTHS = (0.15, 0.45, 0.8)
+QA_QUESTIONS = len(QA_DEPTHS)
+QA_TOKENS = 4
 
 
 def long_document(tokenizer: Any, tokens: int, corpus: str = "shakespeare") -> list[int]:
@@ -72,6 +86,29 @@ def haystack(tokenizer: Any, document: list[int], context: int, depth: float, co
     return ids + question, cut
 
 
+def cloze_questions(text: str, depths: Sequence[float], seed: int) -> list[tuple[str, str]]:
+    """``(quoted six words, next word)`` near each depth of ``text``; the quote occurs once in ``text``."""
+    from effinfer.evaluation.tasks_data_level import _cloze
+
+    rng = torch.Generator().manual_seed(seed)
+    found = []
+    for depth in depths:
+        start = int(len(text) * depth)
+        for offset in range(0, 20_000, 500):
+            cloze = _cloze(text[start + offset:start + offset + 800], rng)
+            if cloze is not None and text.count(cloze[0]) == 1:
+                found.append(cloze)
+                break
+    return found
+
+
+def set_paused(cache: Any, paused: bool) -> None:
+    """Hold (or release) the policies that compress once the prompt is in (attribute ``paused``)."""
+    for policy in getattr(cache, "policies", lambda: [])():
+        if hasattr(policy, "paused"):
+            policy.paused = paused
+
+
 def cache_bytes(cache: Any) -> int:
     """Bytes the cache object really holds (distinct storages reachable from it)."""
     return unique_tensor_bytes(cache_tensors(cache))
@@ -89,6 +126,18 @@ class Pass:
     tok_s: dict[int, float] = field(default_factory=dict)
     kv_bytes: dict[int, int] = field(default_factory=dict)
     seconds: float = 0.0
+    #: decode tok/s of the answer (its steps after the first), at the full context
+    answer_tok_s: float = 0.0
+    #: long-document QA: (quote, expected word, answer, exact match, F1) per question
+    qa: list[tuple[str, str, str, float, float]] = field(default_factory=list)
+
+    @property
+    def qa_em(self) -> float:
+        return sum(q[3] for q in self.qa) / max(1, len(self.qa))
+
+    @property
+    def qa_f1(self) -> float:
+        return sum(q[4] for q in self.qa) / max(1, len(self.qa))
 
 
 @torch.inference_mode()
@@ -100,9 +149,12 @@ def one_pass(model: nn.Module, tokenizer: Any, context: int, depth: float, cache
     code = str(random.Random(f"{seed}-{depth}-{context}").randrange(100000, 1000000))
     document = document if document is not None else long_document(tokenizer, context)
     ids, _ = haystack(tokenizer, document, context, depth, code)
+    questions = cloze_questions(tokenizer.decode(ids[:-len(tokenizer(QUESTION, add_special_tokens=False).input_ids)]),
+                                QA_DEPTHS, seed)
     device = next(model.parameters()).device
     tokens = torch.tensor(ids, device=device)
     cache = new_cache(model, cache_factory)
+    set_paused(cache, True)
     marks = sorted(m for m in marks if m + TIMED <= len(ids))
     result = Pass(context, depth, False, "")
     nll = torch.zeros((), dtype=torch.float64)
@@ -131,17 +183,40 @@ def one_pass(model: nn.Module, tokenizer: Any, context: int, depth: float, cache
             run(tokens[position:position + 1])
         result.tok_s[mark] = TIMED / (time.perf_counter() - began)
         result.kv_bytes[mark] = cache_bytes(cache)  # what decoding at this context holds
-    answer = []
-    for i in range(answer_tokens):
-        token = int(last.argmax())
-        answer.append(token)
-        if i < answer_tokens - 1:
-            out = model(input_ids=torch.tensor([[token]], device=device),
-                        position_ids=torch.tensor([[position]], device=device), cache=cache, use_cache=True)
-            last, position = out.logits[0, -1].float(), position + 1
-    result.answer = tokenizer.decode(answer)
+    set_paused(cache, False)
+
+    def feed(piece: list[int]) -> torch.Tensor:
+        nonlocal position
+        out = model(input_ids=torch.tensor([piece], device=device),
+                    position_ids=torch.arange(position, position + len(piece), device=device)[None], cache=cache,
+                    use_cache=True)
+        position += len(piece)
+        return out.logits[0, -1].float()
+
+    def greedy(last: torch.Tensor, count: int, timed: bool = False) -> list[int]:
+        out, began = [], None
+        for i in range(count):
+            token = int(last.argmax())
+            out.append(token)
+            if i < count - 1:
+                if i == 1 and timed:
+                    began = time.perf_counter()
+                last = feed([token])
+        if began is not None:
+            result.answer_tok_s = (count - 2) / (time.perf_counter() - began)
+        return out
+
+    result.answer = tokenizer.decode(greedy(last, answer_tokens, timed=True))
     found = re.search(r"\d+", result.answer)
     result.correct = bool(found and found.group() == code)
+    for quote, word in questions:
+        from effinfer.evaluation.tasks_data_level import qa_scores
+
+        # the question after the previous answer (all of it but its last token stays in the cache)
+        logits = feed(tokenizer(f'\n\nQuote from the text above: "{quote}', add_special_tokens=False).input_ids)
+        said = tokenizer.decode(greedy(logits, QA_TOKENS))
+        em, f1 = qa_scores(said, [word])
+        result.qa.append((quote, word, said, em, f1))
     result.seconds = time.perf_counter() - started
     return result
 
@@ -156,7 +231,10 @@ def long_context(model: nn.Module, tokenizer: Any, context: int = 8192, depths: 
         if progress:
             progress(f"long context {context}, needle depth {depth:.0%}")
         passes.append(one_pass(model, tokenizer, context, depth, cache_factory, marks, document=document))
-    metrics: dict[str, float] = {f"long.needle.c{context}": sum(p.correct for p in passes) / len(passes)}
+    metrics: dict[str, float] = {f"long.needle.c{context}": sum(p.correct for p in passes) / len(passes),
+                                 f"long.qa_em.c{context}": sum(p.qa_em for p in passes) / len(passes),
+                                 f"long.qa_f1.c{context}": sum(p.qa_f1 for p in passes) / len(passes),
+                                 f"long.answer_tok_s.c{context}": sum(p.answer_tok_s for p in passes) / len(passes)}
     for mark in passes[0].nll:
         nll = sum(p.nll[mark] for p in passes) / sum(p.scored[mark] for p in passes)
         metrics[f"long.ppl.c{mark}"] = float(torch.tensor(nll).exp())

@@ -59,16 +59,23 @@ class EvictionPolicy(KVPolicy):
         """Update ``self.scores[..., :n]`` from the forward's queries over the ``n`` keys it attends to
         (the last ``new`` are this forward's)."""
 
-    def ready_to_evict(self, new: int) -> bool:
+    def would_evict(self, new: int) -> bool:
         """Whether the entries over budget go before a forward of ``new`` tokens (a policy that compresses
-        only once the prompt is complete says no while it is still coming)."""
+        only once the prompt is complete says no while it is still coming). No side effects."""
         return True
+
+    def before_evict(self) -> None:
+        """Called right before the entries over budget go."""
+
+    def stored_before(self, new: int) -> int:
+        return self.n if self.n <= self.budget or not self.would_evict(new) else self.budget
 
     # ------------------------------------------------------------------ the cache
 
     def update(self, keys: torch.Tensor, values: torch.Tensor, queries: torch.Tensor | None = None
                ) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.n > self.budget and self.ready_to_evict(keys.shape[-2]):
+        if self.n > self.budget and self.would_evict(keys.shape[-2]):
+            self.before_evict()
             self.evict()
         new = keys.shape[-2]
         self._reserve(keys, values, self.n + new)

@@ -40,14 +40,20 @@ class ObservationPolicy(EvictionPolicy):
         self.compressed = False
         self.recent_queries: torch.Tensor | None = None  # after_prompt: the last `observation` queries seen
 
-    def ready_to_evict(self, new: int) -> bool:
-        if not self.after_prompt or self.compressed:
-            return True
-        if new >= self.observation or self.paused:
-            return False
-        self.score(self.recent_queries, self.keys[..., :self.n, :])  # the slots are still in position order
-        self.compressed = True
-        return True
+    def would_evict(self, new: int) -> bool:
+        return not self.after_prompt or self.compressed or (new < self.observation and not self.paused)
+
+    def before_evict(self) -> None:
+        if self.after_prompt and not self.compressed:
+            if self.n and self.recent_queries is not None:  # the slots are still in position order
+                self.score(self.recent_queries, self.keys[..., :self.n, :])
+            self.compressed = True
+
+    def update(self, keys: torch.Tensor, values: torch.Tensor, queries: torch.Tensor | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.after_prompt and not self.compressed and self.would_evict(keys.shape[-2]):
+            self.before_evict()  # the prompt is in: score it now, even if it still fits the budget
+        return super().update(keys, values, queries)
 
     def observe(self, queries: torch.Tensor | None, keys: torch.Tensor, new: int) -> None:
         if self.after_prompt and not self.compressed:
