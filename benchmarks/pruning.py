@@ -2,10 +2,11 @@
 
 Part ``quality`` (one evaluator sweep, every row next to the fp32 baseline of the same run):
 
-- unstructured 50% and 2:4 for ``magnitude``, ``wanda``, ``sparsegpt``: perplexity on the
-  Wikipedia test split (``perplexity.wikipedia.token``), KL / top-1 agreement vs fp32, the
-  stored-format bytes the technique's note reports (bitmask + values, CSR) next to dense;
-- structured (``layer_drop``, ``width_prune``) and low rank (``svd``, ``svd_llm``):
+- unstructured 30/50/70% and 2:4 for ``magnitude``, ``wanda``, ``sparsegpt``: perplexity on the
+  Wikipedia test split (``perplexity.wikipedia.token``), KL / top-1 agreement vs fp32, zero-shot
+  BIG-bench accuracy, the stored-format bytes the technique's note reports (bitmask + values,
+  CSR) next to dense, decode and prefill speed vs dense, calibration + pruning seconds;
+- structured (``layer_drop``, ``width_prune``) and low rank (``svd``, ``asvd``, ``svd_llm``):
   parameters kept (``memory.weight_bytes`` ÷ the baseline's, every tensor fp32) vs perplexity
   vs measured decode speed-up (``speed.p128_b1.decode_ratio``: alternating rounds with the
   baseline, median of adjacent ratios).
@@ -45,15 +46,17 @@ STRUCTURED = "model.compression.sparsification.weight_pruning.structured"
 LOW_RANK = "model.compression.structure_optimization.low_rank"
 #: (node, label, stack spec)
 GRID = [
-    (UNSTRUCTURED, "magnitude 50%", "magnitude:sparsity=0.5"),
-    (UNSTRUCTURED, "wanda 50%", f"wanda:sparsity=0.5,{CALIBRATION}"),
-    (UNSTRUCTURED, "sparsegpt 50%", f"sparsegpt:sparsity=0.5,{CALIBRATION}"),
-    (UNSTRUCTURED, "magnitude 2:4", "magnitude:pattern='2:4'"),
-    (UNSTRUCTURED, "wanda 2:4", f"wanda:pattern='2:4',{CALIBRATION}"),
-    (UNSTRUCTURED, "sparsegpt 2:4", f"sparsegpt:pattern='2:4',{CALIBRATION}"),
+    *[(UNSTRUCTURED, f"{method} {label}", f"{method}:{setting}{'' if method == 'magnitude' else ',' + CALIBRATION}")
+      for label, setting in (("30%", "sparsity=0.3"), ("50%", "sparsity=0.5"), ("70%", "sparsity=0.7"),
+                             ("2:4", "pattern='2:4'"))
+      for method in ("magnitude", "wanda", "sparsegpt")],
+    (UNSTRUCTURED, "sparsegpt 2:4 + int4 joint (g64)", f"sparsegpt:pattern='2:4',bits=4,{CALIBRATION}"),
+    (UNSTRUCTURED, "wanda 2:4 → gptq int4 (g64)", f"wanda:pattern='2:4',{CALIBRATION}+gptq:bits=4,group_size=64,"
+                                                   f"{CALIBRATION}"),
     (STRUCTURED, "layer_drop 8 of 30 layers", f"layer_drop:drop=8,{CALIBRATION}"),
     (STRUCTURED, "width_prune heads 9→6, FFN −25%", f"width_prune:attn_ratio=0.34,ffn_ratio=0.25,{CALIBRATION}"),
     (LOW_RANK, "svd param_ratio 0.8", "svd:param_ratio=0.8"),
+    (LOW_RANK, "asvd param_ratio 0.8", f"asvd:param_ratio=0.8,{CALIBRATION}"),
     (LOW_RANK, "svd_llm param_ratio 0.8", f"svd_llm:param_ratio=0.8,{CALIBRATION}"),
 ]
 TITLES = {
@@ -65,12 +68,14 @@ ARTIFACT = Path("artifacts/pruning.json")
 STORE = Path("artifacts/pruning.db")
 
 
-def quality_suite(windows: int, speed: bool = True):
+def quality_suite(windows: int, speed: bool = True, tasks: bool = True):
     from effinfer.evaluation.suites import get_suite
 
     quick = get_suite("quick")
     return quick.with_changes(
-        name=f"pruning-w{windows}" + ("" if speed else "-nospeed"), tasks=None, generation=None, roofline=None,
+        name=f"pruning-w{windows}" + ("" if speed else "-nospeed") + ("" if tasks else "-notasks"),
+        tasks={"names": ["general_knowledge", "phrase_relatedness"], "limit": 24} if tasks else None,
+        generation=None, roofline=None,
         perplexity={"window": 512, "max_windows": windows},
         fidelity={"max_positions": 512 * windows},
         speed={"prompt_lengths": [128], "batch_sizes": [1], "new_tokens": 32, "warmup": 1, "repeats": 3,
@@ -79,32 +84,45 @@ def quality_suite(windows: int, speed: bool = True):
 
 
 def formats(record) -> str:
-    found = re.search(r"dense ([\d.]+) MiB → bitmask\+values ([\d.]+) MiB, CSR ([\d.]+) MiB", " ".join(record.notes))
-    return f"{found[1]} / {found[2]} / {found[3]}" if found else "—"
+    notes = " ".join(record.notes)
+    found = re.search(r"dense ([\d.]+) MiB → bitmask\+values ([\d.]+) MiB, CSR ([\d.]+) MiB", notes)
+    text = f"{found[1]} / {found[2]} / {found[3]}" if found else "—"
+    packed = (re.search(r"stored quantized and packed: ([\d.]+) MiB", notes)
+              or re.search(r"GPTQ int\d[^:]*: [\d.]+ MiB → ([\d.]+) MiB", notes))
+    return text + (f"; int4 packed {packed[1]}" if packed else "")
+
+
+def ratio_text(value: float | None) -> str:
+    return "—" if value is None else f"{value:.2f}×"
 
 
 def quality_row(label: str, record, baseline, node: str) -> list[str]:
     if not record.ok:
-        return [label, "failed: " + (record.error or "").splitlines()[0][:80]] + [""] * 6
+        return [label, "failed: " + (record.error or "").splitlines()[0][:80]] + [""] * 8
     value = record.value
-    kl, top1 = value("fidelity.kl_mean"), value("fidelity.top1_agreement")
-    ratio = value("speed.p128_b1.decode_ratio")
+    kl, top1, accuracy = value("fidelity.kl_mean"), value("fidelity.top1_agreement"), value("accuracy.mean.acc")
+    ttft = value("speed.p128_b1.ttft_ratio")  # new/baseline time to first token: its inverse is the prefill speed-up
     kept = value("memory.weight_bytes") / baseline.value("memory.weight_bytes")
     middle = formats(record) if node == UNSTRUCTURED else f"{kept:.1%}"
     return [label, f"{value('perplexity.wikipedia.token'):.2f}", "—" if kl is None else f"{kl:.3f}",
-            "—" if top1 is None else f"{top1:.1%}", middle,
-            "—" if ratio is None else f"{ratio:.2f}×", "—" if record.is_baseline else f"{value('setup.apply_s', 0):.1f}"]
+            "—" if top1 is None else f"{top1:.1%}", "—" if accuracy is None else f"{accuracy:.3f}", middle,
+            ratio_text(value("speed.p128_b1.decode_ratio")), ratio_text(1 / ttft if ttft else None),
+            "—" if record.is_baseline else f"{value('setup.apply_s', 0):.1f}"]
 
 
 def run_quality(args, meta) -> None:
+    from rich.console import Console
+
+    from effinfer.core.steplog import LineProgress
     from effinfer.evaluation import bench
 
-    grid = [g for g in GRID if not args.only or any(o in g[1] for o in args.only)]
-    suite = quality_suite(args.windows, not args.no_speed)
+    grid = [g for g in GRID if (not args.only or any(o in g[1] for o in args.only))
+            and (not args.nodes or g[0].rsplit(".", 1)[-1] in args.nodes)]
+    suite = quality_suite(args.windows, not args.no_speed, not args.no_tasks)
     meta["suite"] = suite.name
     args.store.parent.mkdir(parents=True, exist_ok=True)
-    result = bench([[spec] for _, _, spec in grid], suite=suite, model=args.model, store=args.store,
-                   command=meta["command"], redo=True)
+    result = bench([spec.split("+") for _, _, spec in grid], suite=suite, model=args.model, store=args.store,
+                   command=meta["command"], redo=True, progress=LineProgress(Console(stderr=True)))
     records = dict(zip([label for _, label, _ in grid], result.runs))
     env = result.baseline.environment
     artifact = {"meta": meta, "baseline": result.baseline.model_dump(mode="json", exclude={"baseline"}),
@@ -116,14 +134,18 @@ def run_quality(args, meta) -> None:
     meta["seconds"] = time.perf_counter() - meta["started"]
     for node in dict.fromkeys(node for node, _, _ in grid):
         middle = "dense / bitmask+values / CSR MiB (pruned layers)" if node == UNSTRUCTURED else "params kept"
-        header = ["method", "ppl (wiki)", "KL vs fp32", "top-1 agree", middle, "decode vs dense", "setup s"]
+        header = ["method", "ppl (wiki)", "KL vs fp32", "top-1 agree", "BIG-bench acc", middle, "decode vs dense",
+                  "prefill vs dense", "setup s"]
         rows = [quality_row("fp32 dense (baseline)", result.baseline, result.baseline, node)]
         rows += [quality_row(label, records[label], result.baseline, node) for n, label, _ in grid if n == node]
         text = [f"## {TITLES[node]}", "",
                 f"Every row next to the fp32 baseline measured in the same run by effinfer's evaluator (suite "
                 f"`{suite.name}`: perplexity on {args.windows} × 512 Wikipedia test tokens, KL and top-1 agreement vs "
-                f"fp32 on the same positions; decode = batch 1, 128-token prompt, 32 new tokens, 3 rounds "
-                f"alternating with the baseline, median ratio of adjacent rounds"
+                f"fp32 on the same positions; BIG-bench = mean zero-shot accuracy on general_knowledge and "
+                f"phrase_relatedness, 24 examples each"
+                f"{'' if not args.no_tasks else ' (not measured in this run: —)'}; decode = batch 1, 128-token "
+                f"prompt, 32 new tokens, 3 rounds alternating with the baseline, median ratio of adjacent rounds; "
+                f"prefill = the inverse of the time-to-first-token ratio on the same prompts"
                 f"{'' if not args.no_speed else ': not measured in this run (—)'}). Calibration: {CALIBRATION} "
                 "windows of the Wikipedia calibration split. *setup s* = calibration + pruning time"
                 + (" (this run shared the CPU with other work: indicative only)." if args.no_speed else "."),
@@ -232,6 +254,9 @@ def main() -> None:
     parser.add_argument("--only", nargs="*", default=None, help="labels (substrings) to run")
     parser.add_argument("--rounds", type=int, default=4, help="execution part: alternating decode rounds")
     parser.add_argument("--new-tokens", type=int, default=24, help="execution part: tokens decoded per round")
+    parser.add_argument("--nodes", nargs="*", choices=["unstructured", "structured", "low_rank"], default=None,
+                        help="quality part: only these nodes' rows")
+    parser.add_argument("--no-tasks", action="store_true", help="quality part without the BIG-bench accuracy")
     parser.add_argument("--no-speed", action="store_true", help="quality part without the decode timing (it can "
                                                                  "then run next to other work: no timing is reported)")
     parser.add_argument("--model", default=DEFAULT_MODEL)

@@ -16,7 +16,8 @@ from effinfer.plugins.model.calibration import text_source
 from effinfer.plugins.model.pruning import load_pruned
 from effinfer.plugins.model.pruning.sparse import (SparseLinear, format_bytes, is_nm, nm_mask, pack_bits,
                                                    prune_lowest, unpack_bits)
-from effinfer.plugins.model.pruning.sparsegpt import sparsegpt_prune_weight
+from effinfer.plugins.model.pruning.sparsegpt import JointGrid, sparsegpt_prune_weight
+from effinfer.plugins.model.quantization.layers import QuantizedLinear
 
 TEXT = ("The quick brown fox jumps over the lazy dog. Pruning removes weights; calibration text shows the pruner "
         "which inputs are large. ") * 40
@@ -232,6 +233,9 @@ def test_layer_drop_removes_the_lowest_influence_layers_and_reloads(family, tmp_
     ("width_prune:attn_ratio=0,ffn_ratio=0", "would prune nothing"),
     ("width_prune:ffn_ratio=1.2", "ffn_ratio: Input should be less than 1 (got 1.2); allowed: 0.0 ≤ value < 1.0"),
     ("sparsegpt:damp=0", "damp: Input should be greater than 0 (got 0); allowed: 0.0 < value ≤ 1.0"),
+    ("sparsegpt:pattern='2:4',bits=4,group_size=30", "group_size=30: with pattern='2:4' it must be a multiple of M=4"),
+    ("sparsegpt:bits=4,execution=csr", "the joint mode stores the layers packed"),
+    ("sparsegpt:bits=5", "bits"),
 ])
 def test_bad_configs_are_refused_with_field_and_range(spec, expected):
     with pytest.raises(ExperimentError) as caught:
@@ -267,3 +271,48 @@ def test_only_the_chosen_layers_are_pruned():
         zero = {n: bool((m.weight == 0).any()) for n, m in composed.model.named_modules()
                 if isinstance(m, torch.nn.Linear) and ".layers." in n}
     assert {n for n, z in zero.items() if z} == {f"model.layers.1.self_attn.{p}_proj" for p in "qkvo"}
+
+
+# --------------------------------------------------------------------------- pruning + quantization
+
+
+@settings(max_examples=10, deadline=None)
+@given(rows=st.integers(2, 10), groups=st.integers(1, 4), seed=st.integers(0, 100), bits=st.sampled_from([2, 3, 4, 8]),
+       pattern=st.sampled_from([None, (2, 4), (4, 8)]))
+def test_sparsegpt_joint_mode_keeps_the_pattern_on_the_grid(rows, groups, seed, bits, pattern):
+    generator = torch.Generator().manual_seed(seed)
+    cols = 16 * groups
+    weight = torch.randn(rows, cols, generator=generator)
+    x = torch.randn(4 * cols, cols, generator=generator)
+    grid = JointGrid(bits, 16, rows, cols)
+    joint = sparsegpt_prune_weight(weight, 2 * x.t() @ x / x.shape[0], 0.5, pattern, block_size=16, grid=grid)
+    packed = grid.packed()
+    assert torch.allclose(packed.dequantize(), joint, atol=1e-2 * float(grid.scales.max()))  # fp16 scales
+    assert torch.equal(packed.dequantize() == 0, joint == 0)
+    if pattern:
+        assert is_nm(packed.dequantize(), *pattern)
+    else:
+        assert all(int((joint[:, b:b + 16] == 0).sum()) >= rows * 8 for b in range(0, cols, 16))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_sparsegpt_joint_2_4_int4_is_packed_and_keeps_the_pattern(family):
+    model, tokenizer = tiny_model(family)
+    ids = text_source(tokenizer, TEXT, seed=7)(1, 24)
+    dense = weight_bytes(model)
+    with torch.no_grad(), ComposedModel(model, tokenizer, build(f"sparsegpt:pattern='2:4',bits=4,group_size=32,{SMALL}"),
+                                        calibration=text_source(tokenizer, TEXT, seed=1)) as composed:
+        layers = [m for n, m in composed.model.named_modules() if isinstance(m, QuantizedLinear)]
+        assert layers and all(is_nm(m.quantized_weight().dequantize(), 2, 4) for m in layers)
+        assert weight_bytes(composed.model) < dense
+        assert torch.isfinite(composed.model(ids).logits).all()
+        assert "stored quantized and packed" in " ".join(n for _, _, n in composed.report.entries)
+
+
+def test_gptq_after_wanda_keeps_the_2_4_pattern(tiny):
+    model, tokenizer = tiny
+    with torch.no_grad(), ComposedModel(model, tokenizer, build(f"wanda:pattern='2:4',{SMALL}",
+                                                                f"gptq:bits=4,group_size=32,{SMALL}"),
+                                        calibration=text_source(tokenizer, TEXT, seed=1)) as composed:
+        layers = [m for n, m in composed.model.named_modules() if isinstance(m, QuantizedLinear)]
+        assert layers and all(is_nm(m.quantized_weight().dequantize(), 2, 4) for m in layers)

@@ -35,7 +35,8 @@ from torch import nn
 from effinfer.core import Feature, Technique
 from effinfer.core.stages import ModelStage
 from effinfer.plugins.model.quantization.config import linear_input_features, weight_math_threads
-from effinfer.plugins.model.quantization.layers import PackedLayer
+from effinfer.plugins.model.quantization.layers import PackedLayer, build_quantized_linear
+from effinfer.plugins.model.quantization.packing import QuantizedTensor
 from effinfer.plugins.model.quantization.layerwise import (decoder_layers, first_layer_inputs, linears_of, run_layer,
                                                            watch_inputs)
 
@@ -283,8 +284,9 @@ class SparseLinear(PackedLayer):
 
 # --------------------------------------------------------------------------- the layer loop
 
-#: ``(weight float32, statistics or None, config) -> pruned weight float32`` for one linear layer
-PruneOne = Callable[[torch.Tensor, Any, PruneConfig], torch.Tensor]
+#: ``(weight float32, statistics or None, config) -> pruned weight float32`` for one linear layer, or the
+#: packed quantized weight when the pruner also quantizes (SparseGPT's joint mode)
+PruneOne = Callable[[torch.Tensor, Any, PruneConfig], "torch.Tensor | QuantizedTensor"]
 
 
 def prune_decoder(stage: ModelStage, technique: Any, prune_one: PruneOne,
@@ -310,7 +312,7 @@ def prune_decoder(stage: ModelStage, technique: Any, prune_one: PruneOne,
         tokens = stage.calibration_batches(config.n_samples, config.seq_len)
         batches = first_layer_inputs(stage.model, tokens, config.batch_size)
     sizes = {"dense": 0, "bitmask": 0, "csr": 0}
-    zeros = total = pruned = 0
+    zeros = total = pruned = packed_bytes = 0
     with Progress(transient=True) as progress:
         task = progress.add_task(f"{technique.name}: pruning", total=len(layers))
         for index, layer in enumerate(layers):
@@ -328,13 +330,20 @@ def prune_decoder(stage: ModelStage, technique: Any, prune_one: PruneOne,
             for name, linear in linears.items():
                 weight = linear.weight.detach()
                 with torch.no_grad(), weight_math_threads():
-                    new = prune_one(weight.float(), stats.get(name), config).to(weight.dtype)
+                    result = prune_one(weight.float(), stats.get(name), config)
+                if isinstance(result, QuantizedTensor):
+                    new = result.dequantize()
+                    packed_bytes += result.nbytes
+                    stage.patcher.replace_module(layer, name, build_quantized_linear(result, linear.bias, "auto",
+                                                                                     f"{path}.{index}.{name}"))
+                else:
+                    new = result.to(weight.dtype)
+                    install(stage, layer, name, linear, new, config.execution)
                 for key, value in format_bytes(new).items():
                     sizes[key] += value
                 zeros += int((new == 0).sum())
                 total += new.numel()
                 pruned += 1
-                install(stage, layer, name, linear, new, config.execution)
             if batches is not None and index < max(chosen):
                 batches = run_layer(layer, batches)
             progress.advance(task)
@@ -342,8 +351,9 @@ def prune_decoder(stage: ModelStage, technique: Any, prune_one: PruneOne,
     mib = {k: v / 2**20 for k, v in sizes.items()}
     technique.note(f"pruned {pruned} linear layers to {config.describe()} (measured {zeros / max(1, total):.2%} zeros): "
                    f"dense {mib['dense']:.2f} MiB → bitmask+values {mib['bitmask']:.2f} MiB, CSR {mib['csr']:.2f} "
-                   f"MiB; stored as {config.execution}"
-                   + ("" if config.execution != "dense" else " (zeros in float: no bytes saved)"))
+                   f"MiB; " + (f"stored as {config.execution}" if not packed_bytes else
+                               f"stored quantized and packed: {packed_bytes / 2**20:.2f} MiB (zeros included)")
+                   + ("" if config.execution != "dense" or packed_bytes else " (zeros in float: no bytes saved)"))
     calibration = (f"calibrated on {config.n_samples}×{config.seq_len} tokens, " if new_stat is not None else "")
     technique.note(f"{calibration}{seconds:.1f} s")
     maybe_save(stage, config.save_dir, technique)

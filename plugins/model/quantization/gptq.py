@@ -71,9 +71,17 @@ def inverse_hessian_factor(hessian: torch.Tensor, damp: float) -> torch.Tensor:
 def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, bits: int, group_size: int | None,
                   symmetric: bool, act_order: bool = False, damp: float = 0.01, block_size: int = 128,
                   float_zero: bool = False) -> tuple[QuantizedTensor, float]:
-    """GPTQ on one weight (``out × in``) given its inputs' Hessian; returns the packed weight and its loss."""
+    """GPTQ on one weight (``out × in``) given its inputs' Hessian; returns the packed weight and its loss.
+
+    Weights that are exactly zero on entry (a pruner's mask, e.g. ``wanda`` before ``gptq``) stay exactly
+    zero: their code is the integer zero point, and what the compensation had added to them is spread
+    over the later columns like any rounding error (SparseGPT's joint mode with a fixed mask). A dense
+    weight has no exact zeros, so this changes nothing there; with a float zero point 0 is not on the
+    grid and the mask cannot be kept.
+    """
     check_bits(bits)
     W = weight.detach().float().clone()
+    pruned = (W == 0) if not float_zero else None
     out_features, in_features = W.shape
     group = check_group_size(in_features, group_size)
     n_groups = in_features // group
@@ -91,6 +99,8 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, bits: int, group_
 
     perm = torch.argsort(H.diagonal(), descending=True) if act_order else torch.arange(in_features, device=W.device)
     W, H = W[:, perm], H[perm][:, perm]
+    if pruned is not None:
+        pruned = pruned[:, perm] if bool(pruned.any()) else None
     Hinv = inverse_hessian_factor(H, damp)
     group_of = (perm // group).tolist()
     block = block_size if static else max(group, block_size // group * group)
@@ -108,6 +118,8 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, bits: int, group_
                                                                float_zero=float_zero)
             w, d = W1[:, i], Hinv1[i, i]
             code = quantize_codes(w, scales[:, g], zeros[:, g], bits)
+            if pruned is not None:
+                code = torch.where(pruned[:, column], zeros[:, g], code)
             error = (w - (code - zeros[:, g]) * scales[:, g]) / d
             codes[:, column] = code
             loss += float(error.pow(2).sum()) / 2  # (w - q)² / [H⁻¹]_qq, the paper's Δ loss
