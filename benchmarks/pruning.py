@@ -17,6 +17,10 @@ unstructured and to 2:4, each stored three ways — dense float with zeros, bitm
 (batch 1, KV cache) in alternating rounds with the dense model; decode tokens/s ratio and the
 weight bytes of the pruned layers in each format.
 
+Part ``nas``: ``nas_evolution`` under a 70% bytes budget against uniform magnitude pruning and
+layer dropping at about the same bytes, perplexity on held-out test tokens (no timing, so it may
+share the CPU).
+
 Run (as the tables were made; alone on the CPU)::
 
     flock -x /tmp/effinfer-cpu.lock .venv/bin/python benchmarks/pruning.py --part quality
@@ -44,6 +48,14 @@ CALIBRATION = "n_samples=16,seq_len=256"
 UNSTRUCTURED = "model.compression.sparsification.weight_pruning.unstructured"
 STRUCTURED = "model.compression.sparsification.weight_pruning.structured"
 LOW_RANK = "model.compression.structure_optimization.low_rank"
+NAS = "model.compression.structure_optimization.nas"
+#: (label, stack spec): the search and the hand-made candidates at about the same stored decoder bytes (70%)
+NAS_GRID = [
+    ("nas_evolution, 70% bytes budget, 48 evaluations",
+     "nas_evolution:bytes_budget=0.7,evaluations=48,population=8,eval_samples=4,seq_len=128"),
+    ("magnitude 34% uniform, bitmask (≈ 69% bytes)", "magnitude:sparsity=0.34,execution=bitmask"),
+    ("layer_drop 9 of 30 layers (70% bytes)", f"layer_drop:drop=9,{CALIBRATION}"),
+]
 #: (node, label, stack spec)
 GRID = [
     *[(UNSTRUCTURED, f"{method} {label}", f"{method}:{setting}{'' if method == 'magnitude' else ',' + CALIBRATION}")
@@ -154,7 +166,11 @@ def run_quality(args, meta) -> None:
             text += ["Pruned weights are kept dense with zeros here (`execution=dense`, the default): the "
                      "whole-model bytes do not change, the column gives what the 210 pruned linear layers take in "
                      "each stored format (fp32 values; `execution=bitmask` or `csr` stores them so). See "
-                     "`sparse_execution.md` for the speed of each format.", ""]
+                     "`sparse_execution.md` for the speed of each format. The two *int4* rows prune to 2:4 and "
+                     "quantize to 4 bits (asymmetric, integer zero point, groups of 64): SparseGPT's joint mode in "
+                     "one pass, and Wanda then GPTQ (which keeps the pruned zeros); their layers are stored packed "
+                     "(*int4 packed* MiB, zeros included), so their decode column is the packed int4 kernel's speed.",
+                     ""]
         text += [f"- command: `{meta['command']}`",
                  f"- date: {meta['date']}; machine: {env.get('cpu')} ({env.get('cores')} cores), {meta['threads']} "
                  f"threads; {meta['seconds'] / 60:.1f} min for the whole run", "",
@@ -164,6 +180,59 @@ def run_quality(args, meta) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text("\n".join(text) + "\n")
         print(path.read_text())
+
+
+# --------------------------------------------------------------------------- NAS
+
+
+def decoder_share(record, baseline) -> str:
+    """The stored decoder bytes of a record as a fraction of the dense model's (from the whole-model bytes)."""
+    found = re.search(r"— ([\d.]+)% of the bytes", " ".join(record.notes))
+    if found:
+        return f"{float(found[1]):.1f}% (decoder)"
+    return f"{record.value('memory.weight_bytes') / baseline.value('memory.weight_bytes'):.1%} (model)"
+
+
+def run_nas(args, meta) -> None:
+    from rich.console import Console
+
+    from effinfer.core.steplog import LineProgress
+    from effinfer.evaluation import bench
+
+    suite = quality_suite(args.windows, speed=False, tasks=False)
+    args.store.parent.mkdir(parents=True, exist_ok=True)
+    result = bench([spec.split("+") for _, spec in NAS_GRID], suite=suite, model=args.model, store=args.store,
+                   command=meta["command"], redo=True, progress=LineProgress(Console(stderr=True)))
+    meta["seconds"] = time.perf_counter() - meta["started"]
+    env = result.baseline.environment
+    header = ["candidate", "stored bytes", "ppl (wiki)", "KL vs fp32", "top-1 agree", "setup s (search cost)"]
+    rows = []
+    for (label, _), record in zip(NAS_GRID, result.runs):
+        if not record.ok:
+            rows.append([label, "failed: " + (record.error or "").splitlines()[0][:80], "", "", "", ""])
+            continue
+        value = record.value
+        rows.append([label, decoder_share(record, result.baseline), f"{value('perplexity.wikipedia.token'):.2f}",
+                     f"{value('fidelity.kl_mean'):.3f}", f"{value('fidelity.top1_agreement'):.1%}",
+                     f"{value('setup.apply_s', 0):.1f}"])
+    nas_notes = [n for n in result.runs[0].notes if "Pareto" in n or "best under" in n or "search cost" in n]
+    text = ["## NAS on SmolLM2-135M: evolutionary search vs hand-made candidates at the same bytes", "",
+            "`nas_evolution` searches per-layer keep-or-drop and magnitude sparsity (0/30/50/70%, stored as bitmask + "
+            "values) for the lowest perplexity on 4 × 128 calibration tokens under a budget of 70% of the dense "
+            "decoder's stored bytes; the rows below are then scored by effinfer's evaluator next to the fp32 baseline "
+            f"of the same run (suite `{suite.name}`: perplexity on {args.windows} × 512 Wikipedia *test* tokens, "
+            "which the search never saw). The hand-made rows spend about the same bytes uniformly.", "",
+            f"- command: `{meta['command']}`",
+            f"- date: {meta['date']}; machine: {env.get('cpu')} ({env.get('cores')} cores), {meta['threads']} "
+            f"threads; {meta['seconds'] / 60:.1f} min for the whole run", "",
+            "| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1),
+            f"| fp32 dense (baseline) | 100% | {result.baseline.value('perplexity.wikipedia.token'):.2f} | — | — | — |"]
+    text += ["| " + " | ".join(r) + " |" for r in rows]
+    text += ["", "What the search reported:", ""] + [f"- {n}" for n in nas_notes]
+    path = args.tables / NAS / "nas.md"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(text) + "\n")
+    print(path.read_text())
 
 
 # --------------------------------------------------------------------------- sparse execution
@@ -249,7 +318,7 @@ def run_execution(args, meta) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--part", choices=["quality", "execution"], required=True)
+    parser.add_argument("--part", choices=["quality", "execution", "nas"], required=True)
     parser.add_argument("--windows", type=int, default=4, help="512-token perplexity windows")
     parser.add_argument("--only", nargs="*", default=None, help="labels (substrings) to run")
     parser.add_argument("--rounds", type=int, default=4, help="execution part: alternating decode rounds")
@@ -268,10 +337,7 @@ def main() -> None:
 
     meta = {"command": " ".join(["python", *map(shlex.quote, sys.argv)]), "started": time.perf_counter(),
             "date": dt.datetime.now(dt.UTC).isoformat(timespec="minutes"), "threads": torch.get_num_threads()}
-    if args.part == "quality":
-        run_quality(args, meta)
-    else:
-        run_execution(args, meta)
+    {"quality": run_quality, "execution": run_execution, "nas": run_nas}[args.part](args, meta)
     print(f"took {(time.perf_counter() - meta['started']) / 60:.1f} min")
 
 
