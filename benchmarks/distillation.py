@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from engine import table_header, write_table  # noqa: E402
+from engine import machine_load, table_header, write_table  # noqa: E402
 
 from effinfer.core.calibration import corpus_tokens  # noqa: E402
 from effinfer.core.models import DEFAULT_MODEL, load_model  # noqa: E402
@@ -85,6 +85,40 @@ def main() -> None:
                                                                     "hidden_mse": 0.1})),
                 "black": ("black-box", BlackBoxDistillation(common | {"num_prompts": args.prompts,
                                                                       "new_tokens": args.new_tokens}))}
+    command = "python benchmarks/distillation.py " + " ".join(sys.argv[1:])
+    layers = model.config.num_hidden_layers
+    load_before = machine_load()
+
+    def write(rows: list[Any]) -> None:
+        """Both node tables from the rows so far (after every row: a timeout never loses finished rows)."""
+        lines = table_header(f"Knowledge distillation of a layer-dropped SmolLM2-135M-Instruct ({layers - args.drop} "
+                             f"of {layers} layers)", command, args.threads,
+                             f"; machine load (`uptime`) before `{load_before}`, after `{machine_load()}` (training "
+                             "ran next to other work: its seconds are indicative)")
+        lines += [f"Student: the teacher without {args.drop} blocks (lowest ShortGPT Block Influence on calibration "
+                  f"text). Every trained row: {args.steps} AdamW steps (peak lr {args.lr:g}, warm-up then cosine) of "
+                  f"{args.batch_size}×{args.seq_len} tokens (decoder blocks and norms trained, embeddings and LM head "
+                  "frozen); white-box on windows of the calibration split, black-box on the teacher's sampled "
+                  f"answers to {args.prompts} calibration prompts ({args.new_tokens} new tokens each). "
+                  f"Quality on {args.windows} windows of 512 tokens of the wikipedia test split (never trained on): "
+                  "token perplexity, the forward KL from the teacher and top-1 agreement with the teacher.", "",
+                  "| model | objective | steps | perplexity | KL(teacher ‖ model) | top-1 = teacher | training cost | "
+                  "set-up total |", "|---|---|---|---|---|---|---|---|"]
+        for name, objective, steps, q, cost, seconds, extra in rows:
+            spent = f"{cost.seconds:.0f} s, {cost.tokens} tokens" if cost else "—"
+            spent += f"; {extra}" if extra else ""
+            lines.append(f"| {name} | {objective} | {steps} | {q['ppl']:.2f} | {q['kl']:.3f} | {q['top1']:.3f} | "
+                         f"{spent} | {seconds:.0f} s |" if cost else
+                         f"| {name} | {objective} | {steps} | {q['ppl']:.2f} | {q['kl']:.3f} | {q['top1']:.3f} | — | — |")
+        print("\n".join(lines), flush=True)
+        white = [r for r in rows if "black-box" not in r[0]]
+        black = [r for r in rows if "white-box" not in r[0]]
+        for node, subset in (("white_box", white), ("black_box", black)):
+            keep = [line for line in lines if not line.startswith("| student") or any(
+                line.startswith(f"| {r[0]} | {r[1]} ") for r in subset)]
+            if any(r[4] is not None for r in subset):  # a node's page gets a table once it has a trained row
+                write_table(f"model.compression.distillation.{node}", "kd", "\n".join(keep) + "\n")
+
     for kind, technique in (variants[v] for v in args.variants):
         student, seconds = run(technique, model, tokenizer)
         objective = technique.objective() if kind == "white-box" else "CE on teacher samples"
@@ -93,31 +127,7 @@ def main() -> None:
                      technique.cost, seconds, extra))
         print(rows[-1], flush=True)
         del student
-    command = "python benchmarks/distillation.py " + " ".join(sys.argv[1:])
-    layers = model.config.num_hidden_layers
-    lines = table_header(f"Knowledge distillation of a layer-dropped SmolLM2-135M-Instruct ({layers - args.drop} of "
-                         f"{layers} layers)", command, args.threads)
-    lines += [f"Student: the teacher without {args.drop} blocks (lowest ShortGPT Block Influence on calibration "
-              f"text). Every trained row: {args.steps} AdamW steps (peak lr {args.lr:g}) of {args.batch_size}×{args.seq_len} tokens "
-              "(decoder blocks and norms trained, embeddings and LM head frozen), on the calibration split. "
-              f"Quality on {args.windows} windows of 512 tokens of the wikipedia test split (never trained on): "
-              "token perplexity, the forward KL from the teacher and top-1 agreement with the teacher.", "",
-              "| model | objective | steps | perplexity | KL(teacher ‖ model) | top-1 = teacher | training cost | "
-              "set-up total |", "|---|---|---|---|---|---|---|---|"]
-    for name, objective, steps, q, cost, seconds, extra in rows:
-        spent = f"{cost.seconds:.0f} s, {cost.tokens} tokens" if cost else "—"
-        spent += f"; {extra}" if extra else ""
-        lines.append(f"| {name} | {objective} | {steps} | {q['ppl']:.2f} | {q['kl']:.3f} | {q['top1']:.3f} | "
-                     f"{spent} | {seconds:.0f} s |" if cost else
-                     f"| {name} | {objective} | {steps} | {q['ppl']:.2f} | {q['kl']:.3f} | {q['top1']:.3f} | — | — |")
-    text = "\n".join(lines) + "\n"
-    print(text)
-    white = [r for r in rows if "black-box" not in r[0]]
-    black = [r for r in rows if "white-box" not in r[0]]
-    for node, subset in (("white_box", white), ("black_box", black)):
-        keep = [line for line in lines if not line.startswith("| student") or any(
-            line.startswith(f"| {r[0]} | {r[1]} ") for r in subset)]
-        write_table(f"model.compression.distillation.{node}", "kd", "\n".join(keep) + "\n")
+        write(rows)
 
 
 if __name__ == "__main__":

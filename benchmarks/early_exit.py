@@ -1,12 +1,16 @@
 """Token-level early exit on SmolLM2-135M: the CALM threshold curve and LayerSkip, in one run.
 
-    flock -x /tmp/effinfer-cpu.lock .venv/bin/python benchmarks/early_exit.py
+    .venv/bin/python benchmarks/early_exit.py --train-only        # train the exits once (cached), no timing
+    /work/notes/cpu-exclusive .venv/bin/python benchmarks/early_exit.py
     .venv/bin/python benchmarks/early_exit.py --per-category 1 --max-new-tokens 64
 
 Greedy decoding of the versioned prompt set (``--per-category`` prompts of each of the five
-categories), batch 1, in one process. The exits (a trained copy of the final norm and a linear
-early-exit classifier after every 3rd block from 40% of the depth; LayerSkip: one exit after
-half the blocks) are trained first on self-generated text; their cost is reported.
+categories), batch 1, in one process. The exits (a tuned-lens translator, a trained copy of the
+final norm and a linear early-exit classifier after every 3rd block from 40% of the depth;
+LayerSkip drafts through one of them) are trained on self-generated text with the
+``bench_config`` options of the two techniques, so ``--train-only`` (no timing, may share the
+CPU) fills the cache that the timed run and ``effinfer bench`` read back; their cost is
+reported. The table is rewritten after every method, so a time limit never loses a finished row.
 
 Per method: decode tok/s and the speed-up over the static engine's plain greedy decoding
 (eager), which runs on each prompt right before the method (so both see the same machine
@@ -22,7 +26,6 @@ from __future__ import annotations
 import argparse
 import math
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +42,7 @@ from effinfer.plugins.model.dynamic_inference.early_exit import EarlyExit  # noq
 from effinfer.plugins.model.dynamic_inference.layerskip import LayerSkip  # noqa: E402
 from effinfer.plugins.system.engine import StaticEngine  # noqa: E402
 
-THRESHOLDS = (1.0, 0.9, 0.7, 0.5, 0.3)
+THRESHOLDS = (1.0, 0.5, 0.3, 0.2, 0.1)
 
 
 @torch.inference_mode()
@@ -59,6 +62,8 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--thresholds", type=float, nargs="*", default=list(THRESHOLDS))
+    parser.add_argument("--no-layerskip", action="store_true")
+    parser.add_argument("--train-only", action="store_true", help="train (or read back) the exits, then stop")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     load_before = machine_load()
@@ -69,21 +74,64 @@ def main() -> None:
     stops = stop_token_ids(tokenizer, model, config)
     prompts = [encode_prompts(tokenizer, [p.messages], True) for p in load_prompts(n_per_category=args.per_category)]
     plain = engine.decoding()
-    training = {"train_prompts": 16, "train_new_tokens": 64, "train_steps": 80}  # as bench_config: one cached set
+    exit_options = {k: v for k, v in EarlyExit.bench_config.items() if k != "threshold"}
+    skip_options = dict(LayerSkip.bench_config)
+
+    def stage() -> SystemStage:
+        return SystemStage(model, tokenizer, engine=engine)
+
+    methods: list[tuple[str, Any, Any]] = []
+    for threshold in args.thresholds:
+        technique = EarlyExit(exit_options | {"threshold": threshold})
+        methods.append((f"early_exit, threshold {threshold:g}", technique, technique.effinfer_decoding_strategy(stage())))
+        print(technique.report.describe(), flush=True)
+    if not args.no_layerskip:
+        skip = LayerSkip(skip_options)
+        methods.insert(min(1, len(methods)), (f"layerskip (lossless), draft {skip.draft_layers(layers)} layers, "
+                                              f"≤ {skip.config.num_draft_tokens} tokens, stop below "
+                                              f"p={skip.config.confidence_threshold:g}", skip,
+                                              skip.effinfer_decoding_strategy(stage())))
+        print(skip.report.describe(), flush=True)
+    if args.train_only:
+        return
 
     def timed(strategy: Any, ids: torch.Tensor, mask: torch.Tensor) -> Any:
         return strategy.generate(model, ids, mask, config, stops)
 
     reference = [timed(plain, ids, mask).sequences[0] for ids, mask in prompts]  # also warms up
-    methods: list[tuple[str, Any, Any]] = []
-    for threshold in args.thresholds:
-        technique = EarlyExit(training | {"threshold": threshold})
-        methods.append((f"early_exit, threshold {threshold:g}", technique,
-                        technique.effinfer_decoding_strategy(SystemStage(model, tokenizer, engine=engine))))
-    skip = LayerSkip(training)
-    methods.append(("layerskip (lossless)", skip, skip.effinfer_decoding_strategy(
-        SystemStage(model, tokenizer, engine=engine))))
-    rows = []
+    ref_nll = sum(output_nll(model, ids, ref)[0] for (ids, _), ref in zip(prompts, reference))
+    ref_ppl = math.exp(ref_nll / sum(len(r) for r in reference))
+    command = "python benchmarks/early_exit.py " + " ".join(sys.argv[1:])
+    rows: list[dict[str, Any]] = []
+
+    def write() -> None:
+        lines = table_header("Token-level early exit on SmolLM2-135M-Instruct (CALM threshold curve, LayerSkip)",
+                             command, args.threads, f"; machine load (`uptime`) before `{load_before}`, after "
+                                                    f"`{machine_load()}`")
+        early = next((r for r in rows if r["name"].startswith("early_exit")), None)
+        lossless = next((r for r in rows if r["name"].startswith("layerskip")), None)
+        lines += [f"Greedy decoding of {len(prompts)} prompts of the versioned prompt set (one per category), "
+                  f"{args.max_new_tokens} new tokens, batch 1, eager, all rows in one process. Speed-up = decode "
+                  "tok/s ÷ the static engine's plain greedy decode tok/s (the full model), measured on each prompt "
+                  "right before the method. Blocks/token: decoder blocks executed per generated token (of "
+                  f"{layers}). Quality cost: perplexity of the output under the full model (the full model's own "
+                  f"greedy output: {ref_ppl:.3f}) and the mean number of leading tokens identical to plain greedy's."
+                  + (f" Exit set-up: {early['setup']}." if early else "")
+                  + (f" LayerSkip set-up: {lossless['setup']}." if lossless else ""), "",
+                  "| method | blocks/token | decode tok/s | plain tok/s (adjacent) | speed-up | output ppl under full "
+                  "model | identical prefix (tokens) | identical outputs | mean accepted / step | acceptance rate |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
+        for r in rows:
+            layers_cell = f"{r['layers']:.1f}" if r["layers"] is not None else "—"
+            acc = f"{r['accepted']:.2f}" if r["accepted"] is not None else "—"
+            rate = f"{r['acceptance']:.2f}" if r["acceptance"] is not None else "—"
+            lines.append(f"| {r['name']} | {layers_cell} | {r['tok_s']:.1f} | {r['base_tok_s']:.1f} | "
+                         f"{r['speedup']:.2f}× | {r['ppl']:.3f} | {r['prefix']:.1f} | {r['identical']}/{len(prompts)} | "
+                         f"{acc} | {rate} |")
+        text = "\n".join(lines) + "\n"
+        print(text, flush=True)
+        write_table("model.compression.dynamic_inference.token_level", "early_exit", text)
+
     for name, technique, strategy in methods:
         base_time = method_time = 0.0
         base_tokens = method_tokens = 0
@@ -114,30 +162,7 @@ def main() -> None:
                      "acceptance": accepted / drafted if drafted else None,
                      "setup": technique.report.describe()})
         print(rows[-1], flush=True)
-    ref_nll = sum(output_nll(model, ids, ref)[0] for (ids, _), ref in zip(prompts, reference))
-    ref_ppl = math.exp(ref_nll / sum(len(r) for r in reference))
-    command = "python benchmarks/early_exit.py " + " ".join(sys.argv[1:])
-    lines = table_header("Token-level early exit on SmolLM2-135M-Instruct (CALM threshold curve, LayerSkip)",
-                         command, args.threads, f"; machine load (`uptime`) before `{load_before}`, after "
-                                                 f"`{machine_load()}`")
-    lines += [f"Greedy decoding of {len(prompts)} prompts of the versioned prompt set, {args.max_new_tokens} new tokens, "
-              "batch 1, eager. Speed-up = decode tok/s ÷ the static engine's plain greedy decode tok/s, measured on each "
-              "prompt right before the method. Blocks/token: decoder blocks executed per generated token (of "
-              f"{layers}). Quality cost: perplexity of the output under the full model (the full model's own greedy "
-              f"output: {ref_ppl:.3f}) and the mean number of leading tokens identical to plain greedy's. Exit set-up: "
-              f"{rows[0]['setup']}. LayerSkip set-up: {rows[-1]['setup']}.", "",
-              "| method | blocks/token | decode tok/s | plain tok/s (adjacent) | speed-up | output ppl under full model | "
-              "identical prefix (tokens) | identical outputs | mean accepted | acceptance rate |",
-              "|---|---|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        layers_cell = f"{r['layers']:.1f}" if r["layers"] is not None else "—"
-        acc = f"{r['accepted']:.2f}" if r["accepted"] is not None else "—"
-        rate = f"{r['acceptance']:.2f}" if r["acceptance"] is not None else "—"
-        lines.append(f"| {r['name']} | {layers_cell} | {r['tok_s']:.1f} | {r['base_tok_s']:.1f} | {r['speedup']:.2f}× | "
-                     f"{r['ppl']:.3f} | {r['prefix']:.1f} | {r['identical']}/{len(prompts)} | {acc} | {rate} |")
-    text = "\n".join(lines) + "\n"
-    print(text)
-    write_table("model.compression.dynamic_inference.token_level", "early_exit", text)
+        write()
 
 
 if __name__ == "__main__":

@@ -73,6 +73,35 @@ def test_low_threshold_exits_early_and_fills_the_skipped_kv():
     torch.testing.assert_close(cache.keys[3][:, :, :1], apply_rotary(key, cos, sin))
 
 
+@pytest.mark.parametrize("family", TINY_FAMILIES)
+def test_fused_fill_writes_what_the_block_by_block_fill_writes(family):
+    from effinfer.plugins.model.dynamic_inference.layers import StepContext, fill_kv, fused_fill
+    from effinfer.plugins.system.engine import shared_engine
+
+    model, _ = tiny_model(family, layers=4, seed=5)
+    layout = shared_engine(model).layout
+    fused = fused_fill(layout)
+    if fused is None:  # Gemma 3 (four norms, q/k norms, two rotary tables): filled block by block
+        assert layout.sandwich_norms
+        return
+    caches = [shared_engine(model).cache_for(1, 8, name=f"test-fused-{i}") for i in range(2)]
+    hidden = torch.randn(1, 1, model.config.hidden_size)
+    for cache in caches:
+        cache.reset(torch.ones(1, 3, dtype=torch.long))
+        cache.keys.zero_()
+        cache.values.zero_()
+    context = StepContext(layout, caches[0], hidden, 5)
+    fused.fill(layout, caches[0], context, 0, hidden)
+    for index in range(1, 4):
+        fill_kv(layout, caches[1], context, index, hidden)
+    torch.testing.assert_close(caches[0].keys, caches[1].keys, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(caches[0].values, caches[1].values, rtol=1e-4, atol=1e-5)
+    assert caches[0].keys[1:, :, :, 5].abs().sum() > 0 and caches[0].keys[0].abs().sum() == 0
+    with torch.no_grad():  # an in-place weight edit rebuilds the folded matrix
+        model.model.layers[2].self_attn.k_proj.weight.mul_(2)
+    assert fused_fill(layout) is not fused
+
+
 def test_layerskip_is_lossless_when_sampling():
     model, tokenizer = tiny_llama(layers=4, seed=3)
     skip = LayerSkip({"draft_layers": 2, **TRAINING}).effinfer_decoding_strategy(

@@ -89,7 +89,7 @@ class BlackBoxDistillation(Technique):
     requires = frozenset({Requirement.TRAINING})
     needs_features = frozenset({Feature.DENSE_WEIGHTS})
     removes_features = frozenset({Feature.ALL_LAYERS})
-    bench_config = {"drop": 6, "steps": 30, "num_prompts": 32, "new_tokens": 64}
+    bench_config = {"drop": 6, "steps": 12, "batch_size": 2, "num_prompts": 8, "new_tokens": 48}
 
     class Config(StudentConfig):
         prompts: Literal["corpus", "instructions", "both"] = Field(

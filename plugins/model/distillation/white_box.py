@@ -37,7 +37,8 @@ class WhiteBoxDistillation(Technique):
     requires = frozenset({Requirement.TRAINING})
     needs_features = frozenset({Feature.DENSE_WEIGHTS})
     removes_features = frozenset({Feature.ALL_LAYERS})
-    bench_config = {"drop": 6, "steps": 30, "batch_size": 4, "seq_len": 128}
+    #: a smoke-sized budget for `effinfer bench` (benchmarks/distillation.py runs the real one)
+    bench_config = {"drop": 6, "steps": 12, "batch_size": 2, "seq_len": 128}
 
     class Config(StudentConfig):
         forward_kl: float = Field(1.0, ge=0.0, le=100.0, description="weight of KL(teacher ‖ student)")

@@ -78,7 +78,8 @@ class LayerSkip(Technique):
                "the model's own KV cache; the full model verifies (shared speculative verifier): lossless.")
     lossless = True
     requires = frozenset({Requirement.TRAINING})
-    bench_config = {"train_prompts": 16, "train_new_tokens": 64, "train_steps": 80}
+    bench_config = {"draft_layers": 24, "num_draft_tokens": 3, "confidence_threshold": 0.3, "train_prompts": 48,
+                    "train_new_tokens": 64, "train_steps": 80}
 
     class Config(ExitTraining):
         draft_layers: int | None = Field(None, ge=1, le=1024, description="blocks the draft runs before its exit "
