@@ -105,3 +105,10 @@ def test_the_guide_script_runs(monkeypatch, tiny, capsys):
     out = capsys.readouterr().out
     assert "model rtn:" in out and "prompt tokens ->" in out and "new tokens in" in out
     assert "name: int8-with-lookup" in out  # the experiment round-trips to YAML
+
+
+def test_the_pruning_guide_yaml_file_validates_without_loading_a_model(registry):
+    path = ROOT / "docs" / "snippets" / "experiments" / "prune_then_quantize.yaml"
+    stack = Experiment.from_yaml(path).build_stack(registry)
+    assert [t.name for t in stack] == ["wanda", "gptq"]
+    assert stack[0].config.pattern == "2:4" and stack[1].config.group_size == 64
