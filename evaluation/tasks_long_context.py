@@ -96,7 +96,7 @@ def cloze_questions(text: str, depths: Sequence[float], seed: int) -> list[tuple
         start = int(len(text) * depth)
         for offset in range(0, 20_000, 500):
             cloze = _cloze(text[start + offset:start + offset + 800], rng)
-            if cloze is not None and text.count(cloze[0]) == 1:
+            if cloze is not None and text.count(cloze[0]) == 1 and cloze not in found:
                 found.append(cloze)
                 break
     return found
@@ -109,9 +109,20 @@ def set_paused(cache: Any, paused: bool) -> None:
             policy.paused = paused
 
 
+def plain_tensors(tensors: Any) -> Any:
+    """The tensors, with tensor subclasses that wrap others (quanto's packed ``QTensor`` s) replaced by
+    their inner tensors (``__tensor_flatten__``), whose storages hold the bytes."""
+    for tensor in tensors:
+        if type(tensor) is not torch.Tensor and hasattr(tensor, "__tensor_flatten__"):
+            names, _ = tensor.__tensor_flatten__()
+            yield from plain_tensors(getattr(tensor, name) for name in names)
+        else:
+            yield tensor
+
+
 def cache_bytes(cache: Any) -> int:
     """Bytes the cache object really holds (distinct storages reachable from it)."""
-    return unique_tensor_bytes(cache_tensors(cache))
+    return unique_tensor_bytes(plain_tensors(cache_tensors(cache)))
 
 
 @dataclass
