@@ -169,7 +169,8 @@ def run_quality(args, meta) -> None:
                      "`sparse_execution.md` for the speed of each format. The two *int4* rows prune to 2:4 and "
                      "quantize to 4 bits (asymmetric, integer zero point, groups of 64): SparseGPT's joint mode in "
                      "one pass, and Wanda then GPTQ (which keeps the pruned zeros); their layers are stored packed "
-                     "(*int4 packed* MiB, zeros included), so their decode column is the packed int4 kernel's speed.",
+                     "(*int4 packed* MiB, zeros included), so their decode column is the packed int4 kernel's speed."
+                     " The dense-with-zeros rows run exactly the dense model's GEMMs, so their decode and prefill ratios differ from 1.00× only by run-to-run noise (about ±10% for decode and ±30% for the 128-token prefill on this 2-core VM at these short timings): unstructured sparsity saves no time here.",
                      ""]
         text += [f"- command: `{meta['command']}`",
                  f"- date: {meta['date']}; machine: {env.get('cpu')} ({env.get('cores')} cores), {meta['threads']} "
