@@ -44,7 +44,7 @@ from effinfer.evaluation.metrics.multiple_choice import (TARGET_DELIMITER, choic
 from effinfer.plugins.model.dynamic_inference.cascade import CascadeDecoding, build_cheap  # noqa: E402
 
 TASKS = ("general_knowledge", "phrase_relatedness", "social_iqa", "goal_step_wikihow", "emoji_movie")
-THRESHOLDS = (-0.5, -1.0, -1.5, -2.0, -3.0)
+THRESHOLDS = (-4.0, -6.0, -7.0, -8.0, -9.0, -10.0)
 
 
 def answer(model: Any, tokenizer: Any, example: dict[str, Any]) -> tuple[int, float, float]:
@@ -62,7 +62,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cheap", nargs="+", default=["layer_drop:drop=8,n_samples=8,seq_len=256"],
                         help="techniques that make the cheap model (as the cascade's `cheap` option)")
-    parser.add_argument("--limit", type=int, default=20, help="examples per task")
+    parser.add_argument("--limit", type=int, default=12, help="examples per task")
     parser.add_argument("--tasks", nargs="*", default=list(TASKS))
     parser.add_argument("--thresholds", type=float, nargs="*", default=list(THRESHOLDS))
     parser.add_argument("--threads", type=int, default=2)
@@ -94,7 +94,7 @@ def main() -> None:
     def stderr(p: float) -> float:
         return math.sqrt(p * (1 - p) / n)
 
-    rows = [("full model alone", 0.0, sum(r["full_ok"] for r in records) / n, full_s),
+    rows = [("full model alone", None, sum(r["full_ok"] for r in records) / n, full_s),
             ("cheap model alone", None, sum(r["cheap_ok"] for r in records) / n, cheap_s)]
     for threshold in args.thresholds:
         rule = CascadeDecoding(cheap, None, "log_prob", threshold)
@@ -106,9 +106,12 @@ def main() -> None:
     lines = table_header("Model cascade on SmolLM2-135M-Instruct (BIG-bench multiple choice)", command, args.threads,
                          f"; machine load (`uptime`) before `{load_before}`, after `{machine_load()}`")
     agree = sum(r["agree"] for r in records) / n
+    confidences = sorted(r["cheap_conf"] for r in records)
+    quartiles = ", ".join(f"{confidences[min(n - 1, int(q * n))]:.2f}" for q in (0.25, 0.5, 0.75))
     lines += [f"{n} requests: {args.limit} examples of each of {', '.join(args.tasks)} (zero-shot, the most likely "
               f"choice is the answer). Cheap model: `{' '.join(args.cheap)}` ({'; '.join(notes)}; built in "
-              f"{built:.0f} s); it picks the full model's answer on {agree:.0%} of the requests. Both models answer "
+              f"{built:.0f} s); it picks the full model's answer on {agree:.0%} of the requests; the quartiles of its "
+              f"confidence (mean token log-prob of its answer) are {quartiles}. Both models answer "
               "every request, timed in this run (batch 1, eager, the order alternating); a cascade row's latency is "
               "the cheap model's time plus the full model's on the escalated requests, which take the full model's "
               f"answer. Accuracy ± its binomial standard error (±{stderr(0.5):.3f} at 50 %).", "",
