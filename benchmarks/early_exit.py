@@ -63,6 +63,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--thresholds", type=float, nargs="*", default=list(THRESHOLDS))
     parser.add_argument("--no-layerskip", action="store_true")
+    parser.add_argument("--prompts", type=int, default=None, help="only the first N prompts (a quick trial)")
+    parser.add_argument("--table", default="early_exit", help="name of the table file on the node's page")
     parser.add_argument("--train-only", action="store_true", help="train (or read back) the exits, then stop")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -72,7 +74,7 @@ def main() -> None:
     engine = StaticEngine()
     config = GenerationConfig(max_new_tokens=args.max_new_tokens)
     stops = stop_token_ids(tokenizer, model, config)
-    prompts = [encode_prompts(tokenizer, [p.messages], True) for p in load_prompts(n_per_category=args.per_category)]
+    prompts = [encode_prompts(tokenizer, [p.messages], True) for p in load_prompts(n_per_category=args.per_category)][:args.prompts]
     plain = engine.decoding()
     exit_options = {k: v for k, v in EarlyExit.bench_config.items() if k != "threshold"}
     skip_options = dict(LayerSkip.bench_config)
@@ -130,7 +132,7 @@ def main() -> None:
                          f"{acc} | {rate} |")
         text = "\n".join(lines) + "\n"
         print(text, flush=True)
-        write_table("model.compression.dynamic_inference.token_level", "early_exit", text)
+        write_table("model.compression.dynamic_inference.token_level", args.table, text)
 
     for name, technique, strategy in methods:
         base_time = method_time = 0.0
