@@ -61,3 +61,15 @@ def test_offloaded_kv_gives_the_full_cache_logits_and_keeps_only_the_budget_in_r
         assert policy.seen == 67
         with pytest.raises(NotImplementedError, match="raise budget"):
             policy.crop(30)
+
+
+def test_offload_kv_runs_in_a_composition_on_the_static_engine_with_the_full_cache_tokens(tiny, tmp_path):
+    from effinfer.plugins.system.offloading import OffloadKV
+
+    model, tokenizer = tiny
+    config = GenerationConfig(max_new_tokens=8)
+    prompt = ["hello there, " * 6]
+    with ComposedModel(model, tokenizer) as plain:
+        expected = plain.generate(prompt, config)[1].sequences
+    with ComposedModel(model, tokenizer, [OffloadKV({"budget": 4, "block": 4, "folder": str(tmp_path)})]) as composed:
+        assert composed.generate(prompt, config)[1].sequences == expected

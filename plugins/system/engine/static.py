@@ -98,8 +98,9 @@ class StaticEngine(DecodeEngine):
         """
         allowed, probe = probe_cache(model, cache_factory)
         if not allowed and not (policy and isinstance(probe, PolicyCache)):
-            self._fallback(f"the stack's KV cache ({type(probe).__name__}) is not a KV-cache policy the static "
-                           "engine runs; it runs on the HF path")
+            self._fallback(f"runners over the {probe.name} KV-cache policy use the HF runner" if isinstance(
+                probe, PolicyCache) else f"the stack's KV cache ({type(probe).__name__}) is not a KV-cache policy "
+                "the static engine runs; it runs on the HF path")
             return None, probe
         try:
             self.last = shared_engine(model, self.compile, self.compile_mode)
