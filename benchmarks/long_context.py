@@ -173,6 +173,11 @@ def write_context_tables(rows: list[dict], full: dict, args, filename: str) -> N
                          f"{r['qa_em'] * len(r['qa']):.0f}/{len(r['qa'])} | {ppl} | {speed} | "
                          f"{r['answer_tok_s']:.1f} ({r['answer_tok_s'] / base['answer_tok_s']:.2f}×) | "
                          f"{kv:,.0f} (1/{base['kv_bytes_per_token'][last] / kv:.1f}) |")
+        lines += ["", "Notes: SnapKV `after_prompt` holds the whole prompt until the answer, so its decode tok/s, "
+                      "perplexity and KV bytes at the marks are the uncompressed cache's; its answer tok/s is after "
+                      "the compression to the budget. QA answers are cut at 4 tokens: at 8k the question drawn at 45 % "
+                      "depth quotes the needle sentence, whose 6-digit answer needs 7 tokens, so no method can score "
+                      "it (a flaw of this run's question draw)."]
         lines += ["", "Peers: transformers' `QuantizedCache` runs with the quanto backend (`optimum-quanto`, the "
                       "`kv-peers` extra; residual length 128, groups of 64) in part 4, at 2k tokens (it "
                       "dequantizes its whole cache each forward through quanto's tensor subclass, ~1 s per forward "
