@@ -49,49 +49,44 @@ class StaticDecoding:
         cache = engine.cache_for(batch, prompt + config.max_new_tokens, name="plain")
         if probe is not None:
             probe.static_kv = cache  # lets a recording cache factory count the static buffers
-        generator = make_generator(config, input_ids.device)
-        stop = torch.tensor(sorted(stop_ids) or [-1], device=input_ids.device)
-
-        started = time.perf_counter()
-        logits = engine.prefill(cache, input_ids, attention_mask).logits[:, -1]
-        prefill_done = time.perf_counter()
-        chosen: list[torch.Tensor] = []
-        finished = torch.zeros(batch, dtype=torch.bool, device=input_ids.device)
-        for step in range(config.max_new_tokens):
-            tokens = select_tokens(logits, config, generator)
-            chosen.append(tokens)
-            finished |= torch.isin(tokens, stop)
-            if step == config.max_new_tokens - 1 or bool(finished.all()):
-                break
-            logits = engine.decode(cache, tokens)
-        done = time.perf_counter()
-        return GenerationResult(cut_at_stop(torch.stack(chosen, dim=1).tolist(), stop_ids),
-                                prefill_done - started, done - prefill_done, len(chosen) - 1)
-
+        return decode_loop(lambda: engine.prefill(cache, input_ids, attention_mask).logits[:, -1],
+                           lambda tokens: engine.decode(cache, tokens), input_ids, config, stop_ids)
 
     def _generate_policy(self, engine: Engine, cache: PolicyCache, input_ids: torch.Tensor,
                          attention_mask: torch.Tensor, config: GenerationConfig, stop_ids: set[int]
                          ) -> GenerationResult:
         """The same loop over a technique's KV policy (:mod:`.policy`), eager."""
-        batch = input_ids.shape[0]
-        generator = make_generator(config, input_ids.device)
-        stop = torch.tensor(sorted(stop_ids) or [-1], device=input_ids.device)
-        started = time.perf_counter()
-        state, out = policy_prefill(engine.layout, cache, input_ids, attention_mask)
-        logits = out.logits[:, -1]
-        prefill_done = time.perf_counter()
-        chosen: list[torch.Tensor] = []
-        finished = torch.zeros(batch, dtype=torch.bool, device=input_ids.device)
-        for step in range(config.max_new_tokens):
-            tokens = select_tokens(logits, config, generator)
-            chosen.append(tokens)
-            finished |= torch.isin(tokens, stop)
-            if step == config.max_new_tokens - 1 or bool(finished.all()):
-                break
-            logits = policy_decode(engine.layout, state, tokens)
-        done = time.perf_counter()
-        return GenerationResult(cut_at_stop(torch.stack(chosen, dim=1).tolist(), stop_ids),
-                                prefill_done - started, done - prefill_done, len(chosen) - 1)
+        state: list[Any] = []
+
+        def prefill() -> torch.Tensor:
+            found, out = policy_prefill(engine.layout, cache, input_ids, attention_mask)
+            state.append(found)
+            return out.logits[:, -1]
+
+        return decode_loop(prefill, lambda tokens: policy_decode(engine.layout, state[0], tokens), input_ids,
+                           config, stop_ids)
+
+
+def decode_loop(prefill: Callable[[], torch.Tensor], decode: Callable[[torch.Tensor], torch.Tensor],
+                input_ids: torch.Tensor, config: GenerationConfig, stop_ids: set[int]) -> GenerationResult:
+    """Prefill, then one token selection, stop check and ``decode`` step per new token; timed apart."""
+    generator = make_generator(config, input_ids.device)
+    stop = torch.tensor(sorted(stop_ids) or [-1], device=input_ids.device)
+    started = time.perf_counter()
+    logits = prefill()
+    prefill_done = time.perf_counter()
+    chosen: list[torch.Tensor] = []
+    finished = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+    for step in range(config.max_new_tokens):
+        tokens = select_tokens(logits, config, generator)
+        chosen.append(tokens)
+        finished |= torch.isin(tokens, stop)
+        if step == config.max_new_tokens - 1 or bool(finished.all()):
+            break
+        logits = decode(tokens)
+    done = time.perf_counter()
+    return GenerationResult(cut_at_stop(torch.stack(chosen, dim=1).tolist(), stop_ids),
+                            prefill_done - started, done - prefill_done, len(chosen) - 1)
 
 
 def cut_at_stop(rows: list[list[int]], stop_ids: set[int]) -> list[list[int]]:
