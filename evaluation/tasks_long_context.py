@@ -57,7 +57,9 @@ QUESTION = ("\n\nQuestion: What is the secret passcode of the blue lighthouse?\n
 #: long-document QA: questions per pass, the depths they quote from, answer tokens each
 QA_DEPTHS = (0.15, 0.45, 0.8)
 QA_QUESTIONS = len(QA_DEPTHS)
-QA_TOKENS = 4
+QA_TOKENS = 8
+#: characters kept between a QA quote and the needle sentence
+QA_MARGIN = 400
 
 
 def long_document(tokenizer: Any, tokens: int, corpus: str = "shakespeare") -> list[int]:
@@ -86,19 +88,26 @@ def haystack(tokenizer: Any, document: list[int], context: int, depth: float, co
     return ids + question, cut
 
 
-def cloze_questions(text: str, depths: Sequence[float], seed: int) -> list[tuple[str, str]]:
-    """``(quoted six words, next word)`` near each depth of ``text``; the quote occurs once in ``text``."""
+def cloze_questions(text: str, depths: Sequence[float], seed: int, avoid: str = "") -> list[tuple[str, str]]:
+    """``(quoted six words, next word)`` near each depth of ``text``; the quote occurs once in ``text`` and
+    at least :data:`QA_MARGIN` characters away from ``avoid`` (the needle sentence: a question must test the
+    document, not the inserted fact)."""
     from effinfer.evaluation.tasks_data_level import _cloze
 
     rng = torch.Generator().manual_seed(seed)
+    avoided = text.find(avoid) if avoid else -1
     found = []
     for depth in depths:
         start = int(len(text) * depth)
         for offset in range(0, 20_000, 500):
             cloze = _cloze(text[start + offset:start + offset + 800], rng)
-            if cloze is not None and text.count(cloze[0]) == 1 and cloze not in found:
-                found.append(cloze)
-                break
+            if cloze is None or text.count(cloze[0]) != 1 or cloze in found:
+                continue
+            at = text.find(cloze[0])
+            if avoided >= 0 and avoided - QA_MARGIN < at < avoided + len(avoid) + QA_MARGIN:
+                continue
+            found.append(cloze)
+            break
     return found
 
 
@@ -161,7 +170,7 @@ def one_pass(model: nn.Module, tokenizer: Any, context: int, depth: float, cache
     document = document if document is not None else long_document(tokenizer, context)
     ids, _ = haystack(tokenizer, document, context, depth, code)
     questions = cloze_questions(tokenizer.decode(ids[:-len(tokenizer(QUESTION, add_special_tokens=False).input_ids)]),
-                                QA_DEPTHS, seed)
+                                QA_DEPTHS, seed, avoid=NEEDLE.format(code=code))
     device = next(model.parameters()).device
     tokens = torch.tensor(ids, device=device)
     cache = new_cache(model, cache_factory)

@@ -10,6 +10,7 @@ from effinfer.core.engines import HFEngine
 from effinfer.core.generation import GenerationConfig, PlainDecoding, encode_prompts
 from effinfer.core.stages import SystemStage
 from effinfer.core.testing import TINY_FAMILIES, tiny_llama, tiny_model
+from effinfer.evaluation.metrics.memory import CacheRecorder
 from effinfer.plugins.model.dynamic_inference import exits as exits_module
 from effinfer.plugins.model.dynamic_inference.early_exit import EarlyExit, EarlyExitError
 from effinfer.plugins.model.dynamic_inference.exits import check_exits, default_exits
@@ -51,8 +52,11 @@ def test_low_threshold_exits_early_and_fills_the_skipped_kv():
     model, tokenizer = tiny_llama(layers=4, seed=2)
     always = EarlyExit({"threshold": 0.0, "exit_layers": [1], **TRAINING})
     strategy = always.effinfer_decoding_strategy(SystemStage(model, tokenizer, engine=StaticEngine()))
-    out = decode(strategy, model, tokenizer)
+    recorder = CacheRecorder(None)  # the evaluator's KV-bytes probe sees the static buffers early exit fills
+    ids, mask = encode_prompts(tokenizer, ["Hello there, how are you?", "abc"], True)
+    out = strategy.generate(model, ids, mask, GenerationConfig(max_new_tokens=16), set(), cache_factory=recorder)
     assert set(strategy.layers_per_token) == {2} and all(len(s) == 16 for s in out.sequences)
+    assert recorder.kv_bytes() > 0 and recorder.allocated_token_slots()
     # the KV written for the skipped blocks is that block's K/V of the exit hidden state: check one column
     from effinfer.plugins.model.dynamic_inference.layers import StepContext, fill_kv
     from effinfer.plugins.system.engine import shared_engine

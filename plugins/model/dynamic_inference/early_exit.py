@@ -88,6 +88,8 @@ class EarlyExitDecoding:
         for row in range(input_ids.shape[0]):
             prompt = input_ids[row:row + 1][:, attention_mask[row].bool()]
             cache = engine.cache_for(1, prompt.shape[1] + config.max_new_tokens + 1, name="early_exit")
+            if cache_factory is not None and row == 0:  # a recording factory counts the static buffers
+                cache_factory(model).static_kv = cache
             generator = make_generator(config, prompt.device)
             started = time.perf_counter()
             logits = engine.prefill(cache, prompt, torch.ones_like(prompt)).logits[:, -1]
