@@ -14,6 +14,7 @@ def effinfer_register_techniques(register):
     from effinfer.plugins.data.prompt_compression.llmlingua import LLMLingua
     from effinfer.plugins.data.prompt_compression.llmlingua2 import LLMLingua2
     from effinfer.plugins.data.prompt_compression.longllmlingua import LongLLMLingua
+    from effinfer.plugins.data.prompt_compression.soft_prompt import SoftPrompt
 
-    for technique in (LLMLingua, LongLLMLingua, LLMLingua2, ExtractiveSummary, AbstractiveSummary):
+    for technique in (LLMLingua, LongLLMLingua, LLMLingua2, ExtractiveSummary, AbstractiveSummary, SoftPrompt):
         register(technique)
