@@ -71,9 +71,9 @@ def child(method: str, alias: str, dtype: str, prompt: int, tokens: int, threads
     folder = tempfile.mkdtemp(prefix="effinfer-offload-bench-")
     started = time.perf_counter()
     if method.startswith("offload_weights"):
-        from effinfer.plugins.system.offloading import LayerStreamer
+        from effinfer.plugins.system.offloading import layer_streamer
 
-        LayerStreamer(model, folder, prefetch=method == "offload_weights")
+        layer_streamer(model, folder, prefetch=method == "offload_weights")
     elif method == "accelerate_disk_offload":
         from accelerate import disk_offload
 

@@ -10,7 +10,7 @@ import torch
 from effinfer.core.compose import ComposedModel
 from effinfer.core.generation import GenerationConfig
 from effinfer.core.testing import TINY_FAMILIES, tiny_model
-from effinfer.plugins.system.offloading import LayerStreamer, OffloadWeights
+from effinfer.plugins.system.offloading import HostToDeviceStreamer, LayerStreamer, OffloadWeights, layer_streamer
 
 
 @pytest.mark.parametrize("family", TINY_FAMILIES)
@@ -26,6 +26,28 @@ def test_offloaded_logits_equal_in_memory_logits(family, prefetch, tmp_path):
         for _ in range(2):  # twice: the second pass starts from prefetched slots
             assert torch.equal(streamed(input_ids=ids).logits, expected)
     assert streamer.reads > len(streamer.layers)  # more layers than slots: the second pass reads again
+
+
+def test_each_tier_refuses_a_model_on_the_other_device(tmp_path):
+    model, _ = tiny_model("llama", layers=2)
+    assert type(layer_streamer(copy.deepcopy(model), tmp_path)) is LayerStreamer  # a CPU model: disk ↔ RAM
+    with pytest.raises(ValueError, match="CUDA"):
+        HostToDeviceStreamer(copy.deepcopy(model))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="RAM ↔ GPU streaming needs CUDA")
+@pytest.mark.parametrize("prefetch", [True, False])
+def test_host_to_gpu_streamed_logits_equal_in_memory_logits(prefetch):
+    model, _ = tiny_model("llama", layers=4)
+    model = model.cuda()
+    ids = torch.randint(3, 200, (2, 17), generator=torch.Generator().manual_seed(0)).cuda()
+    with torch.inference_mode():
+        expected = model(input_ids=ids).logits
+        streamed = copy.deepcopy(model)
+        streamer = layer_streamer(streamed, prefetch=prefetch)
+        assert isinstance(streamer, HostToDeviceStreamer)
+        for _ in range(2):
+            assert torch.equal(streamed(input_ids=ids).logits, expected)
 
 
 def test_offload_weights_runs_in_a_composition_on_the_static_engine(tiny, tmp_path):
