@@ -59,7 +59,7 @@ METHODS: list[tuple[str, list[str]]] = [
     ("llmlingua2 (rate 0.33)", ["llmlingua2:rate=0.33"]),
     ("extractive_summary (rate 0.33)", ["extractive_summary:rate=0.33"]),
     ("abstractive_summary (rate 0.33)", ["abstractive_summary:rate=0.33"]),
-    ("soft_prompt (k=16 per 128 tokens, 150 steps)", ["soft_prompt:soft_tokens=16,segment_tokens=128,steps=150"]),
+    ("soft_prompt (k=16 per 128 tokens, 60 steps)", ["soft_prompt:soft_tokens=16,segment_tokens=128,steps=60,batch_size=1"]),
     ("selective_context (remove 0.67)", ["selective_context:ratio=0.67"]),
     ("rag bm25 + rtn int4 + prompt_lookup", ["rag:rate=0.25", "rtn:bits=4,group_size=32", "prompt_lookup"]),
 ]

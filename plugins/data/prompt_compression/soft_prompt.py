@@ -181,7 +181,7 @@ class SoftPrompt(Technique):
                "calibration corpus to continue and to reconstruct the segment, ICAE / AutoCompressor style).")
     lossless = False
     requires = frozenset({Requirement.TRAINING})
-    bench_config = {"soft_tokens": 16, "segment_tokens": 128, "steps": 40}
+    bench_config = {"soft_tokens": 16, "segment_tokens": 128, "steps": 40, "batch_size": 1}
 
     Config = SoftPromptConfig
 
