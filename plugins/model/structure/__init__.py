@@ -18,7 +18,12 @@ from importlib import import_module
 from effinfer.core import hookimpl
 
 #: ``(module under this package, technique class)`` of every technique of the family
-TECHNIQUES: tuple[tuple[str, str], ...] = ()
+TECHNIQUES: tuple[tuple[str, str], ...] = (
+    ("moefication", "MoEfication"),
+    ("hedgehog", "Hedgehog"),
+    ("mamba", "MambaConvert"),
+    ("retention", "RetentionConvert"),
+)
 
 
 @hookimpl
