@@ -19,7 +19,6 @@ from effinfer.core import hookimpl
 
 #: ``(module under this package, technique class)`` of every technique of the family
 TECHNIQUES: tuple[tuple[str, str], ...] = (
-    ("moefication", "MoEfication"),
     ("hedgehog", "Hedgehog"),
     ("mamba", "MambaConvert"),
     ("retention", "RetentionConvert"),
