@@ -19,6 +19,8 @@ from effinfer.core import hookimpl
 
 #: ``(module under this package, technique class)`` of every technique of the family
 TECHNIQUES: tuple[tuple[str, str], ...] = (
+    ("moefication", "MoEfication"),
+    ("gqa_convert", "GQAConvert"),
     ("hedgehog", "Hedgehog"),
     ("mamba", "MambaConvert"),
     ("retention", "RetentionConvert"),

@@ -55,6 +55,10 @@ How a plugin uses it
                        name="gqa_convert", identity=[...])                   -> RepairReport | None
        for line in report.notes(): technique.note(line)
 
+   or, in a technique whose ``Config`` inherits :class:`RepairConfig`, the same in one call that
+   also notes the report and freezes the parameters again:
+   ``repair_technique(self, stage.model, stage.tokenizer, parameters, conversion)``.
+
    ``parameters`` (name → ``nn.Parameter``) are the only parameters trained (every other
    parameter is frozen for the run, gradients included, and its flag restored after).
    The loss on seeded windows of the calibration corpus is
@@ -93,7 +97,7 @@ from effinfer.plugins.model.quantization.layerwise import LayerBatch, decoder_la
 from effinfer.plugins.model.training import TrainingCost, checkpoint_path, run_key, token_batches, train
 
 __all__ = ["Conversion", "FitReport", "FitTarget", "LayerFitConfig", "RepairConfig", "RepairReport", "fit_layer",
-           "fit_layers", "repair", "trainable_parameters"]
+           "fit_layers", "repair", "repair_technique", "trainable_parameters"]
 
 
 # --------------------------------------------------------------------------- configs
@@ -332,6 +336,21 @@ def repair(model: nn.Module, tokenizer: Any, parameters: dict[str, nn.Parameter]
         after = probe(model, run_teacher, windows) if windows is not None else None
     return RepairReport(cost, objective_text(config), sum(p.numel() for p in parameters.values()), before, after,
                         0 if windows is None else len(windows))
+
+
+def repair_technique(technique: Any, model: nn.Module, tokenizer: Any, parameters: dict[str, nn.Parameter],
+                     teacher: Conversion | nn.Module) -> RepairReport | None:
+    """:func:`repair` with a technique's own config (a :class:`RepairConfig` subclass): its name, the
+    rest of its config as the checkpoint identity, the report's lines added to its notes, and the
+    trained parameters frozen again afterwards."""
+    config = technique.config
+    report = repair(model, tokenizer, parameters, teacher, config, name=technique.name,
+                    identity=[config.model_dump(exclude=set(RepairConfig.model_fields))])
+    for line in report.notes() if report else []:
+        technique.note(line)
+    for parameter in parameters.values():
+        parameter.requires_grad_(False)
+    return report
 
 
 # --------------------------------------------------------------------------- layer-wise fit
