@@ -22,6 +22,7 @@ above chance, and ``physical_intuition`` as a near-chance control.
 
 from __future__ import annotations
 
+import functools
 import json
 import tarfile
 from dataclasses import dataclass
@@ -208,6 +209,29 @@ def _task_yaml(task: BigBenchTask, data_file: Path, chance: float) -> str:
 
 def _tasks_dir() -> Path:
     return _store.data_dir(PACKAGE, VERSION) / "tasks"
+
+
+@functools.cache
+def unavailable_reason() -> str | None:
+    """Why this machine cannot read the BIG-bench task files (``None``: it can).
+
+    Since December 2026 PyPI no longer serves ``bigbench==1.0.0`` (its JSON API answers 403 and
+    the simple index lists only 0.0.1, which ships no task files); a machine whose cache does not
+    already hold the extracted tasks cannot get them. The evaluator then leaves the zero-shot
+    task section out of a run, with this reason in the run's notes, instead of failing the stack.
+    """
+    from effinfer.data.cache import FetchError
+
+    try:
+        for task in BIGBENCH_TASKS.values():
+            _read_task_json(task)
+    except FetchError as error:
+        from effinfer.data.cache import cache_dir
+
+        return (f"BIG-bench tasks not measured: the task files are not in the cache and {PACKAGE}=={VERSION} could "
+                f"not be fetched ({str(error).splitlines()[0]}); put its sdist in "
+                f"{cache_dir() / 'downloads' / f'{PACKAGE}-{VERSION}'} to measure them")
+    return None
 
 
 def _read_task_json(task: BigBenchTask) -> dict[str, Any]:

@@ -51,6 +51,7 @@ from effinfer.core.generation import GenerationConfig, GenerationResult
 from effinfer.core.stages import Request
 from effinfer.core.technique import Technique
 from effinfer.data import load_prompts
+from effinfer.data.bigbench import unavailable_reason as bigbench_unavailable_reason
 from effinfer.evaluation.metrics import memory
 from effinfer.evaluation.metrics.fidelity import FidelityAccumulator, GreedyMatch, ReferenceDistributions
 from effinfer.evaluation.metrics.lm_eval_bridge import lm_eval_scores, prepare_tasks, rewrite_questions
@@ -217,6 +218,10 @@ def tasks_phase(run: StackRun) -> None:
     kind = run.kind
     if not (run.baseline or kind.changes_logits or kind.data_level):
         inherit(run, "accuracy.", "model untouched and prompts unchanged by this stack")
+        return
+    unavailable = bigbench_unavailable_reason()
+    if unavailable:
+        run.record.notes.append(unavailable)
         return
     run.advance("tasks")
     if kind.data_level:

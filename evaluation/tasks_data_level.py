@@ -42,6 +42,7 @@ from effinfer.core.generation import GenerationConfig, encode_prompts
 from effinfer.core.stages import Request
 from effinfer.data import load_corpus
 from effinfer.data.bigbench import task_examples
+from effinfer.data.bigbench import unavailable_reason as bigbench_unavailable_reason
 
 TASKS = ("long_context_qa", "multi_doc_summary", "fewshot_bigbench")
 
@@ -303,6 +304,9 @@ def data_tasks_phase(run: Any) -> None:
         return
     peer = run.peer if run.side_by_side and spec.paired_baseline else None
     for name in spec.names:
+        if name == "fewshot_bigbench" and bigbench_unavailable_reason():
+            run.record.notes.append(f"{name}: {bigbench_unavailable_reason()}")
+            continue
         examples = build_examples(spec, name)
         outcomes, base_seconds = [], []
         for index, example in enumerate(examples):

@@ -43,7 +43,9 @@ def test_the_data_suite_and_old_fingerprints():
 
 
 @pytest.mark.parametrize("task", ["long_context_qa", "multi_doc_summary", "fewshot_bigbench"])
-def test_every_task_runs_on_a_tiny_model(task):
+def test_every_task_runs_on_a_tiny_model(task, request):
+    if task == "fewshot_bigbench":
+        request.getfixturevalue("needs_bigbench")
     model, tokenizer = tiny_model("llama")
     spec = DataTasksSpec(n_examples=1, passages=2, passage_chars=300, demonstrations=2, max_new_tokens=2,
                          summary_tokens=4)

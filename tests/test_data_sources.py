@@ -28,8 +28,9 @@ def warm_cache() -> None:
     """Fetch and process every source once (network needed only the first time ever)."""
     for name in data.CORPORA:
         data.load_corpus(name)
-    for name in data.BIGBENCH_TASKS:
-        data.load_task(name, limit=1)
+    if bigbench.unavailable_reason() is None:
+        for name in data.BIGBENCH_TASKS:
+            data.load_task(name, limit=1)
 
 
 @pytest.fixture
@@ -166,7 +167,7 @@ def test_warm_loads_are_fast_and_carry_provenance(offline: None) -> None:
 
 
 @pytest.mark.parametrize("name", list(bigbench.BIGBENCH_TASKS))
-def test_bigbench_examples_are_consistent(offline: None, name: str) -> None:
+def test_bigbench_examples_are_consistent(needs_bigbench: None, offline: None, name: str) -> None:
     task = data.BIGBENCH_TASKS[name]
     examples = data.load_task(name)
     assert examples.column_names == ["idx", "question", "choices", "gold", "correct"]
@@ -181,7 +182,7 @@ def test_bigbench_examples_are_consistent(offline: None, name: str) -> None:
     assert task.provenance()["member"].endswith("task.json")
 
 
-def test_bigbench_limit_is_a_deterministic_nested_sample(offline: None) -> None:
+def test_bigbench_limit_is_a_deterministic_nested_sample(needs_bigbench: None, offline: None) -> None:
     small = data.load_task("social_iqa", limit=10)
     large = data.load_task("social_iqa", limit=40)
     assert small.to_list() == data.load_task("social_iqa", limit=10).to_list()
@@ -190,7 +191,7 @@ def test_bigbench_limit_is_a_deterministic_nested_sample(offline: None) -> None:
     assert list(small["idx"]) != list(range(10))  # a spread sample, not the head of the file
 
 
-def test_lm_eval_tasks_load_offline(offline: None, tmp_path: Path) -> None:
+def test_lm_eval_tasks_load_offline(needs_bigbench: None, offline: None, tmp_path: Path) -> None:
     from lm_eval.tasks import TaskManager, get_task_dict
 
     limit = 20

@@ -285,3 +285,16 @@ def test_kv_bytes_per_token_is_the_arithmetic_on_the_static_engine(tiny_model):
     assert per_token <= metric.value < per_token + 2
     held = record.metrics["memory.kv_cache_bytes"]
     assert held.params["allocated_token_slots"] * metric.value == held.value
+
+
+def test_a_missing_bigbench_source_leaves_the_tasks_out_with_the_reason(registry, tiny_model, monkeypatch):
+    from effinfer.evaluation import phases
+
+    reason = "BIG-bench tasks not measured: test reason"
+    monkeypatch.setattr(phases, "bigbench_unavailable_reason", lambda: reason)
+    suite = get_suite("tiny").model_copy(update={"speed": None, "generation": None, "roofline": None})
+    assert suite.tasks is not None
+    with Evaluator(tiny_model, suite=suite, store=False, registry=registry) as ev:
+        record = ev.evaluate(["rtn:bits=4"])
+    for run in (record.baseline, record):
+        assert run.ok and reason in run.notes and not any(m.startswith("accuracy.") for m in run.metrics)

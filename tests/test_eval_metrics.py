@@ -144,7 +144,7 @@ def test_greedy_match():
 # --------------------------------------------------------------------------- lm-eval bridge
 
 
-def test_lm_eval_bridge_matches_the_direct_scorer(tmp_path):
+def test_lm_eval_bridge_matches_the_direct_scorer(needs_bigbench, tmp_path):
     from effinfer.evaluation.metrics.lm_eval_bridge import lm_eval_scores, prepare_tasks, rewrite_questions
     from effinfer.evaluation.metrics.multiple_choice import score_examples
 

@@ -16,7 +16,12 @@ def test_quick_suite_with_prompt_lookup_on_smollm2():
     assert base.ok and record.ok, (base.error, record.error)
     # DATA-SOURCES.md: ≈21 token perplexity on 1024-token windows; shorter windows score a little higher
     assert 15 < base.value("perplexity.wikipedia.token") < 35
-    assert base.value("accuracy.mean.acc") > 0.3  # chance is about 0.2 on these two tasks
+    from effinfer.data.bigbench import unavailable_reason
+
+    if unavailable_reason() is None:
+        assert base.value("accuracy.mean.acc") > 0.3  # chance is about 0.2 on these two tasks
+    else:  # the task files cannot be had here: the run says so instead of failing
+        assert unavailable_reason() in base.notes and "accuracy.mean.acc" not in base.metrics
     assert 134_515_008 * 4 <= base.value("memory.weight_bytes") < 134_515_008 * 4 * 1.01  # tied embeddings once
     assert base.value("speed.p128_b1.decode_tok_s") > 0.5
     # a lossless decoding strategy: same greedy outputs, drafts accepted, perplexity copied
