@@ -129,9 +129,11 @@ def main() -> None:
                   f"Quality on {args.windows} windows of 512 tokens of the wikipedia test split (never trained on): "
                   "token perplexity, the forward KL from the teacher and top-1 agreement with the teacher. Decode: "
                   f"greedy decoding (the core's reference loop: transformers forward over a dynamic cache, decode steps "
-                  "timed apart from the prefill), batch 1, {args.speed_tokens} new tokens after a chat prompt, "
+                  f"timed apart from the prefill), batch 1, {args.speed_tokens} new tokens after a chat prompt, "
                   f"each row's model and the teacher timed round-robin in the same {args.rounds} rounds (median "
-                  "ratio [min–max]); the CPU to itself while timing only if the run held the exclusive lock.", "",
+                  "ratio [min–max]); the CPU to itself while timing only if the run held the exclusive lock. The "
+                  "teacher's own row times the teacher against itself: its distance from 1.00× is the noise of "
+                  "the method.", "",
                   "| model | objective | steps | perplexity | KL(teacher ‖ model) | top-1 = teacher | decode vs teacher "
                   "| training cost | set-up total |", "|---|---|---|---|---|---|---|---|---|"]
         for name, objective, steps, q, cost, seconds, extra in rows:

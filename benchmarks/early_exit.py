@@ -42,7 +42,7 @@ from effinfer.plugins.model.dynamic_inference.early_exit import EarlyExit  # noq
 from effinfer.plugins.model.dynamic_inference.layerskip import LayerSkip  # noqa: E402
 from effinfer.plugins.system.engine import StaticEngine  # noqa: E402
 
-THRESHOLDS = (1.0, 0.5, 0.3, 0.2, 0.1)
+THRESHOLDS = (1.0, 0.9, 0.8, 0.7, 0.5, 0.3, 0.2)
 
 
 @torch.inference_mode()
@@ -54,6 +54,32 @@ def output_nll(model: Any, prompt: torch.Tensor, tokens: list[int]) -> tuple[flo
 
 def prefix(a: list[int], b: list[int]) -> int:
     return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+
+
+def plot_curve(rows: list[dict[str, Any]], reference_ppl: float, path: Path) -> None:
+    """Quality vs speed: each early-exit threshold's speed-up against its output perplexity (LayerSkip too)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    curve = [r for r in rows if r["name"].startswith("early_exit")]
+    ax.plot([r["speedup"] for r in curve], [r["ppl"] for r in curve], "o-", label="early_exit (threshold)")
+    for r in curve:
+        ax.annotate(r["name"].rsplit(" ", 1)[-1], (r["speedup"], r["ppl"]), textcoords="offset points", xytext=(4, 4))
+    for r in rows:
+        if r["name"].startswith("layerskip"):
+            ax.plot([r["speedup"]], [r["ppl"]], "s", label="layerskip (lossless)")
+    ax.axhline(reference_ppl, color="grey", linestyle=":", label="full model's own output")
+    ax.set_xlabel("decode speed-up vs plain greedy (same prompts, adjacent)")
+    ax.set_ylabel("output perplexity under the full model")
+    ax.set_yscale("log")
+    ax.set_title("Token-level early exit on SmolLM2-135M: quality vs speed")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def main() -> None:
@@ -132,7 +158,8 @@ def main() -> None:
                          f"{acc} | {rate} |")
         text = "\n".join(lines) + "\n"
         print(text, flush=True)
-        write_table("model.compression.dynamic_inference.token_level", args.table, text)
+        table = write_table("model.compression.dynamic_inference.token_level", args.table, text)
+        plot_curve(rows, ref_ppl, table.with_name(f"{args.table}_curve.png"))
 
     for name, technique, strategy in methods:
         base_time = method_time = 0.0

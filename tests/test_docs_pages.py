@@ -280,3 +280,16 @@ def test_benchmark_tables_appear_on_their_node_page(tmp_path, monkeypatch, regis
     section = text[text.index("## Benchmarks"):]
     assert section.index("### First table") < section.index("### Second table")
     assert load_benchmark_tables(tmp_path / "missing") == {}
+
+
+def test_benchmark_plots_appear_on_their_node_page(tmp_path, monkeypatch, registry):
+    folder = tmp_path / STRUCTURED
+    folder.mkdir()
+    (folder / "a.md").write_text("## A table\n\n| a |\n|---|\n| 1 |\n")
+    (folder / "speed_vs_quality.png").write_bytes(b"\x89PNG not really")
+    monkeypatch.setenv("EFFINFER_BENCHMARK_TABLES", str(tmp_path))
+    pages = generate_pages(registry=registry, results=Results())
+    page = node_page(STRUCTURED, True)
+    image = posixpath.join(posixpath.dirname(page), posixpath.basename(page)[:-3] + "-speed_vs_quality.png")
+    assert pages[image] == b"\x89PNG not really"
+    assert f"![speed vs quality]({posixpath.basename(image)})" in pages[page]

@@ -225,6 +225,15 @@ def load_benchmark_tables(root: str | Path | None = None) -> dict[str, list[str]
             for node in sorted(folder.iterdir()) if node.is_dir()}
 
 
+def load_benchmark_images(root: str | Path | None = None) -> dict[str, dict[str, bytes]]:
+    """Node id → the PNG plots benchmark scripts wrote next to its tables (``benchmarks/results/<node>/*.png``)."""
+    folder = Path(root or os.environ.get("EFFINFER_BENCHMARK_TABLES") or BENCHMARK_TABLES_DIR)
+    if not folder.is_dir():
+        return {}
+    return {node.name: {image.name: image.read_bytes() for image in sorted(node.glob("*.png"))}
+            for node in sorted(folder.iterdir()) if node.is_dir() and any(node.glob("*.png"))}
+
+
 def load_results(path: str | Path | None = None) -> Results:
     """Read the results store (``path``, else the default database) without ever creating one.
 
@@ -373,6 +382,7 @@ class SiteBuilder:
         self.registry = registry or get_registry()
         self.results = results if results is not None else load_results()
         self.benchmark_tables = benchmark_tables if benchmark_tables is not None else load_benchmark_tables()
+        self.benchmark_images = load_benchmark_images() if benchmark_tables is None else {}
         self.view = self._load_view()
         self.plots: dict[str, bytes] = {}
 
@@ -474,6 +484,10 @@ class SiteBuilder:
                       f"Tables written by the scripts in {code('benchmarks/')} (each says the command that made it).", ""]
             for table in tables:
                 lines += [re.sub(r"^#{1,2} ", "### ", table, flags=re.MULTILINE), ""]
+        for name, image in self.benchmark_images.get(node.id, {}).items():
+            target = posixpath.join(posixpath.dirname(page), f"{posixpath.basename(page)[:-3]}-{name}")
+            self.plots[target] = image
+            lines += [f"![{name[:-4].replace('_', ' ')}]({posixpath.basename(target)})", ""]
         return "\n".join(lines)
 
     def card(self, entry: TechniqueEntry, page: str) -> list[str]:
