@@ -10,6 +10,24 @@ See ``docs/guides/kernels.md``.
 
 from __future__ import annotations
 
+import sys
+
+if __name__ == "kernels":  # pragma: no cover - only when the checkout's root is on sys.path
+    # `python -c` / `python -m` run from a checkout put its root first on sys.path, where this folder
+    # shadows the PyPI package `kernels` that transformers (≥ 5.25) imports; hand that one over.
+    import importlib
+    import os
+
+    _root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    _path, _mine = list(sys.path), sys.modules.pop("kernels")
+    sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _root]
+    try:
+        sys.modules["kernels"] = importlib.import_module("kernels")
+    except ImportError:  # no such package installed: nothing is shadowed, stay what we are
+        sys.modules["kernels"] = _mine
+    finally:
+        sys.path[:] = _path
+
 from collections.abc import Callable
 from dataclasses import dataclass
 
