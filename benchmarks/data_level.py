@@ -213,7 +213,12 @@ def main() -> None:
     parser.add_argument("--peer-examples", type=int, default=4,
                         help="questions the llmlingua package compresses (the first ones; ours are compared on them)")
     parser.add_argument("--quick", action="store_true", help="3 examples, 3 methods, no tables")
+    parser.add_argument("--sweep-only", action="store_true",
+                        help="run only the accuracy-vs-compression sweep (no time cap) and merge it into the saved "
+                             "results of the last full run (its uncompressed baseline and tables)")
     args = parser.parse_args()
+    if args.sweep_only:
+        return sweep_only(args)
     torch.set_num_threads(args.threads)
     command = "flock -x /tmp/effinfer-cpu.lock .venv/bin/python benchmarks/data_level.py " + " ".join(sys.argv[1:])
     load_before = machine_load()
@@ -261,6 +266,27 @@ def main() -> None:
     (ARTIFACTS / "data_level_benchmark.json").write_text(json.dumps(results, indent=1, default=str))
     if not args.quick:
         write_tables(results, command, args)
+
+
+def sweep_only(args: Any) -> None:
+    """The sweep of a saved full run, measured now (same questions, same baseline timing method)."""
+    saved = ARTIFACTS / "data_level_benchmark.json"
+    if not saved.is_file():
+        raise SystemExit(f"no saved full run at {saved}: run benchmarks/data_level.py first")
+    results = json.loads(saved.read_text())
+    torch.set_num_threads(args.threads)
+    model, tokenizer = load_model(DEFAULT_MODEL)
+    spec = DataTasksSpec(n_examples=results["methods"]["uncompressed"]["n"], passages=5)
+    examples = build_examples(spec, "long_context_qa")
+    base_seconds = run_method(model, tokenizer, [], examples, spec, None)["seconds"]
+    for label, template in SWEEP.items():
+        for rate in SWEEP_RATES:
+            stack = [template.format(r=rate)]
+            results["sweep"][f"{label}@{rate}"] = run_method(model, tokenizer, stack, examples, spec, base_seconds)
+            print(f"sweep {label}@{rate}: {results['sweep'][f'{label}@{rate}']}", flush=True)
+    saved.write_text(json.dumps(results, indent=1, default=str))
+    command = "flock -x /tmp/effinfer-cpu.lock .venv/bin/python benchmarks/data_level.py, then --sweep-only"
+    write_tables(results, command, args)
 
 
 def write_tables(results: dict[str, Any], command: str, args: Any) -> None:
