@@ -65,6 +65,8 @@ METHODS: list[tuple[str, list[str]]] = [
 ]
 SWEEP = {"rag bm25": "rag:rate={r}", "longllmlingua": "longllmlingua:rate={r}", "llmlingua": "llmlingua:rate={r}"}
 SWEEP_RATES = [0.5, 0.33, 0.2]
+PEERS = (("llmlingua package (LLMLingua, rate 0.33)", False, 0.33),
+         ("llmlingua package (LongLLMLingua, rate 0.25)", True, 0.25))
 SOT_QUESTIONS = [
     "What are some tips for staying productive while working from home?",
     "How can I improve my time management skills?",
@@ -123,6 +125,30 @@ class _Tiktoken:
         return self.tokenizer.decode(ids)
 
 
+class _LegacyKVModel:
+    """llmlingua 0.2.2 passes and slices ``past_key_values`` as a list of ``[k, v]`` per layer (the format
+    transformers dropped in 5.x, where iterating a ``Cache`` no longer yields pairs): convert both ways."""
+
+    def __init__(self, model: Any) -> None:
+        self.model = model
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.model, name)
+
+    def __call__(self, *args: Any, past_key_values: Any = None, **kwargs: Any) -> Any:
+        from transformers import DynamicCache
+
+        if isinstance(past_key_values, (list, tuple)):
+            cache = DynamicCache()
+            for index, (key, value) in enumerate(past_key_values):
+                cache.update(key, value, index)
+            past_key_values = cache
+        out = self.model(*args, past_key_values=past_key_values, **kwargs)
+        if getattr(out, "past_key_values", None) is not None and hasattr(out.past_key_values, "layers"):
+            out.past_key_values = [[layer.keys, layer.values] for layer in out.past_key_values.layers]
+        return out
+
+
 def run_peer(model: Any, tokenizer: Any, examples: list[Any], spec: DataTasksSpec, base: Any, rate: float,
              long: bool) -> dict[str, Any] | None:
     """The llmlingua package's PromptCompressor on the same model folder and inputs."""
@@ -137,6 +163,7 @@ def run_peer(model: Any, tokenizer: Any, examples: list[Any], spec: DataTasksSpe
     pc.tiktoken.encoding_for_model = tiktoken.encoding_for_model
     started = time.perf_counter()
     compressor = PromptCompressor(model_name=str(BUILTIN_ALIASES[DEFAULT_MODEL].folder), device_map="cpu")
+    compressor.model = _LegacyKVModel(compressor.model)
     setup = time.perf_counter() - started
     options = dict(rank_method="longllmlingua", condition_in_question="after_condition", reorder_context="sort",
                    dynamic_context_compression_ratio=0.3, condition_compare=True) if long else {}
@@ -213,12 +240,14 @@ def main() -> None:
     parser.add_argument("--peer-examples", type=int, default=4,
                         help="questions the llmlingua package compresses (the first ones; ours are compared on them)")
     parser.add_argument("--quick", action="store_true", help="3 examples, 3 methods, no tables")
+    parser.add_argument("--peers-only", action="store_true",
+                        help="run only the llmlingua package peers and merge them into the saved results")
     parser.add_argument("--sweep-only", action="store_true",
                         help="run only the accuracy-vs-compression sweep (no time cap) and merge it into the saved "
                              "results of the last full run (its uncompressed baseline and tables)")
     args = parser.parse_args()
-    if args.sweep_only:
-        return sweep_only(args)
+    if args.sweep_only or args.peers_only:
+        return partial_run(args)
     torch.set_num_threads(args.threads)
     command = "flock -x /tmp/effinfer-cpu.lock .venv/bin/python benchmarks/data_level.py " + " ".join(sys.argv[1:])
     load_before = machine_load()
@@ -237,8 +266,7 @@ def main() -> None:
         if not stack:
             base_seconds = results["methods"][name]["seconds"]
         print(f"{name}: {results['methods'][name]} ({time.perf_counter() - started:.0f} s)", flush=True)
-    for name, long, rate in (("llmlingua package (LLMLingua, rate 0.33)", False, 0.33),
-                             ("llmlingua package (LongLLMLingua, rate 0.25)", True, 0.25)):
+    for name, long, rate in PEERS:
         try:
             results["peers"][name] = run_peer(model, tokenizer, examples[:args.peer_examples], spec, base, rate, long)
         except Exception as error:  # the peer is optional: report why it did not run
@@ -268,8 +296,8 @@ def main() -> None:
         write_tables(results, command, args)
 
 
-def sweep_only(args: Any) -> None:
-    """The sweep of a saved full run, measured now (same questions, same baseline timing method)."""
+def partial_run(args: Any) -> None:
+    """The sweep or the peers of a saved full run, measured now, merged into its saved results and tables."""
     saved = ARTIFACTS / "data_level_benchmark.json"
     if not saved.is_file():
         raise SystemExit(f"no saved full run at {saved}: run benchmarks/data_level.py first")
@@ -278,15 +306,28 @@ def sweep_only(args: Any) -> None:
     model, tokenizer = load_model(DEFAULT_MODEL)
     spec = DataTasksSpec(n_examples=results["methods"]["uncompressed"]["n"], passages=5)
     examples = build_examples(spec, "long_context_qa")
-    base_seconds = run_method(model, tokenizer, [], examples, spec, None)["seconds"]
-    for label, template in SWEEP.items():
-        for rate in SWEEP_RATES:
-            stack = [template.format(r=rate)]
-            results["sweep"][f"{label}@{rate}"] = run_method(model, tokenizer, stack, examples, spec, base_seconds)
-            print(f"sweep {label}@{rate}: {results['sweep'][f'{label}@{rate}']}", flush=True)
+    if args.peers_only:
+        base = compose_stack(model, tokenizer, [])
+        base.apply()
+        for name, long, rate in PEERS:
+            try:
+                results["peers"][name] = run_peer(model, tokenizer, examples[:args.peer_examples], spec, base, rate,
+                                                  long)
+            except Exception as error:  # the peer is optional: report why it did not run
+                results["peers"][name] = {"error": f"{type(error).__name__}: {error}"[:300]}
+            print(f"{name}: {results['peers'][name]}", flush=True)
+        base.restore()
+    if args.sweep_only:
+        base_seconds = run_method(model, tokenizer, [], examples, spec, None)["seconds"]
+        for label, template in SWEEP.items():
+            for rate in SWEEP_RATES:
+                stack = [template.format(r=rate)]
+                results["sweep"][f"{label}@{rate}"] = run_method(model, tokenizer, stack, examples, spec, base_seconds)
+                print(f"sweep {label}@{rate}: {results['sweep'][f'{label}@{rate}']}", flush=True)
     saved.write_text(json.dumps(results, indent=1, default=str))
-    command = "flock -x /tmp/effinfer-cpu.lock .venv/bin/python benchmarks/data_level.py, then --sweep-only"
-    write_tables(results, command, args)
+    parts = " ".join(flag for flag, on in (("--peers-only", args.peers_only), ("--sweep-only", args.sweep_only)) if on)
+    write_tables(results, f"flock -x /tmp/effinfer-cpu.lock .venv/bin/python benchmarks/data_level.py, then {parts}",
+                 args)
 
 
 def write_tables(results: dict[str, Any], command: str, args: Any) -> None:
