@@ -366,7 +366,10 @@ def write_tables(results: dict[str, Any], command: str, args: Any) -> None:
                          command, args.threads, extra)
     lines += ["The package's `PromptCompressor` loads the same local SmolLM2 folder (fp32, CPU); its compressed "
               "prompt is answered by the same model and engine. Latency = compression + answer (median). "
-              f"Both on the first {args.peer_examples} questions of the long-context QA table.", "",
+              f"Both on the first {args.peer_examples} questions of the long-context QA table. llmlingua 0.2.2 "
+              "iterates its KV cache as `[k, v]` pairs, which transformers 5's `Cache` no longer yields; the "
+              "benchmark wraps the package's model to convert the cache both ways (`_LegacyKVModel`), nothing else.",
+              "",
               "| implementation | EM | F1 | compression | latency (s) | set-up (s) |", "|---|---|---|---|---|---|"]
     k = args.peer_examples
     for name, r in ours.items():
