@@ -266,21 +266,9 @@ def main() -> None:
         if not stack:
             base_seconds = results["methods"][name]["seconds"]
         print(f"{name}: {results['methods'][name]} ({time.perf_counter() - started:.0f} s)", flush=True)
-    for name, long, rate in PEERS:
-        try:
-            results["peers"][name] = run_peer(model, tokenizer, examples[:args.peer_examples], spec, base, rate, long)
-        except Exception as error:  # the peer is optional: report why it did not run
-            results["peers"][name] = {"error": f"{type(error).__name__}: {error}"[:300]}
-        print(f"{name}: {results['peers'][name]}", flush=True)
+    run_peers(results, model, tokenizer, examples[:args.peer_examples], spec, base)
     if not args.quick:
-        for label, template in SWEEP.items():
-            for rate in SWEEP_RATES:
-                if time.perf_counter() - run_started > args.sweep_until_s:
-                    print(f"sweep {label}@{rate} skipped: past --sweep-until-s", flush=True)
-                    continue
-                stack = [template.format(r=rate)]
-                results["sweep"][f"{label}@{rate}"] = run_method(model, tokenizer, stack, examples, spec, base_seconds)
-                print(f"sweep {label}@{rate}: {results['sweep'][f'{label}@{rate}']}", flush=True)
+        run_sweep(results, model, tokenizer, examples, spec, base_seconds, deadline=run_started + args.sweep_until_s)
     try:
         results["sot"] = run_sot(model, tokenizer, base, 16 if args.quick else args.sot_tokens)
     except Exception as error:  # keep the other tables
@@ -296,6 +284,30 @@ def main() -> None:
         write_tables(results, command, args)
 
 
+def run_peers(results: dict[str, Any], model: Any, tokenizer: Any, examples: list[Any], spec: DataTasksSpec,
+              base: Any) -> None:
+    """Every llmlingua package peer on ``examples``; one that fails reports why and the others still run."""
+    for name, long, rate in PEERS:
+        try:
+            results["peers"][name] = run_peer(model, tokenizer, examples, spec, base, rate, long)
+        except Exception as error:  # the peer is optional: report why it did not run
+            results["peers"][name] = {"error": f"{type(error).__name__}: {error}"[:300]}
+        print(f"{name}: {results['peers'][name]}", flush=True)
+
+
+def run_sweep(results: dict[str, Any], model: Any, tokenizer: Any, examples: list[Any], spec: DataTasksSpec,
+              base_seconds: list[float] | None, deadline: float = math.inf) -> None:
+    """The accuracy-vs-compression sweep; points not started before ``deadline`` (perf_counter) are skipped."""
+    for label, template in SWEEP.items():
+        for rate in SWEEP_RATES:
+            if time.perf_counter() > deadline:
+                print(f"sweep {label}@{rate} skipped: past --sweep-until-s", flush=True)
+                continue
+            stack = [template.format(r=rate)]
+            results["sweep"][f"{label}@{rate}"] = run_method(model, tokenizer, stack, examples, spec, base_seconds)
+            print(f"sweep {label}@{rate}: {results['sweep'][f'{label}@{rate}']}", flush=True)
+
+
 def partial_run(args: Any) -> None:
     """The sweep or the peers of a saved full run, measured now, merged into its saved results and tables."""
     saved = ARTIFACTS / "data_level_benchmark.json"
@@ -309,21 +321,11 @@ def partial_run(args: Any) -> None:
     if args.peers_only:
         base = compose_stack(model, tokenizer, [])
         base.apply()
-        for name, long, rate in PEERS:
-            try:
-                results["peers"][name] = run_peer(model, tokenizer, examples[:args.peer_examples], spec, base, rate,
-                                                  long)
-            except Exception as error:  # the peer is optional: report why it did not run
-                results["peers"][name] = {"error": f"{type(error).__name__}: {error}"[:300]}
-            print(f"{name}: {results['peers'][name]}", flush=True)
+        run_peers(results, model, tokenizer, examples[:args.peer_examples], spec, base)
         base.restore()
     if args.sweep_only:
         base_seconds = run_method(model, tokenizer, [], examples, spec, None)["seconds"]
-        for label, template in SWEEP.items():
-            for rate in SWEEP_RATES:
-                stack = [template.format(r=rate)]
-                results["sweep"][f"{label}@{rate}"] = run_method(model, tokenizer, stack, examples, spec, base_seconds)
-                print(f"sweep {label}@{rate}: {results['sweep'][f'{label}@{rate}']}", flush=True)
+        run_sweep(results, model, tokenizer, examples, spec, base_seconds)
     saved.write_text(json.dumps(results, indent=1, default=str))
     parts = " ".join(flag for flag, on in (("--peers-only", args.peers_only), ("--sweep-only", args.sweep_only)) if on)
     write_tables(results, f"flock -x /tmp/effinfer-cpu.lock .venv/bin/python benchmarks/data_level.py, then {parts}",

@@ -304,8 +304,9 @@ def data_tasks_phase(run: Any) -> None:
         return
     peer = run.peer if run.side_by_side and spec.paired_baseline else None
     for name in spec.names:
-        if name == "fewshot_bigbench" and bigbench_unavailable_reason():
-            run.record.notes.append(f"{name}: {bigbench_unavailable_reason()}")
+        unavailable = bigbench_unavailable_reason() if name == "fewshot_bigbench" else None
+        if unavailable:
+            run.record.notes.append(f"{name}: {unavailable}")
             continue
         examples = build_examples(spec, name)
         outcomes, base_seconds = [], []

@@ -189,14 +189,15 @@ class SoftPrompt(Technique):
         super().__init__(config)
         self.compressor: Compressor | None = None
         self.wrapper: SoftContextEmbedding | None = None
+        self.placeholder = ""
         self.cost = None
 
     # ------------------------------------------------------------------ model stage: train, wrap
 
     @hookimpl
     def effinfer_transform_model(self, stage: ModelStage) -> None:
-        model, c = stage.model, self.config
-        _, placeholder_id = placeholder_token(stage.tokenizer)
+        model = stage.model
+        self.placeholder, placeholder_id = placeholder_token(stage.tokenizer)
         embed = model.get_input_embeddings()
         if isinstance(embed, SoftContextEmbedding):
             raise SoftPromptError("soft_prompt is already in this stack: use it once")
@@ -250,8 +251,7 @@ class SoftPrompt(Technique):
             return
         vectors = self.soft_tokens(stage.model, ids)
         self.wrapper.pending.append(vectors)
-        placeholder, _ = placeholder_token(tokenizer)
-        write_back(request, [placeholder * len(vectors)], documents)
+        write_back(request, [self.placeholder * len(vectors)], documents)
         self.note(f"compressed {len(ids)} context tokens to {len(vectors)} soft tokens")
 
     @torch.inference_mode()
