@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 from transformers import DynamicCache
@@ -47,7 +47,11 @@ def rope_for(model, x, positions):
     return rotary(x, positions)
 
 
+OUT_ATOL, OUT_RTOL = 2e-4, 1e-3
+
+
 @settings(max_examples=12, deadline=None)
+@example(key="retention", family="gemma3", batch=2, length=13, chunk=1, split=0)  # failed at atol 2e-5
 @given(key=st.sampled_from(sorted(TECHNIQUES)), family=st.sampled_from(FAMILIES), batch=st.integers(1, 3),
        length=st.integers(1, 19), chunk=st.integers(1, 8), split=st.integers(0, 19))
 def test_parallel_form_equals_recurrent_form(key, family, batch, length, chunk, split):
@@ -65,13 +69,15 @@ def test_parallel_form_equals_recurrent_form(key, family, batch, length, chunk, 
         rest = tuple(t[:, cut:] for t in rope)
         y1, s1 = mixer.mix(x[:, :cut], first, None, None, "parallel") if cut else (x[:, :0, :0], {})
         y2, s2 = mixer.mix(x[:, cut:], rest, None, s1, "parallel") if cut < length else (x[:, :0, :0], s1)
-    torch.testing.assert_close(y_par, y_rec, atol=2e-5, rtol=1e-4)
+    # outputs pass through a per-head norm that divides by a small per-head spread, which magnifies fp32
+    # summation-order differences (up to 5e-5 seen, CI fresh clone); the states are compared tighter below
+    torch.testing.assert_close(y_par, y_rec, atol=OUT_ATOL, rtol=OUT_RTOL)
     assert s_par.keys() == s_rec.keys() == s2.keys()
     for name in s_rec:
         torch.testing.assert_close(s_par[name], s_rec[name], atol=2e-5, rtol=1e-4)
         torch.testing.assert_close(s2[name], s_rec[name], atol=2e-5, rtol=1e-4)
     if 0 < cut < length:
-        torch.testing.assert_close(torch.cat([y1, y2], dim=1), y_rec, atol=2e-5, rtol=1e-4)
+        torch.testing.assert_close(torch.cat([y1, y2], dim=1), y_rec, atol=OUT_ATOL, rtol=OUT_RTOL)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
