@@ -219,6 +219,36 @@ class ContinuousBatchingEngine(BaseEngine):
     def _release(self, request: ServeRequest) -> None:
         self.cache.free_sequence(request.id)
 
+    def admit_prefilled(self, request: ServeRequest, keys: torch.Tensor, values: torch.Tensor) -> bool:
+        """Admit a request whose prompt was prefilled elsewhere (disaggregated serving:
+        :mod:`~effinfer.plugins.system.serving.disaggregated`).
+
+        ``request.output`` holds its first token; ``keys`` / ``values`` (``layers × prompt tokens × kv_heads ×
+        head_dim``) are its prompt's KV. They are written into blocks of this pool and the request joins the
+        running ones, so its next step is a decode. Call it from the thread that steps the engine; returns
+        False, with nothing changed, while no sequence slot or not enough blocks are free.
+        """
+        self.check(request)
+        n = len(request.prompt)
+        needed = self.cache.blocks_needed(n + 1)
+        if len(self.running) >= self.config.max_num_seqs or not self.cache.can_allocate(needed):
+            return False
+        cached = self.cache.add_sequence(request.id, request.prompt)
+        try:
+            slots = self.cache.reserve(request.id, n - cached)
+        except OutOfBlocks:
+            self.cache.free_sequence(request.id)
+            return False
+        self.cache.keys[:, slots] = keys[:, cached:n].to(self.cache.keys)
+        self.cache.values[:, slots] = values[:, cached:n].to(self.cache.values)
+        self.cache.register_prefix(request.id, request.prompt, n)
+        if request.generator is None and (request.seed is not None or request.temperature > 0):
+            request.generator = torch.Generator(device=self.device).manual_seed(request.seed or 0)
+        request.computed, request.status = n, "running"
+        request.admitted = request.admitted or time.perf_counter()
+        self.running.append(request)
+        return True
+
     def _preempt(self, request: ServeRequest) -> None:
         self.cache.free_sequence(request.id)
         self.running.remove(request)
