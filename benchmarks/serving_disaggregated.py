@@ -27,6 +27,8 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import os
+import platform
 import sys
 import time
 from pathlib import Path
@@ -35,14 +37,16 @@ import torch
 
 from effinfer.plugins.system.serving.disaggregated import DisaggregatedConfig, DisaggregatedServer, ray_available
 from effinfer.plugins.system.serving.engine import ContinuousBatchingEngine, EngineConfig
-from effinfer.plugins.system.serving.loadtest import (display_rows, make_trace, markdown_table, percentile,
-                                                      replay_engine, summarize)
+from effinfer.evaluation.environment import cpu_model
+from effinfer.plugins.system.serving.loadtest import (LOADTEST_COLUMNS, display_rows, make_trace, markdown_table,
+                                                      percentile, replay_engine, summarize)
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "benchmarks"))
-from serving import COLUMNS, machine  # noqa: E402  (the same table columns and machine line)
-
 TABLE = ROOT / "benchmarks" / "results" / "system.serving.distributed" / "serving.md"
+
+
+def machine() -> str:
+    return f"{cpu_model()}, {os.cpu_count()} logical CPUs, {platform.system()} {platform.machine()}"
 
 
 def handoff_stats(records: list) -> dict:
@@ -67,7 +71,8 @@ def main() -> None:
     parser.add_argument("--max-chars", type=int, default=900)
     parser.add_argument("--slo-ttft", type=float, default=5.0)
     parser.add_argument("--slo-tpot", type=float, default=0.5)
-    parser.add_argument("--time-limit", type=float, default=60.0, help="abort what is left of a replay after this")
+    parser.add_argument("--drain", type=float, default=60.0,
+                        help="seconds after the trace's last arrival before what is left is aborted")
     parser.add_argument("--colocated-threads", default="2", help="torch threads of the co-located engine(s)")
     parser.add_argument("--worker-threads", type=int, default=1, help="CPUs (and torch threads) per Ray worker")
     parser.add_argument("--runner", choices=["auto", "ray", "local"], default="auto")
@@ -79,7 +84,7 @@ def main() -> None:
         from effinfer.core.testing import tiny_model
 
         source = functools.partial(tiny_model, "llama", layers=2)
-        args.rates, args.requests, args.no_table, args.time_limit = "2,8", 8, True, 20.0
+        args.rates, args.requests, args.no_table, args.drain = "2,8", 8, True, 20.0
         args.out = ROOT / "artifacts" / "quick" / "serving_disaggregated.json"
         model_name = "tiny random llama"
     else:
@@ -94,6 +99,8 @@ def main() -> None:
     config = DisaggregatedConfig(prefill=engine_config.model_copy(update={"max_num_seqs": 8, "kv_cache_mb": 128}),
                                  decode=engine_config, runner=args.runner, threads=args.worker_threads)
     traces = {rate: make_trace(rate, args.requests, 0, args.output_scale, args.max_chars) for rate in rates}
+    # every request gets the trace's span plus --drain: a system that falls behind shows it in its TTFT
+    limits = {rate: trace[-1].arrival + args.drain for rate, trace in traces.items()}
     # co-located first, then the workers (so Ray's processes are not even idle during the co-located runs)
     rows = []
     for threads in colocated_threads:
@@ -101,7 +108,7 @@ def main() -> None:
         replay_engine(ContinuousBatchingEngine(model, engine_config), traces[rates[0]][:2], tokenizer)  # warm-up
         for rate in rates:
             outcomes, makespan = replay_engine(ContinuousBatchingEngine(model, engine_config), traces[rate], tokenizer,
-                                               time_limit=args.time_limit)
+                                               time_limit=limits[rate])
             rows.append({"system": f"colocated_t{threads}", "rate": rate}
                         | summarize(outcomes, makespan, args.slo_ttft, args.slo_tpot))
             print_row(rows[-1])
@@ -113,7 +120,7 @@ def main() -> None:
     name = "disaggregated" if server.runner == "ray" else "disaggregated (in process)"
     for rate in rates:
         server.blocks(clear_prefix_cache=True)
-        outcomes, makespan, records = server.replay(traces[rate], tokenizer, time_limit=args.time_limit)
+        outcomes, makespan, records = server.replay(traces[rate], tokenizer, time_limit=limits[rate])
         leak = server.blocks(clear_prefix_cache=True)
         rows.append({"system": name, "rate": rate} | summarize(outcomes, makespan, args.slo_ttft, args.slo_tpot)
                     | handoff_stats(records) | {"blocks_after": leak})
@@ -123,8 +130,8 @@ def main() -> None:
     report = {"model": model_name, "machine": machine(), "torch": torch.__version__, "runner": server.runner,
               "worker_threads": args.worker_threads, "colocated_threads": colocated_threads,
               "command": "python benchmarks/serving_disaggregated.py " + " ".join(sys.argv[1:]),
-              "slo_ttft_s": args.slo_ttft, "slo_tpot_s": args.slo_tpot, "requests": args.requests,
-              "output_scale": args.output_scale, "engine": engine_config.model_dump(),
+              "drain_s": args.drain, "slo_ttft_s": args.slo_ttft, "slo_tpot_s": args.slo_tpot,
+              "requests": args.requests, "output_scale": args.output_scale, "engine": engine_config.model_dump(),
               "prefill_engine": config.prefill.model_dump(), "rows": rows,
               "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -143,7 +150,8 @@ def print_row(row: dict) -> None:
         extra = (f", KV {row['kv_mb_per_request']:.2f} MB/request, handoff p50 {row['handoff_p50_ms']:.0f} ms "
                  f"p99 {row['handoff_p99_ms']:.0f} ms")
     tpot = row["tpot_p99_s"]
-    print(f"  {row['system']:>26}: {row['throughput_tok_s']:6.1f} tok/s, TTFT p99 {row['ttft_p99_s'] or float('nan'):6.2f}"
+    ttft = row["ttft_p99_s"] or float("nan")
+    print(f"  {row['system']:>26}: {row['throughput_tok_s']:6.1f} tok/s, TTFT p99 {ttft:6.2f}"
           f" s, TPOT p99 {(tpot or float('nan')) * 1000:5.0f} ms, done {row['completed']}/{row['requests']}{extra}",
           flush=True)
 
@@ -151,7 +159,8 @@ def print_row(row: dict) -> None:
 HANDOFF_COLUMNS = [("system", "system", ""), ("rate", "rate (req/s)", ".2f"), ("handoffs", "handoffs", ""),
                    ("kv_mb_per_request", "KV / request (MB)", ".2f"),
                    ("kv_kb_per_prompt_token", "KV / prompt token (KB)", ".1f"),
-                   ("extract_p50_ms", "copy out p50 (ms)", ".1f"), ("transfer_p50_ms", "sent→received p50 (ms)", ".0f"),
+                   ("extract_p50_ms", "copy out p50 (ms)", ".1f"),
+                   ("transfer_p50_ms", "sent→received p50 (ms)", ".0f"),
                    ("handoff_p50_ms", "handoff p50 (ms)", ".0f"), ("handoff_p99_ms", "handoff p99 (ms)", ".0f"),
                    ("decode_preemptions", "preemptions", "")]
 
@@ -168,10 +177,10 @@ def markdown(report: dict) -> str:
         f"- trace: {report['requests']} Poisson arrivals per rate, prompts of effinfer's prompt set, output lengths = "
         f"max_new_tokens × {report['output_scale']} (EOS ignored); SLO: TTFT ≤ {report['slo_ttft_s']} s, TPOT ≤ "
         f"{report['slo_tpot_s']} s (goodput counts requests meeting both)", "",
-        markdown_table(display_rows(report["rows"]), COLUMNS), "",
+        markdown_table(display_rows(report["rows"]), LOADTEST_COLUMNS), "",
         "KV handoff (disaggregated rows): bytes of the prompt's K/V per handed-off request; copy out of the prefill "
-        "pool; sent → received by the decode worker (object store + its queue); sent → written into the decode pool "
-        "(also waits for the decode worker's current iteration and for free blocks).", "",
+        "pool; sent → received by the decode worker (object store + its queue); sent → written into the decode "
+        "pool (also waits for the decode worker's current iteration and for free blocks).", "",
         markdown_table([r for r in report["rows"] if r.get("handoffs")], HANDOFF_COLUMNS), ""])
 
 

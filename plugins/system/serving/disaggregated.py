@@ -44,7 +44,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
@@ -127,7 +127,6 @@ class Finished:
     handoff_s: float | None = None
     preemptions: int = 0
     error: str | None = None
-    extra: dict = field(default_factory=dict)
 
 
 def _finished(request: ServeRequest, reason: str, **extra: Any) -> Finished:
@@ -434,7 +433,8 @@ class DisaggregatedServer:
         """All requests at once; their records in order (tests, examples)."""
         return self.serve([(0.0, request) for request in requests])[0]
 
-    def replay(self, trace: list, tokenizer: Any, time_limit: float | None = None) -> tuple[list, float, list[Finished]]:
+    def replay(self, trace: list, tokenizer: Any, time_limit: float | None = None
+               ) -> tuple[list, float, list[Finished]]:
         """Replay a :func:`~effinfer.plugins.system.serving.loadtest.make_trace` trace in real time, as
         :func:`~effinfer.plugins.system.serving.loadtest.replay_engine` does for one engine:
         ``(outcomes, makespan, records)``."""
