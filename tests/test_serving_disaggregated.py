@@ -9,6 +9,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from test_serving import _greedy_alone  # tests/ is on sys.path (pytest rootdir-relative imports)
+
 from effinfer.core.testing import tiny_model
 from effinfer.plugins.system.serving.disaggregated import (DecodeWorker, DisaggregatedConfig, DisaggregatedServer,
                                                            PrefillWorker)
@@ -55,6 +57,7 @@ def test_disaggregated_gives_the_colocated_greedy_tokens(family):
     prompts = _prompts(model.config.vocab_size, [5, 40, 17, 3, 33]) + [shared + [7, 8], shared + [9]]
     lengths = [12, 4, 9, 1, 6, 11, 8]
     expected = _colocated(model, prompts, lengths)
+    assert expected == [_greedy_alone(model, p, n) for p, n in zip(prompts, lengths)]  # and each alone
     server = _local(model)
     records = server.generate(_requests(prompts, lengths))
     assert [r.output for r in records] == expected
@@ -177,6 +180,7 @@ def test_disaggregated_smollm2_gives_the_colocated_tokens(smollm2):
     _assert_no_leak(server)
 
 
+@pytest.mark.slow  # Ray starts in ~20 s (skipped without Ray: pip install -e '.[ray]')
 def test_workers_as_ray_actors_give_the_colocated_tokens():
     ray = pytest.importorskip("ray")
     model, _ = tiny_model("llama")
@@ -188,6 +192,8 @@ def test_workers_as_ray_actors_give_the_colocated_tokens():
             assert [r.output for r in records] == expected
             assert all(r.kv_bytes > 0 and r.handoff_s >= 0 for r in records)
             _assert_no_leak(server)
+        with pytest.raises(RuntimeError, match="need 64 CPU"):  # workers Ray cannot place: refused, not a hang
+            DisaggregatedServer(model, DisaggregatedConfig(runner="ray", threads=64, start_timeout_s=3))
     finally:
         ray.shutdown()
 

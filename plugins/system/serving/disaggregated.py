@@ -72,6 +72,8 @@ class DisaggregatedConfig(BaseModel):
         "auto", description="'ray': workers are Ray actors; 'local': objects in this process; 'auto': Ray if installed")
     threads: int = Field(1, ge=1, le=1024, description="torch threads of each Ray worker (its num_cpus)")
     address: str | None = Field(None, description="Ray cluster address (None: start or join local Ray)")
+    start_timeout_s: float = Field(300.0, gt=0, le=3600,
+                                   description="seconds the Ray workers may take to start (placed, model loaded)")
 
 
 def _load(model: ModelSource) -> nn.Module:
@@ -334,7 +336,21 @@ class DisaggregatedServer:
                                                                                config.threads))
             self.decode = _Actor(ray.remote(**options)(DecodeWorker).remote(source, config.decode, eos,
                                                                              config.threads))
-        self._get(self.prefill.call("connect", self.decode))
+        self._started(self.prefill.call("connect", self.decode), self.decode.call("blocks"))
+
+    def _started(self, *futures: Any) -> None:
+        if self.runner == "local":
+            return
+        import ray
+
+        try:
+            ray.get(list(futures), timeout=self.config.start_timeout_s)
+        except ray.exceptions.GetTimeoutError:
+            cpus = ray.cluster_resources().get("CPU", 0)
+            self.close()
+            raise RuntimeError(f"the Ray workers did not start within start_timeout_s={self.config.start_timeout_s} s; "
+                               f"they need {self.config.threads} CPU(s) each and the Ray cluster has {cpus:g} (lower "
+                               "threads, or start Ray with more CPUs)") from None
 
     # ------------------------------------------------------------------ futures of either runner
     def _get(self, future: Any) -> Any:
