@@ -66,7 +66,7 @@ def handoff_stats(records: list) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rates", default="0.5,1,2")
-    parser.add_argument("--requests", type=int, default=16)
+    parser.add_argument("--requests", type=int, default=12, help="per rate (12 = benchmarks/serving.py's traces)")
     parser.add_argument("--output-scale", type=float, default=0.25)
     parser.add_argument("--max-chars", type=int, default=900)
     parser.add_argument("--slo-ttft", type=float, default=5.0)
