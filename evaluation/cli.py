@@ -636,5 +636,10 @@ def export_json(records: list[RunRecord]) -> str:
 
 @hookimpl
 def effinfer_register_commands(app: typer.Typer) -> None:
+    from effinfer.evaluation.loadtest import loadtest_command
+    from effinfer.evaluation.sweeps import sweep_command
+
     app.command("bench")(bench_command)
+    app.command("loadtest")(loadtest_command)
+    app.command("sweep")(sweep_command)
     app.add_typer(results_app, name="results")

@@ -137,6 +137,30 @@ def test_a_client_that_disconnects_frees_its_blocks(live):
     assert engine.finished[-1].finish_reason == "abort" and len(engine.finished[-1].output) < 400
 
 
+def test_loadtest_replays_a_trace_against_the_live_server_and_files_it_in_the_store(live, tmp_path):
+    from typer.testing import CliRunner
+
+    from effinfer.core import cli
+    from effinfer.core.registry import get_registry
+    from effinfer.evaluation.store import ResultsStore
+
+    get_registry().register_commands(cli.app)
+    database = tmp_path / "results.db"
+    result = CliRunner().invoke(cli.app, ["loadtest", "--url", live["url"], "--rates", "8", "--requests", "3",
+                                          "--output-scale", "0.05", "--label", "tiny-served", "--store",
+                                          str(database), "--out", str(tmp_path / "load.json")],
+                                catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    with ResultsStore(database) as store:
+        bench = store.latest_bench_id()
+        (run,) = store.bench_runs(bench)
+        assert store.benches()[0]["suite"] == "loadtest"
+    assert run.name == "tiny-served" and run.suite == "loadtest" and run.ok
+    assert run.value("serving.completed@8") == 3
+    assert run.value("serving.throughput@8") > 0 and run.value("serving.ttft_p99@8") > 0
+    assert run.metrics["serving.throughput@8"].params["rate"] == 8.0
+
+
 def test_graceful_shutdown_finishes_running_requests_then_refuses_new_ones():
     model, tokenizer = tiny_model("llama", layers=1, seed=0)
     served = build_served(Experiment.checked(model="tiny"), model, tokenizer)

@@ -14,6 +14,7 @@ import pytest
 import yaml
 
 from effinfer.core.errors import ExperimentError
+from effinfer.evaluation.store import ResultsStore
 from effinfer.plugins.system.serving.sweep import Ledger, SweepFile, expand, pending, run_key
 
 
@@ -53,7 +54,8 @@ def test_a_sweep_killed_with_sigkill_and_resumed_stores_each_run_exactly_once(tm
     assert len(expected) == 10
     ledger = tmp_path / "grid.results" / "results.jsonl"
     command = [sys.executable, "-m", "effinfer.core.cli", "sweep", str(path), "--runner", runner]
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    database = tmp_path / "results.db"
+    env = dict(os.environ, PYTHONUNBUFFERED="1", EFFINFER_RESULTS=str(database))
     # its own process group, so that SIGKILL takes the sweep and (with Ray) the local Ray processes it started
     first = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                              start_new_session=True)
@@ -77,3 +79,8 @@ def test_a_sweep_killed_with_sigkill_and_resumed_stores_each_run_exactly_once(tm
     assert len(ok) == 5 and len(failed) == 5  # the missing model fails its 5 runs; the others still ran
     assert all("no-such-model" in r["error"] for r in failed)
     assert pending(expand(SweepFile.model_validate(yaml.safe_load(path.read_text()))), Ledger(ledger)) == []
+    with ResultsStore(database) as results:  # the results store holds each run once too
+        stored_runs = [r for r in results.runs() if r.suite == "sweep:t"]
+    assert sorted(r.key for r in stored_runs) == sorted(f"sweep:{k}" for k in expected)
+    assert sum(r.ok for r in stored_runs) == 5
+    assert all(r.value("generation.decode_tok_s") > 0 for r in stored_runs if r.ok)

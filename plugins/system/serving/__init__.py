@@ -2,7 +2,7 @@
 
 This package's ``__init__`` is its entry point (``[project.entry-points.effinfer]``): it registers
 every technique of the family through the public ``effinfer_register_techniques`` hook, and the
-``effinfer serve`` / ``effinfer loadtest`` / ``effinfer sweep`` commands through ``effinfer_register_commands``.
+``effinfer serve`` command (``effinfer loadtest`` and ``effinfer sweep`` are the evaluator's) through ``effinfer_register_commands``.
 
 - ``paged_kv`` (``system.serving.memory_management``): :mod:`~effinfer.plugins.system.serving.paged`;
 - ``continuous_batching``, ``static_batching`` (``system.serving.continuous_batching``):
@@ -26,8 +26,6 @@ def effinfer_register_techniques(register):
 
 @hookimpl
 def effinfer_register_commands(app):
-    from effinfer.plugins.system.serving.commands import loadtest_command, serve_command, sweep_command
+    from effinfer.plugins.system.serving.commands import serve_command
 
     app.command("serve")(serve_command)
-    app.command("loadtest")(loadtest_command)
-    app.command("sweep")(sweep_command)
