@@ -179,8 +179,9 @@ def markdown(report: dict) -> str:
         f"{report['slo_tpot_s']} s (goodput counts requests meeting both)", "",
         markdown_table(display_rows(report["rows"]), LOADTEST_COLUMNS), "",
         "KV handoff (disaggregated rows): bytes of the prompt's K/V per handed-off request; copy out of the prefill "
-        "pool; sent → received by the decode worker (object store + its queue); sent → written into the decode "
-        "pool (also waits for the decode worker's current iteration and for free blocks).", "",
+        "pool; sent → received by the decode worker (Ray's object store; it receives on a second thread while it "
+        "steps); sent → written into the decode pool (also waits for the decode worker's current iteration and for "
+        "free blocks).", "",
         markdown_table([r for r in report["rows"] if r.get("handoffs")], HANDOFF_COLUMNS), ""])
 
 

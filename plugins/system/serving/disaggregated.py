@@ -42,6 +42,7 @@ phases on separate worker processes.
 from __future__ import annotations
 
 import os
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -123,7 +124,8 @@ class Finished:
     finished: float | None = None
     kv_bytes: int = 0
     extract_s: float | None = None
-    #: prefill worker sent the KV → decode worker received it (transfer + its queue)
+    #: prefill worker sent the KV → decode worker received it (Ray's object store; the decode actor receives on
+    #: a second thread while it steps, so this is the transfer alone)
     transfer_s: float | None = None
     #: prefill worker sent the KV → written into the decode pool (also waits for free blocks)
     handoff_s: float | None = None
@@ -253,20 +255,27 @@ class DecodeWorker(_Worker):
                  threads: int | None = None) -> None:
         super().__init__(model, config, eos_ids, threads)
         self._pending: list[tuple[Handoff, float]] = []
+        self._lock = threading.Lock()  # admit / abort may run on another thread than step (a Ray actor's)
         self._meta: dict[str, dict[str, Any]] = {}
         self._done: list[Finished] = []
         self._aborted: set[str] = set()
 
     def admit(self, handoffs: list[Handoff]) -> None:
         received = time.perf_counter()
-        self._pending += [(h, received) for h in handoffs]
+        with self._lock:
+            self._pending += [(h, received) for h in handoffs]
 
     def abort(self, ids: list[str]) -> None:
-        self._aborted |= set(ids)
+        with self._lock:
+            self._aborted |= set(ids)
         for request_id in ids:
             self.engine.abort(request_id)
 
     def _admit_pending(self) -> None:
+        with self._lock:
+            self._admit_pending_locked()
+
+    def _admit_pending_locked(self) -> None:
         while self._pending:
             handoff, received = self._pending[0]
             request = handoff.request
@@ -334,8 +343,10 @@ class DisaggregatedServer:
             options = {"num_cpus": config.threads, "max_restarts": 0}
             self.prefill = _Actor(ray.remote(**options)(PrefillWorker).remote(source, config.prefill, eos,
                                                                                config.threads))
-            self.decode = _Actor(ray.remote(**options)(DecodeWorker).remote(source, config.decode, eos,
-                                                                             config.threads))
+            # a second thread receives handoffs while a step runs (sent → received is then the transfer alone);
+            # the coordinator keeps one step in flight, so steps never overlap
+            self.decode = _Actor(ray.remote(max_concurrency=2, **options)(DecodeWorker).remote(
+                source, config.decode, eos, config.threads))
         self._started(self.prefill.call("connect", self.decode), self.decode.call("blocks"))
 
     def _started(self, *futures: Any) -> None:
