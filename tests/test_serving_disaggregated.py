@@ -215,3 +215,17 @@ def test_decode_worker_waits_for_blocks_in_order():
         assert len(decode.engine.running) <= 2  # 12 + 4 tokens = 4 blocks each, 9 in the pool
     assert [r.id for r in finished] == ["0", "1", "2"]
     assert [r.output for r in finished] == _colocated(model, prompts, [4, 4, 4])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_a_handoff_pickles_its_kv_as_bytes_and_back(dtype):
+    """What Ray's object store does to a handoff (protocol 5): the same K/V, dtype and shape come out."""
+    import pickle
+
+    from effinfer.plugins.system.serving.disaggregated import Handoff
+
+    keys, values = torch.randn(3, 7, 2, 8).to(dtype), torch.randn(3, 7, 2, 8).to(dtype)
+    handoff = Handoff(ServeRequest("a", [1, 2, 3], 4), keys, values, 0.0, 1.0, 0.5)
+    back = pickle.loads(pickle.dumps(handoff, protocol=5))
+    assert back.keys.dtype == dtype and torch.equal(back.keys, keys) and torch.equal(back.values, values)
+    assert back.kv_bytes == handoff.kv_bytes and back.request.prompt == [1, 2, 3] and back.sent == 1.0
