@@ -229,3 +229,14 @@ def test_a_handoff_pickles_its_kv_as_bytes_and_back(dtype):
     back = pickle.loads(pickle.dumps(handoff, protocol=5))
     assert back.keys.dtype == dtype and torch.equal(back.keys, keys) and torch.equal(back.values, values)
     assert back.kv_bytes == handoff.kv_bytes and back.request.prompt == [1, 2, 3] and back.sent == 1.0
+
+
+def test_a_decode_worker_out_of_blocks_preempts_and_recomputes_exactly():
+    """Two admitted requests outgrow the decode pool: one is preempted, recomputed there, and still exact."""
+    model, _ = tiny_model("llama", layers=1)
+    prompts = _prompts(model.config.vocab_size, [12, 12], seed=4)
+    server = _local(model, decode_blocks=12, prefix_caching=False)
+    records = server.generate(_requests(prompts, [20, 20]))
+    assert sum(r.preemptions for r in records) >= 1
+    assert [r.output for r in records] == _colocated(model, prompts, [20, 20])
+    _assert_no_leak(server)
