@@ -12,7 +12,9 @@
 
 For each method of ``--methods`` (``hedgehog``: kernel-based linear attention with an exact
 sliding window of ``--window`` keys; ``mamba_convert``: selective scan; ``retention_convert``:
-RetNet retention) and each replaced-layer count of ``--counts`` (``all``: every decoder layer,
+RetNet retention; ``linformer``: Linformer-style low-rank attention, ``--slots`` learned slots per KV head
+after an exact window of ``--window`` keys; ``linformer_pooled``: the same with the pooled projection,
+``--pool-block`` positions per slot) and each replaced-layer count of ``--counts`` (``all``: every decoder layer,
 layer 0 included, so the model holds no per-token KV at all), the conversion runs through the
 technique's own stage hook (layer-wise fit ``--fit-steps`` per layer, then ``--repair-steps`` of
 end-to-end KD, both through the shared repair service), then is measured in this process:
@@ -58,19 +60,23 @@ from engine import ARTIFACTS, TABLES, machine_load, table_header, write_table  #
 
 NODES = {"hedgehog": "model.structure.efficient_attention.low_complexity.kernel_based",
          "mamba_convert": "model.structure.transformer_alternates.ssm",
-         "retention_convert": "model.structure.transformer_alternates.other"}
+         "retention_convert": "model.structure.transformer_alternates.other",
+         "linformer": "model.structure.efficient_attention.low_complexity.low_rank",
+         "linformer_pooled": "model.structure.efficient_attention.low_complexity.low_rank"}
 ROWS_DIR = ARTIFACTS / "structure_alternates"
 #: the plot goes next to each node's table (node pages show their folder's PNGs) and into the guide
-PLOTS = [TABLES / node / "memory_vs_context.png" for node in NODES.values()]
+PLOTS = [TABLES / node / "memory_vs_context.png" for node in dict.fromkeys(NODES.values())]
 GUIDE_PLOT = Path(__file__).resolve().parent.parent / "docs" / "guides" / "structure-memory-vs-context.png"
 
 
 def technique_classes():
     from effinfer.plugins.model.structure.hedgehog import Hedgehog
+    from effinfer.plugins.model.structure.linformer import Linformer
     from effinfer.plugins.model.structure.mamba import MambaConvert
     from effinfer.plugins.model.structure.retention import RetentionConvert
 
-    return {"hedgehog": Hedgehog, "mamba_convert": MambaConvert, "retention_convert": RetentionConvert}
+    return {"hedgehog": Hedgehog, "mamba_convert": MambaConvert, "retention_convert": RetentionConvert,
+            "linformer": Linformer, "linformer_pooled": Linformer}
 
 
 def row_path(method: str, count: int) -> Path:
@@ -87,6 +93,24 @@ def load_rows() -> list[dict]:
     for row in rows:  # JSON keys are strings
         row["contexts"] = {int(c): v for c, v in row["contexts"].items()}
     return rows
+
+
+def merge_saved_contexts(row: dict) -> None:
+    """Keep the contexts a saved row of the same method, count, config and timing has and ``row`` lacks
+    (``--merge-contexts``: one row measured over several runs, each inside a 10-minute lock)."""
+    path = row_path(row["method"], row["count"])
+    if not path.exists():
+        return
+    saved = json.loads(path.read_text())
+    if saved.get("config") != row["config"] or saved.get("timed") != row["timed"]:
+        print(f"{path.name}: saved row has another config or timing; not merged", flush=True)
+        return
+    contexts = {int(c): v for c, v in saved["contexts"].items()}
+    contexts.update(row["contexts"])
+    row["contexts"] = dict(sorted(contexts.items()))
+    row["command"] = "; ".join(dict.fromkeys([saved["command"], row["command"]]))
+    if saved.get("baseline_tok_s") and row.get("baseline_tok_s") is not None:
+        row["baseline_tok_s"] = {**saved["baseline_tok_s"], **{str(c): v for c, v in row["baseline_tok_s"].items()}}
 
 
 def parameters(model) -> int:
@@ -150,7 +174,9 @@ def main() -> None:
     parser.add_argument("--counts", nargs="+", default=["2", "4"],
                         help="replaced-layer counts (integers, or 'all' for every decoder layer)")
     parser.add_argument("--contexts", nargs="+", type=int, default=[512, 2048, 8192])
-    parser.add_argument("--window", type=int, default=64, help="hedgehog's exact sliding window")
+    parser.add_argument("--window", type=int, default=64, help="hedgehog's and linformer's exact sliding window")
+    parser.add_argument("--slots", type=int, default=64, help="linformer's compressed rows per KV head")
+    parser.add_argument("--pool-block", type=int, default=128, help="linformer_pooled's positions per slot")
     parser.add_argument("--fit-steps", type=int, default=60)
     parser.add_argument("--fit-samples", type=int, default=8)
     parser.add_argument("--repair-steps", type=int, default=20)
@@ -160,6 +186,9 @@ def main() -> None:
     parser.add_argument("--time-budget", type=float, default=480,
                         help="seconds after which no new conversion starts")
     parser.add_argument("--no-tables", action="store_true")
+    parser.add_argument("--merge-contexts", action="store_true",
+                        help="keep the other contexts of a saved row of the same method, count and config (one "
+                             "row measured over several runs)")
     parser.add_argument("--quick", action="store_true", help="count 2, context 512, 8 fit steps, no repair, no "
                         "tables (rows under artifacts/structure_alternates_quick/)")
     args = parser.parse_args()
@@ -225,6 +254,10 @@ def measure(args) -> None:
                       "repair_steps": args.repair_steps, "repair_eval_windows": 0}
             if method == "hedgehog":
                 config["window"] = args.window
+            if method.startswith("linformer"):  # linformer_pooled: the same technique, pooled projection
+                config.update(window=args.window, slots=args.slots)
+                if method == "linformer_pooled":
+                    config.update(projection="pooled", pool_block=args.pool_block)
             technique = classes[method](config)
             began = time.perf_counter()
             with ComposedModel(model, tokenizer, [technique], calibration=calibration, engine="hf") as composed:
@@ -237,6 +270,8 @@ def measure(args) -> None:
                        "notes": [note for _, _, note in composed.report.entries], "load": machine_load(), **common}
             if baseline is not None:
                 row["baseline_tok_s"] = {c: baseline[c]["tok_s"] for c in args.contexts}
+            if args.merge_contexts:
+                merge_saved_contexts(row)
             save_row(row)
             print(f"{method} x{count}: {row['quality']} {row['contexts']} setup {setup:.0f}s", flush=True)
     print(f"rows: {ROWS_DIR} ({time.perf_counter() - started:.0f} s)")
@@ -269,8 +304,10 @@ def write_tables() -> None:
         print(f"no original row in {ROWS_DIR}: run with --methods original first")
         return
     contexts = sorted(original["contexts"])
-    for method, node in NODES.items():
-        chosen = sorted((r for r in rows if r["method"] == method), key=lambda r: r["count"])
+    for node in dict.fromkeys(NODES.values()):  # one table per node, every method of it (linformer: two)
+        methods = [m for m, n in NODES.items() if n == node]
+        chosen = sorted((r for r in rows if r["method"] in methods), key=lambda r: (methods.index(r["method"]),
+                                                                                     r["count"]))
         if not chosen:
             continue
         timed = [r for r in chosen if r.get("baseline_tok_s")]
@@ -298,7 +335,8 @@ def write_tables() -> None:
             return "| " + " | ".join(cells) + " |"
 
         commands = sorted({r["command"] for r in chosen})
-        text = table_header(f"{method} on SmolLM2-135M vs the original", "`; `".join(commands), original["threads"],
+        text = table_header(f"{' / '.join(methods)} on SmolLM2-135M vs the original", "`; `".join(commands),
+                            original["threads"],
                             f"\n- the original's row: `{original['command']}`"
                             + "".join(f"\n- load ({r['method']} ×{r['count']}): {r['load']}" for r in chosen))
         text += lines + [line(original)] + [line(r) for r in chosen]

@@ -57,7 +57,12 @@ OUT_ATOL, OUT_RTOL = 2e-4, 1e-3
 def test_parallel_form_equals_recurrent_form(key, family, batch, length, chunk, split):
     """Chunked parallel (any chunk size, from any incoming state) == one token at a time, outputs and state."""
     model, _, _, swapped = converted(family, key, chunk_size=chunk)
-    mixer = swapped[0][2]
+    check_forms_agree(model, swapped[0][2], batch, length, split)
+
+
+def check_forms_agree(model, mixer, batch: int, length: int, split: int) -> None:
+    """The mixer's chunked parallel form, its recurrent form and a prefill of ``split`` tokens continued from
+    its state give the same outputs and states (also used by tests/test_structure_linformer.py)."""
     generator = torch.Generator().manual_seed(length)
     x = torch.randn(batch, length, model.config.hidden_size, generator=generator)
     rope = rope_for(model, x, torch.arange(length)[None].expand(batch, -1))

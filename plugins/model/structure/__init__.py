@@ -9,8 +9,8 @@ service :mod:`.repair` (layer-wise MSE fit, end-to-end KD against the original):
 
 - ``moefication`` (``efficient_ffn``): each FFN split into experts, a router, top-k experts per token;
 - ``gqa_convert`` (``efficient_attention.shared_kv``): KV heads merged into fewer groups, down to MQA;
-- the attention replacements and transformer alternates (kernel-based / low-rank attention, SSM,
-  retention) in their own modules.
+- the attention replacements and transformer alternates (kernel-based attention ``hedgehog``, low-rank
+  attention ``linformer``, SSM, retention) in their own modules.
 """
 
 from importlib import import_module
@@ -24,6 +24,7 @@ TECHNIQUES: tuple[tuple[str, str], ...] = (
     ("hedgehog", "Hedgehog"),
     ("mamba", "MambaConvert"),
     ("retention", "RetentionConvert"),
+    ("linformer", "Linformer"),
 )
 
 
