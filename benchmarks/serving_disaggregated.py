@@ -35,9 +35,11 @@ from pathlib import Path
 
 import torch
 
+from effinfer.core.models import DEFAULT_MODEL
+from effinfer.evaluation.environment import cpu_model
+from effinfer.evaluation.loadtest import store_load_rows
 from effinfer.plugins.system.serving.disaggregated import DisaggregatedConfig, DisaggregatedServer, ray_available
 from effinfer.plugins.system.serving.engine import ContinuousBatchingEngine, EngineConfig
-from effinfer.evaluation.environment import cpu_model
 from effinfer.plugins.system.serving.loadtest import (LOADTEST_COLUMNS, display_rows, make_trace, markdown_table,
                                                       percentile, replay_engine, summarize)
 
@@ -88,7 +90,7 @@ def main() -> None:
         args.out = ROOT / "artifacts" / "quick" / "serving_disaggregated.json"
         model_name = "tiny random llama"
     else:
-        from effinfer.core.models import DEFAULT_MODEL, load_model
+        from effinfer.core.models import load_model
 
         source = functools.partial(load_model, DEFAULT_MODEL)
         model_name = "SmolLM2-135M-Instruct fp32"
@@ -136,6 +138,9 @@ def main() -> None:
               "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=1, default=str))
+    if not args.quick:
+        bench_id = store_load_rows(rows, DEFAULT_MODEL, report["command"], suite="serving-disaggregated")
+        print(f"stored as bench {bench_id} of the results store (effinfer results show {bench_id})")
     text = markdown(report)
     if not args.no_table:
         TABLE.parent.mkdir(parents=True, exist_ok=True)

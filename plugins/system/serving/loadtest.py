@@ -158,7 +158,7 @@ async def _one(client: Any, url: str, model: str, item: TraceItem, start: float,
     body = {"model": model, "prompt": item.prompt, "max_tokens": item.max_tokens, "temperature": 0.0,
             "stream": True, "ignore_eos": True, "priority": item.priority,
             "stream_options": {"include_usage": True}}
-    first, tokens, prompt_tokens = None, 0, 0
+    first, tokens, prompt_tokens, chunks = None, 0, 0, 0
     try:
         async with client.stream("POST", f"{url}/v1/completions", json=body, timeout=timeout) as response:
             if response.status_code != 200:
@@ -171,6 +171,7 @@ async def _one(client: Any, url: str, model: str, item: TraceItem, start: float,
                 chunk = json.loads(line[6:])
                 choices = chunk.get("choices") or []
                 if choices and (choices[0].get("text") or choices[0].get("delta", {}).get("content")):
+                    chunks += 1
                     if first is None:
                         first = time.perf_counter()
                 usage = chunk.get("usage")
@@ -180,7 +181,8 @@ async def _one(client: Any, url: str, model: str, item: TraceItem, start: float,
         return Outcome(item.arrival, 0, 0, None, None, error=f"{type(error).__name__}: {error}",
                        priority=item.priority, category=item.category)
     end = time.perf_counter()
-    return Outcome(item.arrival, prompt_tokens, tokens or item.max_tokens, (first or end) - sent, end - sent,
+    # servers without usage in the stream (llama-cpp-python): one token per streamed chunk
+    return Outcome(item.arrival, prompt_tokens, tokens or chunks, (first or end) - sent, end - sent,
                    priority=item.priority, category=item.category)
 
 

@@ -1,0 +1,170 @@
+"""The same Poisson traces over HTTP: ``effinfer serve`` (continuous + paged, and static batching)
+against ``llama-cpp-python``'s OpenAI-compatible server on the same GGUF file.
+
+    /work/notes/cpu-exclusive .venv/bin/python benchmarks/serving_peers.py          # ≈ 10 min on 2 cores
+    .venv/bin/python benchmarks/serving_peers.py --systems effinfer_continuous --rates 1 --requests 4
+
+Each system is started as its own server process on a free port (2 threads each, one at a time,
+so they never share the CPU), answered by the same streaming ``/v1/completions`` client as
+``effinfer loadtest`` (:func:`~effinfer.plugins.system.serving.loadtest.replay_http`), then
+stopped. SmolLM2-135M's weights come from one Q4_1 GGUF: effinfer dequantizes it to fp32 at load,
+llama.cpp runs its Q4_1 kernels (``llama-cpp-python[server]``, the ``bench-peers`` extra). Requests
+ask for ``ignore_eos`` (effinfer honours it; llama-cpp-python's server has no such field, so its
+requests may end at EOS: throughput counts the tokens each server really streamed, one per
+chunk). Rows go to the results store (suite ``serving-peers``) and to
+``benchmarks/results/system.serving.continuous_batching/serving_peers.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from engine import gguf_path  # noqa: E402  (the default model's GGUF, extracted from its wheel)
+
+from effinfer.core.models import DEFAULT_MODEL  # noqa: E402
+from effinfer.evaluation.environment import cpu_model  # noqa: E402
+from effinfer.evaluation.loadtest import latency_throughput_plot, store_load_rows  # noqa: E402
+from effinfer.plugins.system.serving.loadtest import (LOADTEST_COLUMNS, display_rows, http_client_module,  # noqa: E402
+                                                      make_trace, markdown_table, replay_http, summarize)
+
+ROOT = Path(__file__).resolve().parent.parent
+NODE = ROOT / "benchmarks" / "results" / "system.serving.continuous_batching"
+VENV_BIN = Path(sys.executable).parent
+
+SYSTEMS = {
+    "effinfer_continuous": lambda port, threads: [
+        str(VENV_BIN / "effinfer"), "serve", "-m", DEFAULT_MODEL, "-t", "paged_kv", "-t", "continuous_batching",
+        "-t", "fcfs", "--port", str(port)],
+    "effinfer_static_b8": lambda port, threads: [
+        str(VENV_BIN / "effinfer"), "serve", "-m", DEFAULT_MODEL, "-t", "static_batching:batch_size=8",
+        "--port", str(port)],
+    "llama_cpp_server": lambda port, threads: [
+        sys.executable, "-m", "llama_cpp.server", "--model", str(gguf_path()), "--n_threads", str(threads),
+        "--n_threads_batch", str(threads), "--n_ctx", "4096", "--port", str(port), "--model_alias", DEFAULT_MODEL],
+}
+STACKS = {"effinfer_continuous": [{"name": "paged_kv", "config": {}}, {"name": "continuous_batching", "config": {}},
+                                  {"name": "fcfs", "config": {}}],
+          "effinfer_static_b8": [{"name": "static_batching", "config": {"batch_size": 8}}]}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start(name: str, threads: int, log: Path) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    process = subprocess.Popen(SYSTEMS[name](port, threads), env=env, stdout=log.open("w"), stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    httpx = http_client_module()
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"{name} exited with {process.returncode} before answering; see {log}")
+        try:
+            if httpx.get(f"{url}/v1/models", timeout=2).status_code == 200:
+                return process, url
+        except Exception:  # not listening yet
+            pass
+        time.sleep(0.5)
+    process.kill()
+    raise RuntimeError(f"{name} did not answer on {url} within 300 s; see {log}")
+
+
+def stop(process: subprocess.Popen) -> None:
+    process.terminate()
+    try:
+        process.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--systems", nargs="+", default=list(SYSTEMS), choices=list(SYSTEMS))
+    parser.add_argument("--rates", default="0.15,0.5,1,2")
+    parser.add_argument("--requests", type=int, default=12)
+    parser.add_argument("--output-scale", type=float, default=0.25)
+    parser.add_argument("--max-chars", type=int, default=900)
+    parser.add_argument("--slo-ttft", type=float, default=5.0)
+    parser.add_argument("--slo-tpot", type=float, default=0.5)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--timeout", type=float, default=300.0, help="per request (s)")
+    parser.add_argument("--no-table", action="store_true")
+    parser.add_argument("--no-store", action="store_true")
+    parser.add_argument("--out", type=Path, default=ROOT / "artifacts" / "serving_peers")
+    args = parser.parse_args()
+    rates = [float(r) for r in args.rates.split(",")]
+    traces = {rate: make_trace(rate, args.requests, 0, args.output_scale, args.max_chars) for rate in rates}
+    args.out.mkdir(parents=True, exist_ok=True)
+    rows, failures = [], {}
+    for name in args.systems:
+        try:
+            process, url = start(name, args.threads, args.out / f"{name}.log")
+        except (RuntimeError, OSError) as error:  # one system that cannot start never loses the others
+            failures[name] = str(error)
+            print(f"{name}: {error}", flush=True)
+            continue
+        try:
+            replay_http(url, DEFAULT_MODEL, traces[rates[0]][:2], args.timeout)  # warm-up
+            for rate in rates:
+                outcomes, makespan = replay_http(url, DEFAULT_MODEL, traces[rate], args.timeout)
+                row = {"system": name, "rate": rate} | summarize(outcomes, makespan, args.slo_ttft, args.slo_tpot)
+                errors = [o.error for o in outcomes if o.error]
+                if errors:
+                    row["first_error"] = errors[0]
+                row["mean_output_tokens"] = sum(o.output_tokens for o in outcomes) / len(outcomes)
+                rows.append(row)
+                print(f"  {name:>20} rate {rate:5.2f}: {row['throughput_tok_s']:6.1f} tok/s, TTFT p99 "
+                      f"{row['ttft_p99_s'] or float('nan'):6.2f} s, done {row['completed']}/{row['requests']}, "
+                      f"{row['mean_output_tokens']:.1f} tokens/request", flush=True)
+        finally:
+            stop(process)
+    command = "python benchmarks/serving_peers.py " + " ".join(sys.argv[1:])
+    report = {"command": command, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+              "machine": f"{cpu_model()}, {os.cpu_count()} logical CPUs, {platform.system()} {platform.machine()}",
+              "threads": args.threads, "gguf": gguf_path().name, "rows": rows, "failures": failures,
+              "requests": args.requests, "output_scale": args.output_scale, "slo_ttft_s": args.slo_ttft}
+    (args.out / "report.json").write_text(json.dumps(report, indent=1, default=str))
+    if not args.no_store and rows:
+        bench_id = store_load_rows(rows, DEFAULT_MODEL, command, suite="serving-peers", techniques=STACKS)
+        print(f"stored as bench {bench_id} of the results store (effinfer results show {bench_id})")
+    text = markdown(report)
+    print(text)
+    if not args.no_table:
+        NODE.mkdir(parents=True, exist_ok=True)
+        (NODE / "serving_peers.md").write_text(text)
+        latency_throughput_plot({s: [r for r in rows if r["system"] == s] for s in args.systems
+                                 if any(r["system"] == s for r in rows)}, NODE / "serving_peers.png")
+
+
+def markdown(report: dict) -> str:
+    columns = LOADTEST_COLUMNS + [("mean_output_tokens", "tokens/request", ".1f")]
+    lines = ["## Over HTTP: effinfer serve vs llama-cpp-python's server, same trace, same GGUF", "",
+             f"- command: `{report['command']}`", f"- date: {report['date']}", f"- machine: {report['machine']}",
+             f"- each server alone on the CPU with {report['threads']} threads; weights from `{report['gguf']}` "
+             "(effinfer: dequantized to fp32 at load; llama.cpp: its Q4_1 kernels)",
+             f"- trace: {report['requests']} Poisson arrivals per rate, effinfer's prompt set, output lengths = "
+             f"max_new_tokens × {report['output_scale']}, `ignore_eos` asked (llama-cpp-python's server ignores "
+             "it: its requests can stop at EOS, see tokens/request); TTFT SLO for goodput "
+             f"{report['slo_ttft_s']} s", ""]
+    for name, error in report["failures"].items():
+        lines += [f"- {name} did not run: {error}"]
+    lines += ["", markdown_table(display_rows(report["rows"]), columns), ""]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
