@@ -146,7 +146,7 @@ def write_tables() -> None:
         contexts = sorted({int(c) for r in chosen for c in r["contexts"]})
         first = chosen[0]
         lines = table_header(f"{first['technique']} on SmolLM2-135M (fp32) vs the original, same process",
-                             first["command"], first["threads"],
+                             "` and `".join(sorted({r["command"] for r in chosen})), first["threads"],
                              f"\n- quality: {first['windows']} held-out wikipedia test windows of 256 tokens; decode: "
                              "HF forward over a DynamicCache after a prompt of the context length, original and "
                              "converted alternating, median of rounds")

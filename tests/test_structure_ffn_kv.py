@@ -83,14 +83,24 @@ def test_repair_lowers_kl_and_refuses_shared_parameters(tmp_path, monkeypatch):
     conversion.replace_module(layer, "mlp", new)
     config = RepairConfig(repair_steps=25, repair_lr=3e-3, repair_seq_len=32, repair_eval_windows=2,
                           repair_checkpoint=True)
+    start = {k: v.clone() for k, v in new.state_dict().items()}
     report = repair(model, tokenizer, trainable_parameters({"mlp": new}), conversion, config, name="test",
                     progress=False)
     assert report.after["kl"] < report.before["kl"]
     assert any("repair (FKL" in line for line in report.notes())
     assert all(p.requires_grad for p in model.model.layers[1].parameters())  # flags restored
+    repaired = {k: v.clone() for k, v in new.state_dict().items()}
+    new.load_state_dict(start)  # the same conversion again: its repair is read back
     again = repair(model, tokenizer, trainable_parameters({"mlp": new}), conversion, config, name="test",
                    progress=False)
     assert again.cost.cached
+    assert all(torch.equal(new.state_dict()[k], v) for k, v in repaired.items())
+    with torch.no_grad():  # another starting point (a conversion that came out differently) is trained anew
+        new.load_state_dict(start)
+        next(new.parameters()).mul_(1.01)
+    other = repair(model, tokenizer, trainable_parameters({"mlp": new}), conversion, config, name="test",
+                   progress=False)
+    assert not other.cost.cached
     with pytest.raises(ValueError, match="teacher would drift"):
         repair(model, tokenizer, {"norm": model.model.norm.weight}, conversion, config, name="test", progress=False)
     assert repair(model, tokenizer, {}, conversion, RepairConfig(), name="test") is None
@@ -175,6 +185,10 @@ def test_moe_paths_equal_the_masked_dense_reference(experts, data, tokens, bias,
     torch.testing.assert_close(out, moe.reference(x), rtol=1e-4, atol=1e-4)
     per_token = torch.cat([moe(x[:, t:t + 1]) for t in range(tokens)], dim=1)  # the one-token gather path
     torch.testing.assert_close(per_token, out, rtol=1e-4, atol=1e-4)
+    with torch.no_grad():  # inference: the cached per-expert views, rebuilt when the weights change in place
+        torch.testing.assert_close(moe(x[:, :1]), out[:, :1], rtol=1e-4, atol=1e-4)
+        moe.w_in.mul_(0.5)
+        torch.testing.assert_close(moe(x[:, :1]), moe.reference(x[:, :1]), rtol=1e-4, atol=1e-4)
 
 
 @settings(max_examples=25, deadline=None)

@@ -187,25 +187,31 @@ class MoEFFN(nn.Module):
         return self._gated(h).reshape(flat.shape[0], -1) @ self.w_out.reshape(-1, self.hidden)
 
     def _one_token(self, flat: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
-        """The chosen experts' slices read in place (no gather copy): sorted, merged into contiguous runs."""
-        runs: list[list[int]] = []
-        for expert in sorted(chosen.tolist()):
-            if runs and runs[-1][1] == expert:
-                runs[-1][1] = expert + 1
-            else:
-                runs.append([expert, expert + 1])
-        h = torch.cat([flat @ self.w_in[a:b].view(-1, self.hidden).t() for a, b in runs], dim=1)
-        h = h.view(self.top_k, 2 * self.expert_size)
+        """One token: a matrix-vector product per chosen expert, read in place from ``w_in`` (no gather copy),
+        and the down projection as one weighted row sum of ``w_out`` (``embedding_bag``), so the op count stays
+        ``top_k + O(1)`` — small ops, not bytes, are what a decode step pays for at this size."""
+        experts = self._expert_views()
+        h = torch.stack([torch.mv(experts[e], flat[0]) for e in chosen.tolist()])  # top_k × 2m
         if self.b_in is not None:
-            h = h + torch.cat([self.b_in[a:b] for a, b in runs])
-        gated = self._gated(h).view(1, -1)
-        out, start = None, 0
-        for a, b in runs:
-            width = (b - a) * self.expert_size
-            part = gated[:, start:start + width] @ self.w_out[a:b].view(-1, self.hidden)
-            out = part if out is None else out + part
-            start += width
-        return out
+            h = h + self.b_in.index_select(0, chosen)
+        gated = self._gated(h).reshape(1, -1)
+        neurons = (chosen[:, None] * self.expert_size + self._neuron_offsets(chosen.device)).reshape(1, -1)
+        return F.embedding_bag(neurons, self.w_out.view(-1, self.hidden), per_sample_weights=gated, mode="sum")
+
+    def _expert_views(self) -> tuple[torch.Tensor, ...]:
+        """``w_in``'s per-expert views, made once per weight storage (views are not free at decode rates)."""
+        if torch.is_grad_enabled():
+            return self.w_in.unbind(0)
+        key = (self.w_in.data_ptr(), self.w_in._version)
+        if getattr(self, "_views_key", None) != key:
+            self._views, self._views_key = self.w_in.detach().unbind(0), key
+        return self._views
+
+    def _neuron_offsets(self, device: torch.device) -> torch.Tensor:
+        offsets = getattr(self, "_offsets", None)
+        if offsets is None or offsets.device != device:
+            offsets = self._offsets = torch.arange(self.expert_size, device=device)
+        return offsets
 
     def _grouped(self, flat: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
         out = torch.zeros_like(flat)

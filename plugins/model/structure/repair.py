@@ -66,7 +66,7 @@ How a plugin uses it
    (Hinton et al., arXiv:1503.02531) or reverse KL (MiniLLM, arXiv:2306.08543) at
    ``repair_temperature``. ``identity`` is anything that identifies the conversion (its
    config): with ``repair_checkpoint`` the trained parameters are cached under a key of
-   the original model's fingerprint, ``name``, ``identity`` and the repair config, so an
+   the original's and the converted model's fingerprints, ``name``, ``identity`` and the repair config, so an
    identical run is read back instead of trained. It returns ``None`` when
    ``repair_steps == 0``. The report holds the :class:`TrainingCost` and, with
    ``repair_eval_windows > 0``, held-out (wikipedia *test* split) perplexity and KL to the
@@ -316,7 +316,10 @@ def repair(model: nn.Module, tokenizer: Any, parameters: dict[str, nn.Parameter]
     dtype = str(next(model.parameters()).dtype)
     options = config.model_dump(include={k for k in RepairConfig.model_fields if k not in
                                          ("repair_checkpoint", "repair_eval_windows")})
-    path = (checkpoint_path("structure_repair", run_key(name, fingerprint, dtype, list(identity), options,
+    # the converted model's own fingerprint too: a conversion that is not bit-reproducible (a k-means or a
+    # router trained with another thread count) must not be handed parameters repaired from another start
+    start = model_fingerprint(model)
+    path = (checkpoint_path("structure_repair", run_key(name, fingerprint, start, dtype, list(identity), options,
                                                         sorted(parameters)))
             if config.repair_checkpoint else None)
     windows = held_out_windows(tokenizer, config.repair_eval_windows, config.repair_seq_len)
