@@ -177,6 +177,7 @@ def main() -> None:
     parser.add_argument("--window", type=int, default=64, help="hedgehog's and linformer's exact sliding window")
     parser.add_argument("--slots", type=int, default=64, help="linformer's compressed rows per KV head")
     parser.add_argument("--pool-block", type=int, default=128, help="linformer_pooled's positions per slot")
+    parser.add_argument("--sinks", type=int, default=1, help="linformer's slots kept for the first tokens alone")
     parser.add_argument("--fit-steps", type=int, default=60)
     parser.add_argument("--fit-samples", type=int, default=8)
     parser.add_argument("--repair-steps", type=int, default=20)
@@ -255,7 +256,7 @@ def measure(args) -> None:
             if method == "hedgehog":
                 config["window"] = args.window
             if method.startswith("linformer"):  # linformer_pooled: the same technique, pooled projection
-                config.update(window=args.window, slots=args.slots)
+                config.update(window=args.window, slots=args.slots, sinks=args.sinks)
                 if method == "linformer_pooled":
                     config.update(projection="pooled", pool_block=args.pool_block)
             technique = classes[method](config)
@@ -279,6 +280,13 @@ def measure(args) -> None:
 
 def fmt_ppl(value: float) -> str:
     return f"{value:.2f}" if value < 1e4 else f"{value:.2e}"
+
+
+def method_label(row: dict) -> str:
+    """The method, and for linformer its sink slots (rows measured before the option had none)."""
+    if row["method"].startswith("linformer"):
+        return f"{row['method']} (sinks {row.get('config', {}).get('sinks', 0)})"
+    return row["method"]
 
 
 def fmt_count(row: dict) -> str:
@@ -321,7 +329,7 @@ def write_tables() -> None:
         def line(row: dict) -> str:
             q, ctx = row["quality"], row["contexts"]
             steps = (f"{row['config']['fit_steps']} / {row['config']['repair_steps']}" if "config" in row else "–")
-            cells = [row["method"], fmt_count(row), steps, f"{row['parameters'] / 1e6:.2f}", fmt_ppl(q["ppl"]),
+            cells = [method_label(row), fmt_count(row), steps, f"{row['parameters'] / 1e6:.2f}", fmt_ppl(q["ppl"]),
                      f"{q['kl']:.3f}", f"{q['top1']:.3f}", f"{row['setup_s']:.0f}" if "setup_s" in row else "–"]
             cells += [f"{(ctx[c]['kv_bytes'] + ctx[c]['state_bytes']) / 2**20:.1f}" if c in ctx else "–"
                       for c in contexts]

@@ -35,11 +35,11 @@ def converted(family: str, depth: int = 3, perturb: bool = True, **config):
 
 @settings(max_examples=16, deadline=None)
 @given(family=st.sampled_from(FAMILIES), projection=st.sampled_from(["learned", "pooled"]),
-       window=st.integers(0, 6), batch=st.integers(1, 3), length=st.integers(1, 19), chunk=st.integers(1, 8),
-       split=st.integers(0, 19))
-def test_parallel_form_equals_recurrent_form(family, projection, window, batch, length, chunk, split):
+       window=st.integers(0, 6), sinks=st.integers(0, 2), batch=st.integers(1, 3), length=st.integers(1, 19),
+       chunk=st.integers(1, 8), split=st.integers(0, 19))
+def test_parallel_form_equals_recurrent_form(family, projection, window, sinks, batch, length, chunk, split):
     """Chunked parallel (any chunk, from any incoming state) == one token at a time: outputs and state."""
-    model, _, swapped = converted(family, projection=projection, window=window, chunk_size=chunk)
+    model, _, swapped = converted(family, projection=projection, window=window, sinks=sinks, chunk_size=chunk)
     check_forms_agree(model, swapped[0][2], batch, length, split)
 
 
@@ -117,7 +117,7 @@ def test_state_bytes_do_not_grow_with_the_context(projection):
     assert sizes[0]["state"] == sizes[1]["state"] > 0
     mixer = swapped[0][2]  # K̃, Ṽ (r × d) and m per KV head + the window's keys, values, φ and validity
     per_layer = mixer.num_kv_heads * (2 * 4 * mixer.head_dim + 4 + 5 * (2 * mixer.head_dim + 4)) * 4 + 5 * 4
-    assert sizes[0]["state"] == 2 * (per_layer + (8 if projection == "pooled" else 0))
+    assert sizes[0]["state"] == 2 * (per_layer + 8)  # + the row's token count (positions of the sink slot)
 
 
 @pytest.mark.parametrize("projection", ["learned", "pooled"])
@@ -134,23 +134,40 @@ def test_left_padding_gives_what_a_row_gives_alone(projection):
     assert PlainDecoding().generate(model, ids, mask, GenerationConfig(max_new_tokens=6), set()).sequences == alone
 
 
-def test_pooled_slots_are_running_means_by_position():
-    """Slot s holds the positions s·pool_block … (s+1)·pool_block − 1; later positions go to the last slot."""
-    model, _, swapped = converted("llama", projection="pooled", window=0, slots=3, pool_block=2, perturb=False)
+@pytest.mark.parametrize("sinks, masses, last", [(0, [2.0, 2.0, 5.0], 4), (1, [1.0, 2.0, 6.0], 3)])
+def test_pooled_slots_are_running_means_by_position(sinks, masses, last):
+    """The first `sinks` positions get a slot each, then slot s holds pool_block positions; later positions go
+    to the last slot."""
+    model, _, swapped = converted("llama", projection="pooled", window=0, slots=3, pool_block=2, sinks=sinks,
+                                  perturb=False)
     mixer: LowRankAttention = swapped[0][2]
     x = torch.randn(1, 9, model.config.hidden_size, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         _, state = mixer.mix(x, rope_for(model, x, torch.arange(9)[None]), None, None, "parallel")
         _, k, _ = mixer.heads(x, rope_for(model, x, torch.arange(9)[None]))
-    assert state["m"][0, 0].tolist() == [2.0, 2.0, 5.0]
+    assert state["m"][0, 0].tolist() == masses
     assert int(state["n"]) == 9
-    torch.testing.assert_close(state["mk"][0, :, 2], k[0, :, 4:].sum(1))
+    torch.testing.assert_close(state["mk"][0, :, 2], k[0, :, last:].sum(1))
+
+
+def test_learned_sink_slot_holds_the_first_token_alone():
+    model, _, swapped = converted("gemma3", window=0, slots=4, sinks=1)
+    mixer: LowRankAttention = swapped[0][2]
+    x = torch.randn(2, 7, model.config.hidden_size, generator=torch.Generator().manual_seed(0))
+    rope = rope_for(model, x, torch.arange(7)[None].expand(2, -1))
+    with torch.no_grad():
+        _, state = mixer.mix(x, rope, None, None, "parallel")
+        _, k, _ = mixer.heads(x, rope)
+    torch.testing.assert_close(state["m"][..., 0], torch.ones_like(state["m"][..., 0]))
+    torch.testing.assert_close(state["mk"][:, :, 0], k[:, :, 0])
+    torch.testing.assert_close(state["m"].sum(-1), torch.full_like(state["m"][..., 0], 7.0))
 
 
 @pytest.mark.parametrize("config, field", [
     ({"slots": 0}, "slots"), ({"slots": 5000}, "slots"), ({"projection": "random"}, "projection"),
     ({"window": -1}, "window"), ({"pool_block": 0}, "pool_block"), ({"count": -1}, "count"),
     ({"layers": [1, 1]}, "layers"), ({"chunk_size": 0}, "chunk_size"), ({"fit_lr": 0}, "fit_lr"),
+    ({"sinks": -1}, "sinks"), ({"slots": 4, "sinks": 4}, "sinks=4 must be < slots=4"),
     ({"bogus": 1}, "bogus"),
 ])
 def test_bad_configs_are_refused_with_the_field(config, field):

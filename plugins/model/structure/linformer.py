@@ -11,12 +11,17 @@ token — slot weights ``φⱼ ∈ R^r`` per token, ``K̃ᵢ = Σⱼ≤ᵢ φⱼ
 Linformer as the case of fixed, position-based ``φ``. That causal form is what this module runs:
 
 - ``projection: pooled`` — Linformer's pooling projection made causal: token ``j`` (its position
-  counted over the row's real tokens) is written to slot ``min(⌊j / pool_block⌋, r − 1)``, so slot
-  ``s`` is the mean of the keys (values) of positions ``s·pool_block … (s + 1)·pool_block − 1`` and
-  the last slot takes every later one;
-- ``projection: learned`` — ``φⱼ = softmax(W k̂ⱼ + b)`` over the ``r`` slots per KV head (``k̂ⱼ``:
-  the unit-normalised key before the rotary embedding; ``W`` random at the start, trained), ABC's
-  learned control in the place of Linformer's learned ``E``.
+  counted over the row's real tokens) is written to slot ``min(⌊j / pool_block⌋, r − 1)`` (after the
+  ``sinks`` below: ``sinks + ⌊(j − sinks) / pool_block⌋``), so a slot is the mean of the keys (values)
+  of ``pool_block`` consecutive positions and the last slot takes every later one;
+- ``projection: learned`` — ``φⱼ = softmax(W k̂ⱼ + b)`` over the ``r − sinks`` other slots per KV
+  head (``k̂ⱼ``: the unit-normalised key before the rotary embedding; ``W`` random at the start,
+  trained), ABC's learned control in the place of Linformer's learned ``E``;
+- ``sinks`` (default 1): the first tokens of each row keep a slot each, so their keys stay exact —
+  the attention sinks of Xiao et al., "Efficient Streaming Language Models with Attention Sinks",
+  arXiv:2309.17453. Averaged into a block, SmolLM2's first token (which many heads attend to
+  heavily) becomes an ordinary mean key: on layer 20 with 256-token windows the pooled layer's
+  relative output error is 1.95 without a sink slot, 0.05 with one (before any fit).
 
 The memory keeps the mass of each slot, ``mᵢ = Σⱼ≤ᵢ φⱼ``, next to the sums, so a slot reads as the
 *mean* key ``K̃ᵢ/mᵢ`` and mean value ``Ṽᵢ/mᵢ`` of what was written to it, and stands for ``mᵢ``
@@ -38,7 +43,7 @@ from __future__ import annotations
 from typing import Any, Literal
 
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 from torch import nn
 
 from effinfer.core import Paper
@@ -52,17 +57,20 @@ class LowRankAttention(RecurrentMixer):
     kind = "linformer"
 
     def __init__(self, attention: nn.Module, config: Any, layer_idx: int, slots: int = 64,
-                 projection: str = "learned", window: int = 64, pool_block: int = 128, chunk_size: int = 128,
-                 init_scale: float = 2.0, seed: int = 0) -> None:
+                 projection: str = "learned", window: int = 64, pool_block: int = 128, sinks: int = 1,
+                 chunk_size: int = 128, init_scale: float = 2.0, seed: int = 0) -> None:
         super().__init__(attention, config, layer_idx, chunk_size)
         if projection not in ("learned", "pooled"):
             raise ValueError(f"projection must be 'learned' or 'pooled', got {projection!r}")
+        if not 0 <= sinks < slots:
+            raise ValueError(f"sinks={sinks} must be in 0 … slots − 1 = {slots - 1}")
         self.slots, self.projection, self.window, self.pool_block = slots, projection, window, pool_block
+        self.sinks = sinks
         if projection == "learned":
             generator = torch.Generator().manual_seed(seed + layer_idx)
-            self.slot_weight = nn.Parameter(torch.randn(self.num_kv_heads, self.head_dim, slots,
+            self.slot_weight = nn.Parameter(torch.randn(self.num_kv_heads, self.head_dim, slots - sinks,
                                                         generator=generator) * init_scale)
-            self.slot_bias = nn.Parameter(torch.zeros(self.num_kv_heads, 1, slots))
+            self.slot_bias = nn.Parameter(torch.zeros(self.num_kv_heads, 1, slots - sinks))
         #: β per query head: the log weight of the memory against the exact window
         self.memory_bias = nn.Parameter(torch.zeros(self.num_heads, 1, 1))
 
@@ -72,18 +80,25 @@ class LowRankAttention(RecurrentMixer):
     def slot_weights(self, k: torch.Tensor, valid: torch.Tensor | None, state: dict[str, torch.Tensor]
                      ) -> torch.Tensor:
         """``φ`` (``B × Hkv × T × r``) of keys ``k`` before the rotary embedding; zero for hidden keys.
-        The pooled projection counts positions over each row's real tokens in ``state["n"]``."""
-        if self.projection == "learned":
-            unit = k / k.norm(dim=-1, keepdim=True).clamp_min(1e-6)
-            logits = torch.einsum("bhtd,hdr->bhtr", unit, self.slot_weight.to(k.dtype)) + self.slot_bias.to(k.dtype)
-            return masked(logits.softmax(-1), valid)
+        Positions are counted over each row's real tokens in ``state["n"]`` (pooled, or sink slots)."""
         batch, _, length, _ = k.shape
         real = (torch.ones(batch, length, dtype=torch.long, device=k.device) if valid is None
                 else valid.to(torch.long))
-        seen = state.get("n", torch.zeros(batch, 1, dtype=torch.long, device=k.device))
-        state["n"] = seen + real.sum(1, keepdim=True)
-        position = seen + real.cumsum(1) - 1
-        slot = torch.div(position.clamp_min(0), self.pool_block, rounding_mode="floor").clamp_max(self.slots - 1)
+        position = None
+        if self.projection == "pooled" or self.sinks:
+            seen = state.get("n", torch.zeros(batch, 1, dtype=torch.long, device=k.device))
+            state["n"] = seen + real.sum(1, keepdim=True)
+            position = (seen + real.cumsum(1) - 1).clamp_min(0)
+        if self.projection == "learned":
+            unit = k / k.norm(dim=-1, keepdim=True).clamp_min(1e-6)
+            logits = torch.einsum("bhtd,hdr->bhtr", unit, self.slot_weight.to(k.dtype)) + self.slot_bias.to(k.dtype)
+            phi = torch.nn.functional.pad(logits.softmax(-1), (self.sinks, 0))
+            if self.sinks:  # the first `sinks` tokens of a row each get a slot of their own
+                own = torch.nn.functional.one_hot(position.clamp_max(self.sinks - 1), self.slots).to(k.dtype)
+                phi = torch.where((position < self.sinks)[:, None, :, None], own[:, None], phi)
+            return masked(phi, valid)
+        later = self.sinks + torch.div(position - self.sinks, self.pool_block, rounding_mode="floor")
+        slot = torch.where(position < self.sinks, position, later).clamp_max(self.slots - 1)
         phi = torch.nn.functional.one_hot(slot, self.slots).to(k.dtype) * real[..., None].to(k.dtype)
         return phi[:, None].expand(-1, self.num_kv_heads, -1, -1)
 
@@ -152,8 +167,8 @@ class LowRankAttention(RecurrentMixer):
         return y, new
 
     def extra_repr(self) -> str:
-        return (f"{super().extra_repr()}, slots={self.slots}, projection={self.projection}, window={self.window}"
-                + (f", pool_block={self.pool_block}" if self.projection == "pooled" else ""))
+        return (f"{super().extra_repr()}, slots={self.slots}, projection={self.projection}, window={self.window}, "
+                f"sinks={self.sinks}" + (f", pool_block={self.pool_block}" if self.projection == "pooled" else ""))
 
 
 class Linformer(AlternateTechnique):
@@ -177,13 +192,23 @@ class Linformer(AlternateTechnique):
         pool_block: int = Field(128, ge=1, le=65536, description="positions per slot of the pooled projection "
                                                                  "(slots × pool_block positions are covered; later "
                                                                  "ones go to the last slot); unused when learned")
+        sinks: int = Field(1, ge=0, le=4095, description="first tokens of each row that keep a slot of their own "
+                                                         "(exact keys: attention sinks, as in StreamingLLM); "
+                                                         "must be < slots")
+
+        @model_validator(mode="after")
+        def _sinks_below_slots(self) -> Linformer.Config:
+            if self.sinks >= self.slots:
+                raise ValueError(f"sinks={self.sinks} must be < slots={self.slots} (the other slots hold the rest)")
+            return self
 
     def build(self, attention: nn.Module, model_config: Any, index: int) -> RecurrentMixer:
         config = self.config
         return LowRankAttention(attention, model_config, index, config.slots, config.projection, config.window,
-                                config.pool_block, config.chunk_size)
+                                config.pool_block, config.sinks, config.chunk_size)
 
     def describe_state(self, mixer: RecurrentMixer) -> str:
-        return (f"state per replaced layer: {mixer.slots} {mixer.projection} slots of keys and values × "
+        return (f"state per replaced layer: {mixer.slots} {mixer.projection} slots of keys and values "
+                f"({mixer.sinks} of them for the first tokens) × "
                 f"{mixer.num_kv_heads} KV heads" + (f" + an exact window of {mixer.window} keys/values"
                                                      if mixer.window else ""))
