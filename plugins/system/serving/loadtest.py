@@ -152,12 +152,14 @@ def replay_engine(engine: BaseEngine, trace: list[TraceItem], tokenizer: Any, ti
 
 
 # ------------------------------------------------------------------------- over HTTP
-async def _one(client: Any, url: str, model: str, item: TraceItem, start: float, timeout: float) -> Outcome:
+async def _one(client: Any, url: str, model: str, item: TraceItem, start: float, timeout: float,
+               extra: dict[str, Any] | None = None) -> Outcome:
     await asyncio.sleep(max(0.0, start + item.arrival - time.perf_counter()))
     sent = time.perf_counter()
     body = {"model": model, "prompt": item.prompt, "max_tokens": item.max_tokens, "temperature": 0.0,
             "stream": True, "ignore_eos": True, "priority": item.priority,
             "stream_options": {"include_usage": True}}
+    body |= extra or {}
     first, tokens, prompt_tokens, chunks = None, 0, 0, 0
     try:
         async with client.stream("POST", f"{url}/v1/completions", json=body, timeout=timeout) as response:
@@ -195,19 +197,22 @@ def http_client_module() -> Any:
     return httpx
 
 
-async def _replay_http(url: str, model: str, trace: list[TraceItem], timeout: float) -> tuple[list[Outcome], float]:
+async def _replay_http(url: str, model: str, trace: list[TraceItem], timeout: float,
+                       extra: dict[str, Any] | None = None) -> tuple[list[Outcome], float]:
     httpx = http_client_module()
 
     limits = httpx.Limits(max_connections=len(trace) + 1, max_keepalive_connections=len(trace) + 1)
     async with httpx.AsyncClient(limits=limits) as client:
         start = time.perf_counter() + 0.05
-        outcomes = await asyncio.gather(*(_one(client, url, model, item, start, timeout) for item in trace))
+        outcomes = await asyncio.gather(*(_one(client, url, model, item, start, timeout, extra) for item in trace))
     return list(outcomes), time.perf_counter() - start
 
 
-def replay_http(url: str, model: str, trace: list[TraceItem], timeout: float = 600.0) -> tuple[list[Outcome], float]:
-    """Replay ``trace`` against an OpenAI-compatible ``url`` (e.g. ``http://127.0.0.1:8000``)."""
-    return asyncio.run(_replay_http(url.rstrip("/"), model, trace, timeout))
+def replay_http(url: str, model: str, trace: list[TraceItem], timeout: float = 600.0,
+                extra: dict[str, Any] | None = None) -> tuple[list[Outcome], float]:
+    """Replay ``trace`` against an OpenAI-compatible ``url`` (e.g. ``http://127.0.0.1:8000``); ``extra``
+    fields go into every request body (a server's own spelling of an option, e.g. ``logit_bias``)."""
+    return asyncio.run(_replay_http(url.rstrip("/"), model, trace, timeout, extra))
 
 
 @dataclass
