@@ -12,6 +12,7 @@ from effinfer.core.testing import tiny_model
 from effinfer.plugins.system.serving.engine import (ContinuousBatchingEngine, EngineConfig, ServeRequest,
                                                     StaticBatchingEngine)
 from effinfer.plugins.system.serving.paged import BlockAllocator, OutOfBlocks, PagedKVCache, paged_attention
+from effinfer.plugins.system.serving.forward import PagedForward
 from effinfer.plugins.system.serving.scheduling import (FCFS, OutputLengthPredictor, PriorityPreemptive,
                                                         ShortestJobFirst)
 from effinfer.plugins.system.serving.techniques import serving_policy
@@ -292,3 +293,28 @@ def test_a_pool_too_small_for_both_requests_still_serves_each_exactly():
         engine.step()
     assert not engine.has_work()
     assert [r.output for r in requests] == [_greedy_alone(model, p, 4) for p in prompts]
+
+
+@pytest.mark.parametrize("family,kernel", [("llama", "triton"), ("gemma3", "triton"), ("qwen2", "cpu")])
+def test_decode_attention_through_the_kernels_paged_operator_gives_the_same_greedy_tokens(family, kernel):
+    """attention_kernel routes decode tokens through effinfer.kernels.paged_decode_attention on the pool's pages
+    (Triton in its CPU interpreter here; on CUDA it is the default); Gemma 3's sliding layers stay on torch."""
+    if kernel == "triton":
+        from effinfer.kernels.dispatch import triton_problem
+
+        if triton_problem() is not None:
+            pytest.skip(triton_problem())
+    model, _ = tiny_model(family)
+    prompts = _prompts(model.config.vocab_size, [5, 21, 9])
+    lengths = [6, 4, 7]
+    expected = [_greedy_alone(model, p, n) for p, n in zip(prompts, lengths)]
+    engine = ContinuousBatchingEngine(model, EngineConfig(block_size=4, num_blocks=24, max_batched_tokens=16,
+                                                          attention_kernel=kernel))
+    assert engine.forward.attention_kernel == kernel
+    requests = [ServeRequest(str(i), p, max_tokens=n) for i, (p, n) in enumerate(zip(prompts, lengths))]
+    for request in requests:
+        engine.add(request)
+    engine.run_until_done()
+    assert [r.output for r in requests] == expected
+    with pytest.raises(ValueError, match="attention_kernel"):
+        PagedForward(model, "cuda-magic")

@@ -29,6 +29,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -84,6 +85,9 @@ class EngineConfig(BaseModel):
     num_blocks: int | None = Field(None, ge=2, description="KV blocks in the pool (None: from kv_cache_mb)")
     kv_cache_mb: float = Field(256.0, gt=0, le=1 << 20, description="KV pool size when num_blocks is None")
     prefix_caching: bool = Field(True, description="share identical prompt prefixes (copy-on-write)")
+    attention_kernel: Literal["auto", "torch", "reference", "cpu", "triton"] = Field(
+        "auto", description="decode attention over the pool: plain torch, or effinfer.kernels' "
+                            "paged_decode_attention on a backend (auto: Triton on CUDA, plain torch elsewhere)")
     max_num_seqs: int = Field(32, ge=1, le=4096, description="running requests at most")
     max_batched_tokens: int = Field(256, ge=1, le=65536, description="new tokens per iteration (chunk budget)")
     chunked_prefill: bool = Field(True, description="split prefills into chunks mixed with decodes")
@@ -191,7 +195,7 @@ class ContinuousBatchingEngine(BaseEngine):
                  eos_ids: set[int] | None = None) -> None:
         config = config or EngineConfig()
         super().__init__(model, config, scheduler, eos_ids)
-        self.forward = PagedForward(model)
+        self.forward = PagedForward(model, config.attention_kernel)
         layout = self.forward.layout
         per_block = 2 * layout.num_layers * layout.num_kv_heads * layout.head_dim * config.block_size * \
             next(model.parameters()).element_size()

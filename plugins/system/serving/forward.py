@@ -17,6 +17,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from effinfer import kernels
+from effinfer.kernels import BACKENDS, backend_for
 from effinfer.plugins.system.engine.forward import (SLIDING, DecoderLayout, UnsupportedModel, apply_rotary,
                                                     mlp_forward, project)
 from effinfer.plugins.system.serving.paged import PagedKVCache, paged_attention
@@ -42,12 +44,25 @@ class StepBatch:
 
 
 class PagedForward:
-    """The decoder of ``model`` over a :class:`PagedKVCache` (see the module docstring)."""
+    """The decoder of ``model`` over a :class:`PagedKVCache` (see the module docstring).
 
-    def __init__(self, model: nn.Module) -> None:
+    ``attention_kernel`` picks how decode tokens attend over the pool: ``"torch"`` gathers their
+    slots and runs SDPA (the plain-torch reference); a backend of :mod:`effinfer.kernels`
+    (``"triton"``, ``"cpu"``, ``"reference"``) runs its ``paged_decode_attention`` on the pool seen as
+    ``[blocks, kv_heads, block_size, head_dim]`` pages, in place; ``"auto"`` is the Triton kernel on CUDA
+    and the plain-torch path elsewhere. Prefill chunks and sliding-window layers always take the
+    plain-torch path (the kernel has neither a causal chunk nor a window).
+    """
+
+    def __init__(self, model: nn.Module, attention_kernel: str = "auto") -> None:
         self.layout = DecoderLayout.of(model)
         parameter = next(model.parameters())
         self.device, self.dtype = parameter.device, parameter.dtype
+        if attention_kernel == "auto":
+            attention_kernel = "triton" if backend_for(self.device) == "triton" else "torch"
+        if attention_kernel not in ("torch", *BACKENDS):
+            raise ValueError(f"attention_kernel={attention_kernel!r}: use auto, torch or one of {BACKENDS}")
+        self.attention_kernel = attention_kernel
 
     def new_cache(self, num_blocks: int, block_size: int, prefix_caching: bool = True) -> PagedKVCache:
         layout = self.layout
@@ -96,8 +111,11 @@ class PagedForward:
             query_pos = torch.tensor([s.position for s in decodes], device=device)[:, None]
             allowed = (key_pos <= query_pos)[:, None]  # B × 1 × T
             near = allowed & (key_pos > query_pos - window)[:, None] if window else allowed
-            groups.append({"rows": torch.tensor([s.start for s in decodes], device=device), "slots": slots,
-                           "allowed": allowed, "near": near, "k": 1})
+            group = {"rows": torch.tensor([s.start for s in decodes], device=device), "slots": slots,
+                     "allowed": allowed, "near": near, "k": 1}
+            if self.attention_kernel != "torch":
+                group |= self._block_table(cache, decodes)
+            groups.append(group)
         for s in batch.segments:
             if s.length == 1:
                 continue
@@ -110,6 +128,26 @@ class PagedForward:
                            "slots": cache.slots_of(s.seq, 0, end)[None], "allowed": allowed, "near": near,
                            "k": s.length})
         return groups
+
+    def _block_table(self, cache: PagedKVCache, decodes: list[Segment]) -> dict[str, torch.Tensor]:
+        """The decodes' block tables (``B × max_blocks``, int32, padded with block 0) and context lengths."""
+        lengths = [s.position + 1 for s in decodes]
+        width = max(-(-n // cache.block_size) for n in lengths)
+        table = torch.zeros(len(decodes), width, dtype=torch.int32)
+        for i, (s, n) in enumerate(zip(decodes, lengths)):
+            blocks = cache.tables[s.seq].blocks[:-(-n // cache.block_size)]
+            table[i, :len(blocks)] = torch.tensor(blocks, dtype=torch.int32)
+        return {"table": table.to(self.device), "lengths": torch.tensor(lengths, dtype=torch.int32, device=self.device)}
+
+    def _kernel_decode(self, queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, group: dict,
+                       block_size: int, scale: float) -> torch.Tensor:
+        """``B × heads × d`` attention of decode queries by :func:`effinfer.kernels.paged_decode_attention`, over
+        the pool viewed (no copy) as ``[blocks, kv_heads, block_size, d]`` pages."""
+        def pages(pool: torch.Tensor) -> torch.Tensor:
+            return pool.view(-1, block_size, *pool.shape[1:]).permute(0, 2, 1, 3)
+
+        return kernels.paged_decode_attention(queries, pages(keys), pages(values), group["table"], group["lengths"],
+                                              scale, backend=self.attention_kernel)
 
     def _attention(self, attention: nn.Module, index: int, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                    cache: PagedKVCache, write_slots: torch.Tensor, groups: list[dict], sliding: bool) -> torch.Tensor:
@@ -129,7 +167,10 @@ class PagedForward:
         queries = q[0].transpose(0, 1)  # N × heads × d
         for group in groups:
             rows = group["rows"]
-            if group["k"] == 1:
+            if group["k"] == 1 and "table" in group and not sliding:
+                out[rows] = self._kernel_decode(queries[rows], keys, values, group, cache.block_size,
+                                                attention.scaling).to(out.dtype)
+            elif group["k"] == 1:
                 group_q = queries[rows][:, :, None]  # B × heads × 1 × d
                 result = paged_attention(group_q, keys, values, group["slots"],
                                          group["near" if sliding else "allowed"], attention.scaling)

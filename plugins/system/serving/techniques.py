@@ -11,7 +11,7 @@ its policy on ``stage.extras["serving"]`` under its role (``memory``, ``batching
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -49,6 +49,9 @@ class PagedKV(ServingTechnique):
         block_size: int = Field(16, ge=1, le=256, description="tokens per KV block")
         kv_cache_mb: float = Field(256.0, gt=0, le=1 << 20, description="size of the block pool")
         prefix_caching: bool = Field(True, description="share identical prompt prefixes across requests")
+        attention_kernel: Literal["auto", "torch", "reference", "cpu", "triton"] = Field(
+            "auto", description="decode attention over the blocks: plain torch, or effinfer.kernels' "
+                                "paged_decode_attention (auto: the Triton kernel on CUDA, plain torch elsewhere)")
 
 
 class ContinuousBatching(ServingTechnique):
