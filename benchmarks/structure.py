@@ -38,7 +38,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from engine import ARTIFACTS, machine_load, table_header, write_table  # noqa: E402
+from engine import ARTIFACTS, TABLES, machine_load, table_header, write_table  # noqa: E402
 from structure_alternates import quality  # noqa: E402  (perplexity, KL and top-1 vs the original)
 
 ROWS_DIR = ARTIFACTS / "structure_ffn_kv"
@@ -168,6 +168,31 @@ def write_tables() -> None:
         lines += ["", "Notes of each run (the technique's run record):", ""]
         lines += [f"- `{r['variant']}`: " + "; ".join(r["notes"]) for r in chosen]
         print(write_table(node, "ffn_kv", "\n".join(lines) + "\n"))
+        plot_memory(node, chosen, contexts)
+
+
+def plot_memory(node: str, rows: list[dict], contexts: list[int]) -> None:
+    """KV-cache MiB against context, the original and each variant (read from the HF cache after the prompt)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(5.5, 3.5))
+    first = rows[0]["contexts"]
+    axis.plot(contexts, [first[str(c)]["kv_original"] / 2**20 for c in contexts], "k--o", label="original")
+    for r in sorted(rows, key=lambda r: r["variant"]):
+        axis.plot(contexts, [r["contexts"][str(c)]["kv_converted"] / 2**20 for c in contexts], "o-",
+                  label=r["variant"].split(":", 1)[1])
+    axis.set_xlabel("context (tokens)")
+    axis.set_ylabel("KV cache (MiB)")
+    axis.set_title(f"{rows[0]['technique']}: memory vs context (SmolLM2-135M fp32)", fontsize=9)
+    axis.legend(fontsize=7)
+    figure.tight_layout()
+    path = TABLES / node / "memory_vs_context.png"
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    print(path)
 
 
 def main() -> None:
