@@ -1,7 +1,7 @@
 """The same Poisson traces over HTTP: ``effinfer serve`` (continuous + paged, and static batching)
 against ``llama-cpp-python``'s OpenAI-compatible server on the same GGUF file.
 
-    /work/notes/cpu-exclusive .venv/bin/python benchmarks/serving_peers.py          # ≈ 10 min on 2 cores
+    /work/notes/cpu-exclusive .venv/bin/python benchmarks/serving_peers.py          # ≈ 16 min on 2 cores
     .venv/bin/python benchmarks/serving_peers.py --systems effinfer_continuous --rates 1 --requests 4
 
 Each system is started as its own server process on a free port (2 threads each, one at a time,

@@ -55,6 +55,7 @@ from torch import nn
 
 from effinfer.plugins.system.serving.engine import ContinuousBatchingEngine, EngineConfig, ServeRequest
 from effinfer.plugins.system.serving.scheduling import FCFS
+from effinfer.plugins.system.serving.sweep import ray_available
 
 ModelSource = nn.Module | Callable[[], Any]
 
@@ -327,14 +328,6 @@ class DecodeWorker(_Worker):
         self.engine.finished.clear()
         done, self._done = self._done, []
         return done
-
-
-def ray_available() -> bool:
-    try:
-        import ray  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 class DisaggregatedServer:

@@ -132,10 +132,9 @@ class PagedForward:
     def _block_table(self, cache: PagedKVCache, decodes: list[Segment]) -> dict[str, torch.Tensor]:
         """The decodes' block tables (``B × max_blocks``, int32, padded with block 0) and context lengths."""
         lengths = [s.position + 1 for s in decodes]
-        width = max(-(-n // cache.block_size) for n in lengths)
-        table = torch.zeros(len(decodes), width, dtype=torch.int32)
+        table = torch.zeros(len(decodes), max(map(cache.blocks_needed, lengths)), dtype=torch.int32)
         for i, (s, n) in enumerate(zip(decodes, lengths)):
-            blocks = cache.tables[s.seq].blocks[:-(-n // cache.block_size)]
+            blocks = cache.tables[s.seq].blocks[:cache.blocks_needed(n)]
             table[i, :len(blocks)] = torch.tensor(blocks, dtype=torch.int32)
         return {"table": table.to(self.device), "lengths": torch.tensor(lengths, dtype=torch.int32, device=self.device)}
 
