@@ -296,7 +296,8 @@ def test_a_pool_too_small_for_both_requests_still_serves_each_exactly():
 
 
 @pytest.mark.parametrize("family,kernel", [("llama", "triton"), ("gemma3", "triton"), ("qwen2", "cpu")])
-def test_decode_attention_through_the_kernels_paged_operator_gives_the_same_greedy_tokens(family, kernel):
+def test_decode_attention_through_the_kernels_paged_operator_gives_the_same_greedy_tokens(family, kernel,
+                                                                                          monkeypatch):
     """attention_kernel routes decode tokens through effinfer.kernels.paged_decode_attention on the pool's pages
     (Triton in its CPU interpreter here; on CUDA it is the default); Gemma 3's sliding layers stay on torch."""
     if kernel == "triton":
@@ -308,6 +309,12 @@ def test_decode_attention_through_the_kernels_paged_operator_gives_the_same_gree
     prompts = _prompts(model.config.vocab_size, [5, 21, 9])
     lengths = [6, 4, 7]
     expected = [_greedy_alone(model, p, n) for p, n in zip(prompts, lengths)]
+    from effinfer import kernels
+
+    calls = []
+    operator = kernels.paged_decode_attention
+    monkeypatch.setattr(kernels, "paged_decode_attention",
+                        lambda *args, **kwargs: calls.append(kwargs["backend"]) or operator(*args, **kwargs))
     engine = ContinuousBatchingEngine(model, EngineConfig(block_size=4, num_blocks=24, max_batched_tokens=16,
                                                           attention_kernel=kernel))
     assert engine.forward.attention_kernel == kernel
@@ -316,5 +323,6 @@ def test_decode_attention_through_the_kernels_paged_operator_gives_the_same_gree
         engine.add(request)
     engine.run_until_done()
     assert [r.output for r in requests] == expected
+    assert calls and set(calls) == {kernel}  # the decodes really went through the operator
     with pytest.raises(ValueError, match="attention_kernel"):
         PagedForward(model, "cuda-magic")
