@@ -13,6 +13,7 @@ path is a few functions over pre-allocated tensors. Three operations:
 
 from __future__ import annotations
 
+import warnings
 import weakref
 from collections.abc import Sequence
 from functools import partial
@@ -25,8 +26,14 @@ from effinfer.core.generation import positions_from_mask
 from effinfer.plugins.system.engine.cache import StaticKVCache, round_capacity
 from effinfer.plugins.system.engine.compile import CompiledStep
 from effinfer.plugins.system.engine.forward import DecoderLayout, decoder_forward, lm_logits
+from effinfer.plugins.system.engine.native_step import NativeStep, native_problem, weight_pointers
 
 
+#: decode-step implementations: ``auto`` = the native CPU step where it runs (float32 CPU model, eager), else
+#: torch's; ``native`` = the same, warning when it cannot run; ``torch`` = always the torch step
+KERNEL_CHOICES = ("auto", "native", "torch")
+#: rows one native decode call takes (larger batches use the torch step)
+MAX_NATIVE_BATCH = 8
 #: node counts a compiled tree forward is padded to (one compiled graph per bucket)
 TREE_BUCKETS = (16, 32, 64, 128)
 
@@ -39,7 +46,8 @@ def tree_width(nodes: int) -> int:
 class Engine:
     """A Llama, Qwen2 or Gemma 3 model decoded over a static KV cache (see the module docstring)."""
 
-    def __init__(self, model: nn.Module, compile: bool = False, compile_mode: str | None = None) -> None:
+    def __init__(self, model: nn.Module, compile: bool = False, compile_mode: str | None = None,
+                 kernels: str = "auto") -> None:
         # a weak reference: the process-wide engine table is keyed weakly by the model, so an
         # engine must not keep its model (and the model's static buffers) alive
         self._model = weakref.ref(model)
@@ -51,6 +59,13 @@ class Engine:
         self._steps: dict[tuple[int, ...] | None, CompiledStep] = {}
         self._tree_steps: dict[tuple[int, ...] | None, CompiledStep] = {}
         self._caches: dict[str, StaticKVCache] = {}
+        if kernels not in KERNEL_CHOICES:
+            raise ValueError(f"kernels={kernels!r}: use one of {KERNEL_CHOICES}")
+        self.kernels = kernels
+        #: why the native decode step does not run (``None`` while it does or has not been tried)
+        self.native_reason: str | None = None
+        self._native: NativeStep | None = None
+        self._native_tried = False
 
     @property
     def model(self) -> nn.Module:
@@ -91,6 +106,8 @@ class Engine:
         hidden = decoder_forward(self.layout, input_ids, positions_from_mask(attention_mask), rows, mask,
                                  cache.keys, cache.values, key_positions=columns[None, :] - cache.pad[:, None])
         cache.length = prompt
+        if self._native is not None and self._native.pointers != weight_pointers(self.layout):
+            self._native, self._native_tried = None, False  # a technique replaced weights since it was built
         last = hidden[:, -1:]
         return StepOutput(lm_logits(self.layout, last), last)
 
@@ -106,12 +123,33 @@ class Engine:
         """
         slot = cache.length if start is None else start
         cache.check_room(slot + 1 - cache.length)
+        native = self.native_step()
+        if native is not None and tokens.numel() <= MAX_NATIVE_BATCH:
+            logits = native(tokens, slot, cache.keys, cache.values, cache.pad, layers)
+            if start is None:
+                cache.length += 1
+            return logits
         step = self.decode_step(layers)
         logits = step(tokens.view(-1, 1), torch.tensor([slot], device=self.device), cache.keys, cache.values,
                       cache.not_pad, cache.pad)
         if start is None:
             cache.length += 1
         return logits
+
+    def native_step(self) -> NativeStep | None:
+        """The native CPU decode step when it runs this model (built on first use), else ``None``."""
+        if not self._native_tried:
+            self._native_tried = True
+            if self.kernels == "torch" or self.compile:
+                self.native_reason = "kernels='torch'" if self.kernels == "torch" else "the compiled step runs"
+            else:
+                self.native_reason = native_problem(self.layout, self.model)
+                if self.native_reason is None:
+                    self._native = NativeStep(self.layout, self.model)
+                elif self.kernels == "native":
+                    warnings.warn(f"the native decode step cannot run: {self.native_reason}; using the torch step",
+                                  RuntimeWarning, stacklevel=3)
+        return self._native
 
     def decode_step(self, layers: Sequence[int] | None = None) -> CompiledStep:
         key = None if layers is None else tuple(layers)

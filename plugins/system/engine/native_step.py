@@ -1,0 +1,220 @@
+"""The static engine's decode step through effinfer's native CPU kernels (``effinfer.kernels.native``).
+
+Graph-level fusion of a one-token step, with the same arithmetic as :func:`.forward.decoder_forward`:
+
+- projections that share an input run as one call (Q/K/V, gate/up), each weight read once for
+  every row of the batch, at close to the memory bandwidth;
+- the residual add and the next RMSNorm are one call;
+- rotary embedding, KV write and attention over the valid cache columns (padding and a sliding
+  window skipped, not masked) are one call;
+- the gated activation is one call.
+
+A projection that is not a plain float32 ``nn.Linear`` nor a :class:`QuantizedLinear` stored in
+the project's packed layout (a technique's own module) runs as the module itself, so
+model-level techniques stay honoured; :func:`native_problem` refuses what this step cannot run
+(the engine then uses the torch step).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import nn
+
+from effinfer.kernels import autotune, native
+from effinfer.kernels.packed import PackedWeight
+from effinfer.plugins.system.engine.forward import SLIDING, DecoderLayout
+
+Projection = Callable[[torch.Tensor], list[torch.Tensor]]
+
+GEMMA_NORMS = {"Gemma3RMSNorm"}
+PLAIN_NORMS = {"LlamaRMSNorm", "Qwen2RMSNorm", "MistralRMSNorm"} | GEMMA_NORMS
+
+
+def packed_weight(module: nn.Module) -> PackedWeight | None:
+    """The packed weight of a quantization-family layer stored in the project's layout, else ``None``."""
+    if type(module).__name__ != "QuantizedLinear" or getattr(module, "packed", None) is None:
+        return None
+    if getattr(module, "mode", None) == "fake" or getattr(module, "kernel", None) is not None:
+        return None
+    return PackedWeight.from_parts(module.packed, module.scales, module.zeros, module.bits, module.group_size,
+                                   module.in_features)
+
+
+def is_dense(module: nn.Module) -> bool:
+    return type(module) is nn.Linear and module.weight.dtype == torch.float32
+
+
+def projection(modules: Sequence[nn.Module], path: str = "native") -> Projection:
+    """One call computing every module of ``modules`` (which share their input) on it; plain float32 linears
+    through the dense decode ``path`` (:mod:`effinfer.kernels.autotune`)."""
+    if all(is_dense(m) for m in modules):
+        if path == "native":
+            return native.DenseGroup([m.weight.detach().contiguous() for m in modules],
+                                     [None if m.bias is None else m.bias.detach() for m in modules])
+        linear = autotune.dense_linear(path)
+        return lambda x: [linear(x, m.weight, m.bias) for m in modules]
+    packed = [packed_weight(m) for m in modules]
+    if all(p is not None and native.packed_problem(p) is None for p in packed):
+        kinds = {(p.bits, p.group_size) for p in packed}
+        if len(kinds) == 1:
+            return native.PackedGroup(packed, [None if m.bias is None else m.bias.detach().float() for m in modules])
+    if len(modules) > 1:
+        parts = [projection([m], path) for m in modules]
+        return lambda x: [part(x)[0] for part in parts]
+    module = modules[0]
+    return lambda x: [module(x)]
+
+
+def norm_parameters(norm: nn.Module) -> tuple[torch.Tensor, float, float]:
+    """``(weight, eps, offset)`` of a Llama/Qwen2/Gemma 3 RMSNorm (Gemma scales by ``1 + weight``)."""
+    eps = getattr(norm, "variance_epsilon", None) or getattr(norm, "eps", 1e-6)
+    return norm.weight.detach(), float(eps), 1.0 if type(norm).__name__ in GEMMA_NORMS else 0.0
+
+
+def native_problem(layout: DecoderLayout, model: nn.Module) -> str | None:
+    """Why the native step cannot run ``model`` (``None`` when it can)."""
+    reason = native.problem()
+    if reason:
+        return reason
+    parameter = next(model.parameters())
+    if parameter.dtype != torch.float32 or parameter.device.type != "cpu":
+        return f"the native step runs float32 CPU models (this one is {parameter.dtype} on {parameter.device})"
+    if layout.head_dim % native.vector_width() or layout.head_dim > native.MAX_HEAD_DIM:
+        return f"head dim {layout.head_dim} is not a multiple of {native.vector_width()} up to {native.MAX_HEAD_DIM}"
+    activation = getattr(model.config, "hidden_activation", None) or getattr(model.config, "hidden_act", None)
+    if activation not in native.ACTIVATIONS:
+        return f"activation {activation!r} is not one of {sorted(native.ACTIVATIONS)}"
+    for index, layer in enumerate(layout.layers):
+        norms = [layer.input_layernorm, layer.post_attention_layernorm]
+        if layout.sandwich_norms:
+            norms += [layer.pre_feedforward_layernorm, layer.post_feedforward_layernorm]
+        if hasattr(layer.self_attn, "q_norm"):
+            norms += [layer.self_attn.q_norm, layer.self_attn.k_norm]
+        odd = [type(n).__name__ for n in norms if type(n).__name__ not in PLAIN_NORMS]
+        if odd:
+            return f"layer {index} has norms {odd}, not a stock RMSNorm"
+        if not all(hasattr(layer.mlp, name) for name in ("gate_proj", "up_proj", "down_proj")):
+            return f"layer {index}'s MLP is not the stock gated MLP"
+    return None
+
+
+class NativeLayer:
+    """The fused calls of one decoder block."""
+
+    def __init__(self, layout: DecoderLayout, layer: nn.Module, path: str) -> None:
+        attention = layer.self_attn
+        self.qkv = projection([attention.q_proj, attention.k_proj, attention.v_proj], path)
+        self.o = projection([attention.o_proj], path)
+        self.gate_up = projection([layer.mlp.gate_proj, layer.mlp.up_proj], path)
+        self.down = projection([layer.mlp.down_proj], path)
+        self.input_norm = norm_parameters(layer.input_layernorm)
+        self.post_attention_norm = norm_parameters(layer.post_attention_layernorm)
+        self.sandwich = layout.sandwich_norms
+        if self.sandwich:
+            self.pre_ffn_norm = norm_parameters(layer.pre_feedforward_layernorm)
+            self.post_ffn_norm = norm_parameters(layer.post_feedforward_layernorm)
+        self.qk_norms = (norm_parameters(attention.q_norm), norm_parameters(attention.k_norm)) \
+            if hasattr(attention, "q_norm") else None
+        self.scale = float(attention.scaling)
+
+
+def weight_pointers(layout: DecoderLayout) -> tuple[int, ...]:
+    """Where every projection's weight lives: a technique that replaces a weight after the step was built
+    changes one of these, and the step is built again."""
+    pointers = []
+    for module in (m for layer in layout.layers for m in layer.modules()):
+        tensor = getattr(module, "weight", None) if type(module) is nn.Linear else getattr(module, "packed", None)
+        if isinstance(tensor, torch.Tensor):
+            pointers.append(tensor.data_ptr())
+    head = getattr(layout.lm_head, "weight", None)
+    head = head if isinstance(head, torch.Tensor) else getattr(layout.lm_head, "packed", None)
+    return (*pointers, head.data_ptr() if isinstance(head, torch.Tensor) else 0)
+
+
+class NativeStep:
+    """A one-token decode step (``tokens`` ``B × 1``) over the static cache, through native kernels."""
+
+    def __init__(self, layout: DecoderLayout, model: nn.Module) -> None:
+        self.layout = layout
+        self.pointers = weight_pointers(layout)
+        dense = [m.weight for layer in layout.layers for m in layer.modules() if is_dense(m)]
+        dense += [layout.lm_head.weight] if is_dense(layout.lm_head) else []
+        #: the float32 decode matmul measured fastest here on these weights (``mkl``, ``onednn`` or ``native``)
+        self.dense_path = autotune.dense_decode_path(dense) if dense else "native"
+        self.blocks = [NativeLayer(layout, layer, self.dense_path) for layer in layout.layers]
+        self.final_norm = norm_parameters(layout.norm)
+        self.head = projection([layout.lm_head], self.dense_path)
+        config = model.config
+        self.activation = getattr(config, "hidden_activation", None) or getattr(config, "hidden_act", None)
+        #: seconds per kind of call summed over steps while a dict (see :meth:`profile`); ``None`` = not timed
+        self.breakdown: dict[str, float] | None = None
+
+    def profile(self) -> dict[str, float]:
+        """Start timing each kind of call (matmuls, attention, norms, ...) per step; returns the dict that fills.
+
+        The part of ``total`` no kind accounts for is Python and torch dispatch between the calls.
+        """
+        self.breakdown = {}
+        return self.breakdown
+
+    def __call__(self, tokens: torch.Tensor, slot: int, keys: torch.Tensor, values: torch.Tensor,
+                 pad: torch.Tensor, layers: Sequence[int] | None = None) -> torch.Tensor:
+        started = time.perf_counter() if self.breakdown is not None else 0.0
+        run = self._run
+        layout = self.layout
+        batch = tokens.shape[0]
+        hidden, rope, first = run("embedding + rotary tables", self._inputs, tokens, slot, pad)
+        pending: torch.Tensor | None = None  # the last block's output, not yet added to `hidden`
+        for index in range(layout.num_layers) if layers is None else layers:
+            block, kind = self.blocks[index], layout.layer_types[index]
+            x, hidden = run("norms", native.add_rmsnorm, pending if pending is not None else hidden,
+                            hidden if pending is not None else None, *block.input_norm)
+            q, k, v = run("matmuls", block.qkv, x)
+            q = q.view(batch, layout.num_heads, layout.head_dim)
+            k = k.view(batch, layout.num_kv_heads, layout.head_dim)
+            if block.qk_norms is not None:  # Gemma 3
+                q, _ = run("norms", native.add_rmsnorm, q, None, *block.qk_norms[0])
+                k, _ = run("norms", native.add_rmsnorm, k, None, *block.qk_norms[1])
+            out = run("attention", native.decode_attention, q.contiguous(), k.contiguous(),
+                      v.view(batch, layout.num_kv_heads, layout.head_dim).contiguous(), *rope[kind], keys[index],
+                      values[index], slot, first.get(kind, pad), block.scale)
+            attended = run("matmuls", block.o, out.view(batch, -1))[0]
+            if block.sandwich:
+                attended, _ = run("norms", native.add_rmsnorm, attended, None, *block.post_attention_norm)
+                x, hidden = run("norms", native.add_rmsnorm, attended, hidden, *block.pre_ffn_norm)
+            else:
+                x, hidden = run("norms", native.add_rmsnorm, attended, hidden, *block.post_attention_norm)
+            gate, up = run("matmuls", block.gate_up, x)
+            pending = run("matmuls", block.down, run("activation", native.gated_act, gate, up, self.activation))[0]
+            if block.sandwich:
+                pending, _ = run("norms", native.add_rmsnorm, pending, None, *block.post_ffn_norm)
+        final, _ = run("norms", native.add_rmsnorm, pending if pending is not None else hidden,
+                       hidden if pending is not None else None, *self.final_norm)
+        logits = run("output head", self.head, final)[0]
+        if self.breakdown is not None:
+            self.breakdown["total"] = self.breakdown.get("total", 0.0) + time.perf_counter() - started
+            self.breakdown["steps"] = self.breakdown.get("steps", 0) + 1
+        return logits
+
+    def _inputs(self, tokens: torch.Tensor, slot: int, pad: torch.Tensor):
+        """The embedded tokens, the rotary tables per attention type and the first attended column per row."""
+        layout, batch = self.layout, tokens.shape[0]
+        hidden = layout.embed(tokens.view(batch, 1)).view(batch, -1).float().contiguous()
+        positions = (slot - pad).view(batch, 1)
+        rope = {kind: (cos.reshape(batch, -1).contiguous(), sin.reshape(batch, -1).contiguous())
+                for kind, (cos, sin) in layout.rope(hidden.view(batch, 1, -1), positions).items()}
+        first = {"full_attention": pad.contiguous()}
+        if layout.sliding_window is not None:
+            first[SLIDING] = torch.clamp(pad, min=slot - layout.sliding_window + 1).contiguous()
+        return hidden, rope, first
+
+    def _run(self, kind: str, function: Callable, *args):
+        if self.breakdown is None:
+            return function(*args)
+        started = time.perf_counter()
+        result = function(*args)
+        self.breakdown[kind] = self.breakdown.get(kind, 0.0) + time.perf_counter() - started
+        return result
