@@ -188,7 +188,80 @@ def llama_cpp_method(ids: torch.Tensor, new_tokens: int, threads: int) -> Method
 def summarize_calls(calls: list[dict[str, Any]]) -> dict[str, Any]:
     rates = [c["decode_tok_s"] for c in calls]
     return {"decode_tok_s": statistics.median(rates), "decode_tok_s_all": rates,
-            "prefill_s": statistics.median(c["prefill_s"] for c in calls), "tokens": calls[-1]["tokens"]}
+            "prefill_s": statistics.median(c["prefill_s"] for c in calls),
+            "prefill_s_all": [c["prefill_s"] for c in calls], "tokens": calls[-1]["tokens"]}
+
+
+#: the quantized engines: rtn through effinfer's native kernels, the output head quantized too (as llama.cpp's
+#: GGUF does); W8A16 one scale per output channel, W4A16 groups of 32 with zero points (Q4_1's grid)
+QUANTIZED = {
+    "engine_w8a16": "rtn:bits=8,group_size=null,symmetric=true,execution=native,skip_modules=[]",
+    "engine_w4a16": "rtn:bits=4,group_size=32,symmetric=false,execution=native,skip_modules=[]",
+}
+
+
+def quantized_models(model: Any, tokenizer: Any) -> dict[str, Any]:
+    """The :data:`QUANTIZED` models, each a quantized copy (the float model stays as it is)."""
+    import copy
+
+    from effinfer.core.compose import ComposedModel
+    from effinfer.core.experiment import Experiment
+
+    models = {}
+    for name, spec in QUANTIZED.items():
+        composed = ComposedModel(copy.deepcopy(model), tokenizer, Experiment(techniques=[spec]).build_stack())
+        models[name] = composed.__enter__().model  # kept applied for the whole run
+    return models
+
+
+def top1_agreement(model: Any, ids: torch.Tensor, tokens: list[int]) -> float:
+    """Share of steps whose argmax equals the float32 engine's greedy token, fed the float32 tokens (teacher forcing)."""
+    from effinfer.plugins.system.engine.engine import Engine
+
+    engine = Engine(model)
+    cache = engine.cache_for(1, ids.shape[1] + len(tokens) + 1, name="agreement")
+    predicted = [int(engine.prefill(cache, ids, torch.ones_like(ids)).logits[0, -1].argmax())]
+    for token in tokens[:-1]:
+        predicted.append(int(engine.decode(cache, torch.tensor([token]))[0].argmax()))
+    return sum(p == t for p, t in zip(predicted, tokens)) / len(tokens)
+
+
+def step_breakdown(model: Any, ids: torch.Tensor, mask: torch.Tensor, new_tokens: int, native: bool
+                   ) -> dict[str, float]:
+    """Milliseconds per decode step by kind of call (matmuls, attention, norms, ..., Python/dispatch) of one
+    generation through the native step (after the timed rounds, so its timers do not touch them)."""
+    from effinfer.plugins.system.engine.static import shared_engine
+
+    if not native:
+        return {}
+    engine = shared_engine(model)
+    step = engine.native_step()
+    if step is None:
+        return {"unavailable": 0.0}
+    timings = step.profile()
+    StaticDecoding().generate(model, ids, mask, GenerationConfig(max_new_tokens=new_tokens), set())
+    step.breakdown = None
+    steps, total = timings.pop("steps"), timings.pop("total")
+    timings.pop("calls")
+    per_step = {kind: 1e3 * seconds / steps for kind, seconds in timings.items()}
+    per_step["python / dispatch"] = 1e3 * total / steps - sum(per_step.values())
+    per_step["total"] = 1e3 * total / steps
+    return per_step
+
+
+def dense_path(model: Any) -> str:
+    from effinfer.plugins.system.engine.static import shared_engine
+
+    step = shared_engine(model).native_step()
+    return step.dense_path if step is not None else f"torch ({shared_engine(model).native_reason})"
+
+
+def simd_flags() -> str:
+    """The vector extensions this CPU reports (fast paths differ between AVX2, AVX-512 and AMX)."""
+    from effinfer.kernels.native import cpu_identity
+
+    flags = cpu_identity().split("|", 1)[1].split()
+    return " ".join(f for f in flags if f.startswith(("avx", "amx", "fma")))
 
 
 def time_llama_cpp(ids: torch.Tensor, new_tokens: int, repeats: int, threads: int) -> dict[str, Any] | None:
@@ -231,7 +304,16 @@ def roofline(model: Any, context: int, tok_s: float, bandwidth: float) -> dict[s
     config = model.config
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     kv = 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim * context * 4
-    return asdict(evaluator_roofline(weight_bytes(model), kv, bandwidth, tok_s))
+    return asdict(evaluator_roofline(decode_read_bytes(model), kv, bandwidth, tok_s))
+
+
+def decode_read_bytes(model: Any) -> int:
+    """Bytes of weights one decode step reads: every tensor of the model except an embedding table the output
+    head does not share (a step reads one row of it)."""
+    embedding = model.get_input_embeddings().weight
+    shared = any(t is embedding for t in model.lm_head.parameters())
+    total = weight_bytes(model)
+    return total if shared else total - embedding.numel() * embedding.element_size() + embedding[0].nbytes
 
 
 def main() -> None:
@@ -240,6 +322,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--no-llama-cpp", action="store_true")
+    parser.add_argument("--compiled", action="store_true", help="also time the torch.compile'd torch step")
     parser.add_argument("--out", type=Path, default=ARTIFACTS / "engine_benchmark.json")
     parser.add_argument("--no-table", action="store_true", help="do not write benchmarks/results/…/engine.md")
     parser.add_argument("--from-json", type=Path, help="only re-render the table of a run's JSON (no timing)")
@@ -260,28 +343,43 @@ def main() -> None:
     load_before = machine_load()
     model, tokenizer = load_model(DEFAULT_MODEL)
     ids, mask = prompt_ids(tokenizer)
+    bandwidths = [measure_bandwidth().read]
+    models = {"engine_torch": model, "engine_native": model, **quantized_models(model, tokenizer)}
     methods: dict[str, Method] = {
         "hf_generate": hf_generate_method(model, ids, mask, args.new_tokens, args.repeats),
         "hf_loop": strategy_method(PlainDecoding(), model, ids, mask, args.new_tokens),
-        "engine_eager": strategy_method(StaticDecoding(), model, ids, mask, args.new_tokens),
+        "engine_torch": strategy_method(StaticDecoding(StaticEngine(kernels="torch")), model, ids, mask,
+                                        args.new_tokens),
     }
+    for name in ("engine_native", *QUANTIZED):
+        methods[name] = strategy_method(StaticDecoding(), models[name], ids, mask, args.new_tokens)
     compiled = StaticDecoding(StaticEngine(compile=True))
-    if not args.quick:
+    if args.compiled and not args.quick:
         methods["engine_compiled"] = strategy_method(compiled, model, ids, mask, args.new_tokens)
     if not args.no_llama_cpp and (llama := llama_cpp_method(ids, args.new_tokens, args.threads)) is not None:
         methods["llama_cpp_q4_1"] = llama
     results = side_by_side(methods, args.repeats, baseline="hf_generate")
     if "engine_compiled" in results:
         results["engine_compiled"]["compile"] = compiled.engine.compile_report()
-    bandwidth = measure_bandwidth().read
+    bandwidths.append(measure_bandwidth().read)
+    bandwidth = max(bandwidths)  # the host's bandwidth drifts: the higher reading gives the stricter roofline
     reference = results["hf_generate"]["tokens"]
     context = ids.shape[1] + args.new_tokens // 2
+    fp32_tokens = results["engine_native"]["tokens"]
     for name, row in results.items():
         row["agrees_with_hf_tokens"] = agreement(row["tokens"], reference)
         if not name.startswith("llama"):
-            row["roofline"] = roofline(model, context, row["decode_tok_s"], bandwidth)
+            measured = models.get(name, model)
+            row["roofline"] = roofline(measured, context, row["decode_tok_s"], bandwidth)
+        if name in models:
+            row["top1_agreement_with_fp32"] = top1_agreement(models[name], ids, fp32_tokens)
+            row["breakdown_ms"] = step_breakdown(models[name], ids, mask, args.new_tokens, name != "engine_torch")
+        base = [c for c in results["engine_native"]["decode_tok_s_all"]]
+        row["speedup_vs_engine_fp32"] = paired_ratios(row["decode_tok_s_all"], base).median
+        row["prefill_vs_fp32"] = paired_ratios(results["engine_native"]["prefill_s_all"], row["prefill_s_all"]).median
     report = {"prompt_tokens": ids.shape[1], "new_tokens": args.new_tokens, "threads": args.threads,
-              "repeats": args.repeats, "bandwidth_read_bytes_per_s": bandwidth, "load_before": load_before,
+              "repeats": args.repeats, "bandwidth_read_bytes_per_s": bandwidth, "bandwidth_readings": bandwidths,
+              "dense_decode_path": dense_path(model), "cpu_flags": simd_flags(), "load_before": load_before,
               "load_after": machine_load(), "torch": torch.__version__, "results": results,
               "command": "python benchmarks/engine.py " + " ".join(sys.argv[1:]), "machine": machine()}
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -293,45 +391,55 @@ def main() -> None:
 
 
 def markdown(report: dict[str, Any]) -> str:
-    engine = report["results"].get("engine_compiled", {}).get("compile", {})
+    rows = report["results"]
     lines = table_header(
-        "Decode speed: static engine vs HF generate vs llama.cpp (SmolLM2-135M-Instruct, fp32, greedy)",
-        report["command"], report["threads"],
-        f"; torch {report['torch']}; machine load (`uptime`) before `{report['load_before']}`, "
-        f"after `{report['load_after']}`")
+        "Decode speed: static engine (torch step, native step, W8A16, W4A16) vs HF generate vs llama.cpp "
+        "(SmolLM2-135M-Instruct, greedy)", report["command"], report["threads"],
+        f"; torch {report['torch']}; vector extensions: {report.get('cpu_flags', '?')}; machine load (`uptime`) "
+        f"before `{report['load_before']}`, after `{report['load_after']}`")
+    readings = report.get("bandwidth_readings") or [report["bandwidth_read_bytes_per_s"]]
     lines += [
         f"One prompt of {report['prompt_tokens']} tokens (the first `summarize` prompt of the versioned prompt set), "
-        f"{report['new_tokens']} new tokens (stop tokens ignored), batch 1; decode tok/s is the median of "
-        f"{report['repeats']} timed calls after a warm-up call"
-        + (" (methods timed side by side: round-robin rounds, the order reversing each round; × HF generate = "
-           "median of the per-round ratios [min–max])" if any("speedup_spread" in r for r in report["results"].values())
-           else "") + ". Roofline: weights + KV cache bytes read per token ÷ "
-        f"the measured read bandwidth ({report['bandwidth_read_bytes_per_s'] / 1e9:.1f} GB/s). `hf_loop` is the "
-        "core's reference loop (`runtime.engine: hf`); `engine_*` the static engine (`runtime.engine: static`, "
-        f"`runtime.compile`); compile cost of the compiled engine: {engine.get('seconds', 0):.0f} s "
-        "(first call, Inductor cache on disk). llama.cpp runs the Q4_1 GGUF the model is converted from (it reads "
-        "about a sixth of the fp32 bytes per token) with its weight-repacking (AMX/AVX) buffers off, because they "
-        "crash on this machine, so its row is a peer, not a like-for-like baseline.", "",
-        "Tokens equal to HF generate: length of the common prefix with `generate`'s greedy tokens; `generate` runs "
-        "with `min_new_tokens`, which forbids EOS, while the other methods run past EOS, so a prefix that ends "
-        "where the method emitted EOS (the EOS column) means identical output up to the end of the answer.", "",
-        "| method | decode tok/s | × HF generate | roofline fraction | prefill s | first call s "
-        "| tokens equal to HF generate | EOS at |", "|---|---|---|---|---|---|---|---|"]
-    for name, row in report["results"].items():
+        f"{report['new_tokens']} new tokens (stop tokens ignored), batch 1. Methods timed side by side: "
+        f"{report['repeats']} round-robin rounds after a warm-up call, the order reversing each round; tok/s is the "
+        "median, × columns the median of the per-round ratios [min–max]. Roofline: bytes one decode step reads "
+        "(every weight, the embedding table only where the output head shares it, plus the KV cache at mid-"
+        "generation) ÷ the measured read bandwidth (torch `sum` over 256 MiB, measured before and after the rounds: "
+        + ", ".join(f"{b / 1e9:.1f}" for b in readings) + " GB/s; the higher one is used, the stricter roofline). "
+        f"Float32 decode matmul picked by the autotune on this CPU: `{report.get('dense_decode_path', '?')}`.", "",
+        "- `engine_torch`: the static engine's torch step (MKL/oneDNN through `nn.Linear`, SDPA);",
+        "- `engine_native`: the same engine through effinfer's native CPU kernels (the default on a float32 CPU "
+        "model): fused Q/K/V and gate/up matmuls, residual + RMSNorm, rotary + KV write + attention in one call each;",
+        "- `engine_w8a16` / `engine_w4a16`: `rtn` int8 per channel / int4 groups of 32 with zero points "
+        "(`execution=native`, output head quantized too), the packed codes read by the native matmul; "
+        "top-1 agreement = share of steps whose argmax equals the float32 engine's greedy token when fed the "
+        "float32 tokens;",
+        "- `llama_cpp_q4_1`: llama.cpp (`llama-cpp-python`) on the Q4_1 GGUF the model is converted from;",
+        "- prefill × fp32 = float32 native engine's prefill time ÷ this method's (≥ 1 is faster).", "",
+        "| method | decode tok/s | × HF generate | × engine fp32 | roofline fraction | prefill s | prefill × fp32 "
+        "| top-1 agreement | tokens equal to HF generate | EOS at |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for name, row in rows.items():
         fraction = row.get("roofline", {}).get("fraction")
-        first = row.get("first_call_s")
         spread = row.get("speedup_spread")
         speedup = f"{row['speedup_vs_hf_generate']:.2f}" + (f" [{spread[0]:.2f}–{spread[1]:.2f}]" if spread else "")
+        agree = row.get("top1_agreement_with_fp32")
+        vs_fp32 = row.get("speedup_vs_engine_fp32")
+        prefill = row.get("prefill_vs_fp32")
         lines.append(f"| {name} | {row['decode_tok_s']:.1f} | {speedup} | "
-                     f"{'—' if fraction is None else f'{fraction:.2f}'} | {row['prefill_s']:.2f} | "
-                     f"{'—' if first is None else f'{first:.1f}'} | {row['agrees_with_hf_tokens']}/"
-                     f"{report['new_tokens']} | {eos_position(row['tokens'])} |")
-    rows = report["results"]
-    if "engine_compiled" in rows and "engine_eager" in rows and \
-            rows["engine_compiled"]["decode_tok_s"] < rows["engine_eager"]["decode_tok_s"]:
-        lines += ["", "In this run the compiled decode step (Inductor, projections written as multiply-and-sum) is "
-                      "slower than the eager one (MKL GEMV): `runtime.compile` stays off by default."]
-    if "llama_cpp_q4_1" not in report["results"]:
+                     f"{'—' if vs_fp32 is None else f'{vs_fp32:.2f}'} | "
+                     f"{'—' if fraction is None else f'{fraction:.2f}'} | {row['prefill_s']:.3f} | "
+                     f"{'—' if prefill is None else f'{prefill:.2f}'} | {'—' if agree is None else f'{agree:.3f}'} | "
+                     f"{row['agrees_with_hf_tokens']}/{report['new_tokens']} | {eos_position(row['tokens'])} |")
+    broken = {name: row["breakdown_ms"] for name, row in rows.items() if row.get("breakdown_ms")}
+    if broken:
+        kinds = list(dict.fromkeys(kind for split in broken.values() for kind in split))
+        lines += ["", "### Where a native decode step's time goes (ms per step, one extra generation with timers on)", "",
+                  "| method | " + " | ".join(kinds) + " |", "|---|" + "---|" * len(kinds)]
+        for name, split in broken.items():
+            lines.append(f"| {name} | " + " | ".join(f"{split.get(k, 0.0):.2f}" for k in kinds) + " |")
+        lines += ["", "`matmuls` are the decoder's projections, `output head` the vocabulary projection; "
+                      "`python / dispatch` is the step's time outside every timed call."]
+    if "llama_cpp_q4_1" not in rows:
         lines += ["", "llama.cpp: not measured in this run (`llama-cpp-python`, the `bench-peers` extra, is not "
                       "installed or `--no-llama-cpp` was given)."]
     return "\n".join(lines) + "\n"

@@ -5,14 +5,14 @@
 
 1. Probes this CPU (``plugins/system/hardware/probe.py``): streaming read bandwidth, float32/bf16 GEMM
    FLOP/s, the cost of one dispatched op, and the effective bandwidth of each decode matmul kernel on
-   SmolLM2's own matrix shapes (fp32: ``F.linear``; W8A16: ``aten._weight_int8pack_mm``; W4A16 g32:
-   ``aten._weight_int4pack_mm_for_cpu``).
-2. Measures greedy decoding of SmolLM2-135M fp32, rtn int8 and rtn int4 g32 (the packed kernels,
-   bf16 around them, as ``benchmarks/quantization_speed.py`` builds them), interleaved round by round,
-   and counts the aten ops one decode step dispatches.
+   SmolLM2's own matrix shapes, through the kernels the engine's native step calls (the float32 path the
+   autotune picked; the native packed int8 / int4 matmuls), grouped as the step groups them.
+2. Measures greedy decoding of SmolLM2-135M fp32, rtn int8 and rtn int4 g32 (``execution=native``)
+   through the static engine's native decode step, interleaved round by round, and counts the native
+   calls one decode step makes.
 3. Predicts the same decode step with the roofline model twice: *ideal* (bytes ÷ stream bandwidth,
-   FLOPs ÷ GEMM peak) and *probed* (each matmul at its kernel's probed bandwidth + the counted ops ×
-   the per-op cost), and reports predicted ÷ measured.
+   FLOPs ÷ GEMM peak) and *probed* (each matmul at its kernel's probed bandwidth + the counted calls ×
+   the probed cost of one native call), and reports predicted ÷ measured.
 4. Tabulates predicted decode and prefill on the hardware catalogue (this CPU, A100, H100, H200, the
    survey's FPGA designs) for SmolLM2-135M, Qwen2.5-Coder-1.5B and Llama-2-7B under several stacks.
 
@@ -28,20 +28,18 @@ import json
 import platform
 import statistics
 import time
-from collections import Counter
 from contextlib import ExitStack
 from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
-from transformers import DynamicCache
 
 from effinfer.core.compose import ComposedModel
 from effinfer.core.experiment import Experiment
 from effinfer.core.models import DEFAULT_MODEL, load_model
-from effinfer.kernels import packed_cpu
+from effinfer.kernels import PackedWeight, autotune, native
 from effinfer.plugins.model.quantization.packing import quantize
+from effinfer.plugins.system.engine.static import shared_engine
 from effinfer.plugins.system.hardware import probe
 from effinfer.plugins.system.hardware.roofline import (CATALOGUE, GB, STACKS, TFLOP, Hardware, ModelShape, decode,
                                                        prefill)
@@ -49,10 +47,10 @@ from effinfer.plugins.system.hardware.roofline import (CATALOGUE, GB, STACKS, TF
 ROOT = Path(__file__).resolve().parent.parent
 TABLE = ROOT / "benchmarks/results/system.hardware_accelerator/roofline.md"
 ARTIFACT = ROOT / "artifacts/roofline.json"
-FORMATS = {  # stack name → rtn spec (None: the model as loaded)
+FORMATS = {  # stack name → rtn spec (None: the model as loaded); decoded by the static engine's native step
     "fp32": None,
-    "w8a16": "rtn:bits=8,group_size=null,symmetric=true,execution=kernel,skip_modules=[]",
-    "w4a16_g32": "rtn:bits=4,group_size=32,symmetric=false,execution=kernel,skip_modules=[]",
+    "w8a16_native": "rtn:bits=8,group_size=null,symmetric=true,execution=native,skip_modules=[]",
+    "w4a16_g32_native": "rtn:bits=4,group_size=32,symmetric=false,execution=native,skip_modules=[]",
 }
 #: model shapes for the catalogue table (Llama-2-7B: Touvron et al., arXiv:2307.09288, its config.json)
 LLAMA2_7B = ModelShape(hidden=4096, intermediate=11008, layers=32, heads=32, kv_heads=32, head_dim=128, vocab=32000,
@@ -72,16 +70,19 @@ def probe_cpu(shape: ModelShape, quick: bool) -> tuple[Hardware, dict]:
     mib = 8 if quick else 256
     figures = {"read_bandwidth": probe.read_bandwidth(mib), "fp32_gemm_flops": probe.gemm_flops(128 if quick else 1024),
                "bf16_gemm_flops": probe.gemm_flops(128 if quick else 1024, torch.bfloat16),
-               "op_overhead_s": probe.op_overhead(200 if quick else 2000)}
+               "op_overhead_s": probe.native_call_overhead(200 if quick else 2000),
+               "torch_op_overhead_s": probe.op_overhead(200 if quick else 2000)}
     # one layer's projections, and the output head, timed separately and weighted as the model has them
-    layer = list(shape.matrices().values())
     head = [(shape.hidden, shape.vocab)]
     gemv = {}
-    for stack_name in ("fp32",) if quick else ("fp32", "w8a16", "w4a16_g32"):
+    layer = shape.matrices()
+    layer_groups = [[layer["q_proj"], layer["k_proj"], layer["v_proj"]], [layer["o_proj"]],
+                    [layer["gate_proj"], layer["up_proj"]], [layer["down_proj"]]]
+    for stack_name in ("fp32",) if quick else tuple(FORMATS):
         total_bytes = total_seconds = 0.0
-        for matrices, repeat in ((layer, shape.layers), (head, 1)):
-            call = _matmul_set(matrices, stack_name)
-            nbytes = sum(STACKS[stack_name].weight_bytes(i, o) for i, o in matrices)
+        for groups, repeat in ((layer_groups, shape.layers), ([head], 1)):
+            call = _matmul_set(groups, stack_name)
+            nbytes = sum(STACKS[stack_name].weight_bytes(i, o) for group in groups for i, o in group)
             total_seconds += repeat * nbytes / probe.matmul_bandwidth(call, nbytes)
             total_bytes += repeat * nbytes
         gemv[stack_name] = total_bytes / total_seconds
@@ -93,47 +94,46 @@ def probe_cpu(shape: ModelShape, quick: bool) -> tuple[Hardware, dict]:
     return measured, figures
 
 
-def _matmul_set(matrices: list[tuple[int, int]], stack_name: str):
-    """A call running one-token matmuls of the given ``(in, out)`` shapes through ``stack_name``'s kernel."""
-    weights = [torch.randn(n_out, n_in) / n_in**0.5 for n_in, n_out in matrices]
-    inputs = [torch.randn(1, n_in) for n_in, _ in matrices]
+def _matmul_set(groups: list[list[tuple[int, int]]], stack_name: str):
+    """A call running one-token matmuls of the ``(in, out)`` shapes through ``stack_name``'s kernel, each group
+    (weights sharing one input) in one call as the native step does."""
+    weights = [[torch.randn(n_out, n_in) / n_in**0.5 for n_in, n_out in group] for group in groups]
+    inputs = [torch.randn(1, group[0][0]) for group in groups]
     if stack_name == "fp32":
-        return lambda: [torch.nn.functional.linear(x, w) for x, w in zip(inputs, weights)]
-    if stack_name == "w8a16":
-        packed = [packed_cpu.int8_kernel_weight(quantize(w, 8, None, True)) for w in weights]
-        return lambda: [packed_cpu.int8_weight_only_mm(x, q, s) for x, (q, s) in zip(inputs, packed)]
-    packed = [packed_cpu.int4_kernel_weight(quantize(w, 4, 32, False)) for w in weights]
-    return lambda: [packed_cpu.int4_weight_only_mm(x, p, 32, sz) for x, (p, sz) in zip(inputs, packed)]
+        path = autotune.dense_decode_path()
+        if path == "native":
+            calls = [native.DenseGroup(group, [None] * len(group)) for group in weights]
+        else:
+            linear = autotune.dense_linear(path)
+            calls = [lambda x, group=group: [linear(x, w, None) for w in group] for group in weights]
+    else:
+        bits, group_size = (8, None) if stack_name.startswith("w8") else (4, 32)
+        calls = [native.PackedGroup([PackedWeight.from_quantized(quantize(w, bits, group_size, bits == 8))
+                                     for w in group], [None] * len(group)) for group in weights]
+    return lambda: [call(x) for call, x in zip(calls, inputs)]
 
 
-class OpCounter(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.ops: Counter = Counter()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops[str(func)] += 1
-        return func(*args, **(kwargs or {}))
-
-
-@torch.no_grad()
 def decode_run(model, ids: torch.Tensor, steps: int) -> float:
-    """Seconds per greedy decode step after a prefill of ``ids`` (the HF forward loop on a DynamicCache)."""
-    cache = DynamicCache()
-    token = model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1].argmax(-1, True)
+    """Seconds per greedy decode step after a prefill of ``ids`` (the static engine's native step)."""
+    engine = shared_engine(model)
+    cache = engine.cache_for(1, ids.shape[1] + steps + 1, name="roofline")
+    token = engine.prefill(cache, ids, torch.ones_like(ids)).logits[:, -1].argmax(-1)
     started = time.perf_counter()
     for _ in range(steps):
-        token = model(input_ids=token, past_key_values=cache, use_cache=True).logits[:, -1].argmax(-1, keepdim=True)
+        token = engine.decode(cache, token).argmax(-1)
     return (time.perf_counter() - started) / steps
 
 
-@torch.no_grad()
 def count_ops(model, ids: torch.Tensor) -> int:
-    cache = DynamicCache()
-    token = model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1].argmax(-1, True)
-    with OpCounter() as counter:
-        model(input_ids=token, past_key_values=cache, use_cache=True).logits[:, -1].argmax(-1, keepdim=True)
-    return sum(counter.ops.values())
+    """Native calls one decode step makes (``RuntimeError`` if the native step does not run this model)."""
+    engine = shared_engine(model)
+    step = engine.native_step()
+    if step is None:
+        raise RuntimeError(f"the native decode step does not run here: {engine.native_reason}")
+    timings = step.profile()
+    decode_run(model, ids, 2)
+    step.breakdown = None
+    return round(timings["calls"] / timings["steps"])
 
 
 def build(source: str, stack: ExitStack) -> tuple[dict, ModelShape]:
@@ -147,7 +147,7 @@ def build(source: str, stack: ExitStack) -> tuple[dict, ModelShape]:
             continue
         techniques = Experiment(techniques=[spec]).build_stack()
         composed = stack.enter_context(ComposedModel(copy.deepcopy(model), tokenizer, techniques))
-        models[name] = composed.model.to(torch.bfloat16)
+        models[name] = composed.model
     return models, shape
 
 
@@ -204,19 +204,20 @@ def markdown(meta: dict, cpu: Hardware, figures: dict, validation: list[dict], c
         "FLOPs and bytes of every projection, attention, norm and element-wise op of a pass, given the stack's weight "
         "bits (with their group scales), sparsity and KV bytes; time = Σ max(FLOPs ÷ peak, bytes ÷ bandwidth). "
         "*Ideal* uses the CPU's stream bandwidth and GEMM peak; *probed* uses each matmul kernel's bandwidth probed "
-        "on the model's own matrix shapes and adds the counted aten ops of one decode step × the cost of one op.", "",
+        "on the model's own matrix shapes (the engine's native kernels, grouped as its native step groups them) and "
+        "adds the counted native calls of one decode step × the probed cost of one call.", "",
         f"- command: `{meta['command']}`",
         f"- date: {meta['date']}; machine: {meta['cpu']}, torch {torch.__version__}, {meta['threads']} threads",
         f"- probes: read bandwidth {figures['read_bandwidth'] / GB:.1f} GB/s; GEMM {figures['fp32_gemm_flops'] / 1e9:.0f} "
-        f"GFLOP/s fp32, {figures['bf16_gemm_flops'] / 1e9:.0f} GFLOP/s bf16; one dispatched op "
-        f"{figures['op_overhead_s'] * 1e6:.1f} µs; one-token matmul bandwidth: " + ", ".join(
+        f"GFLOP/s fp32, {figures['bf16_gemm_flops'] / 1e9:.0f} GFLOP/s bf16; one native call "
+        f"{figures['op_overhead_s'] * 1e6:.1f} µs (one torch op {figures.get('torch_op_overhead_s', 0) * 1e6:.1f} µs); one-token matmul bandwidth: " + ", ".join(
             f"{k} {v / GB:.1f} GB/s" for k, v in figures["gemv_bandwidth"].items())
         + f" (one layer's projections × {meta['layers']} + the output head)",
-        f"- decode: {meta['model']}, prompt {meta['prompt']} random tokens, {meta['steps']} greedy steps (HF forward "
-        f"loop on a DynamicCache), median of {meta['rounds']} interleaved rounds", "",
+        f"- decode: {meta['model']}, prompt {meta['prompt']} random tokens, {meta['steps']} greedy steps ("
+        f"the static engine's native step), median of {meta['rounds']} interleaved rounds", "",
         "### Validation on this CPU (decode, batch 1)", "",
         "| stack | measured ms/token | tok/s | ideal roofline ms | ideal ÷ measured | probed model ms | "
-        "probed ÷ measured | ops/step | probed breakdown (ms) |",
+        "probed ÷ measured | calls/step | probed breakdown (ms) |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for row in validation:

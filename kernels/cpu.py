@@ -1,7 +1,9 @@
 """CPU implementations: bounded-memory, BLAS-backed versions of the operators.
 
-- :func:`dequant_matmul` dequantizes blocks of output rows into the activation dtype and runs
-  one BLAS GEMM per block (a single dense GEMM above ``DENSE_ROWS`` tokens: prefill);
+- :func:`dequant_matmul` runs the native packed matmul (:mod:`.native`) for up to 8 float32 tokens
+  (decode), one dense GEMM over the natively dequantized weight from ``DENSE_ROWS`` tokens on
+  (prefill), and otherwise (no compiler, other bit-widths) dequantizes blocks of output rows into
+  the activation dtype with one BLAS GEMM per block;
 - :func:`decode_attention` is flash-decoding on CPU: the cache is cut into splits of
   ``SPLIT`` positions, each split gives a partial output and its log-sum-exp, and the partials
   merge exactly (Dao et al., *Flash-Decoding for long-context inference*, 2023); each split is a
@@ -15,7 +17,7 @@ import math
 
 import torch
 
-from effinfer.kernels import reference
+from effinfer.kernels import native, reference
 from effinfer.kernels.packed import PackedWeight, unpack_codes
 
 #: output rows dequantized at once by the blocked GEMV (bounds the temporary to ~4 MB at K=1024)
@@ -34,11 +36,19 @@ def _dequantize_rows(weight: PackedWeight, rows: slice, dtype: torch.dtype) -> t
     return dense.view(n, weight.in_features).to(dtype)
 
 
+def _native_takes(x: torch.Tensor, weight: PackedWeight) -> bool:
+    return (x.dtype == torch.float32 and x.device.type == "cpu" and native.problem() is None
+            and native.packed_problem(weight) is None)
+
+
 def dequant_matmul(x: torch.Tensor, weight: PackedWeight) -> torch.Tensor:
     flat = x.reshape(-1, x.shape[-1])
     dtype = x.dtype if x.dtype in (torch.float32, torch.bfloat16) else torch.float32
+    if flat.shape[0] <= native.MAX_TOKENS and _native_takes(x, weight):
+        return native.dequant_matmul(x, weight)
     if flat.shape[0] >= DENSE_ROWS:
-        out = flat.to(dtype) @ _dequantize_rows(weight, slice(None), dtype).t()
+        dense = native.dequantize(weight) if _native_takes(x, weight) else _dequantize_rows(weight, slice(None), dtype)
+        out = flat.to(dtype) @ dense.t()
     else:
         out = torch.cat([flat.to(dtype) @ _dequantize_rows(weight, slice(start, start + ROW_BLOCK), dtype).t()
                          for start in range(0, weight.out_features, ROW_BLOCK)], dim=-1)

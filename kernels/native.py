@@ -31,7 +31,7 @@ import torch
 from effinfer.kernels.packed import PackedWeight
 
 SOURCE = Path(__file__).parent / "csrc" / "cpu_decode.cpp"
-ABI_VERSION = 3
+ABI_VERSION = 4
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-ffp-contract=fast", "-shared", "-fPIC", "-std=c++17")
 #: most tokens one native matmul call takes (the C++ ``MAXN``)
 MAX_TOKENS = 8
@@ -49,6 +49,7 @@ _SIGNATURES = {
     "ef_linear_f32": (_P, _I, _I, _I, _PP, _P, _PP, _PP),
     "ef_packed_input": (_P, _I, _I, ctypes.c_int, _I, _P, _P),
     "ef_linear_packed": (_P, _P, _I, _I, ctypes.c_int, _I, _I, _PP, _PP, _PP, _P, _PP, _PP),
+    "ef_dequantize": (_P, _P, _P, _I, _I, ctypes.c_int, _I, _P),
     "ef_add_rmsnorm": (_P, _P, _I, _I, _P, ctypes.c_float, ctypes.c_float, _P),
     "ef_gated_act": (_P, _P, _I, ctypes.c_int),
     "ef_decode_attention": (_P, _P, _P, _P, _P, _P, _P, _I, _I, _I, _I, _I, _I, _P, ctypes.c_float, _P, _P),
@@ -239,6 +240,16 @@ class PackedGroup:
 def dequant_matmul(x: torch.Tensor, weight: PackedWeight) -> torch.Tensor:
     """``x @ W.T`` for ≤ :data:`MAX_TOKENS` float32 tokens through the native packed matmul."""
     return PackedGroup([weight], [None])(x)[0]
+
+
+def dequantize(weight: PackedWeight) -> torch.Tensor:
+    """The dense float32 ``[out, in]`` weight of a packed 4- or 8-bit one (for a prefill GEMM)."""
+    if weight.bits not in (4, 8) or weight.in_features % 2:
+        raise ValueError(f"the native dequantize reads 4- and 8-bit codes, not {weight.bits}-bit")
+    dense = torch.empty(weight.out_features, weight.in_features)
+    library().ef_dequantize(weight.packed.data_ptr(), weight.scales.data_ptr(), weight.bias.data_ptr(),
+                            weight.out_features, weight.in_features, weight.bits, weight.group_size, dense.data_ptr())
+    return dense
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:

@@ -11,6 +11,9 @@
 #include <cstdint>
 #include <cstring>
 #include <omp.h>
+#if defined(__AVX2__) || defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 
 #if defined(__AVX512F__)
 #define EF_VEC 16
@@ -22,7 +25,30 @@ typedef float vf __attribute__((vector_size(EF_VEC * 4)));
 typedef uint8_t vb __attribute__((vector_size(EF_VEC)));
 
 static inline vf load(const float* p) { vf v; std::memcpy(&v, p, sizeof v); return v; }
+// EF_VEC unsigned bytes as floats; nibbles(): the low and high nibbles of EF_VEC bytes as floats.
+// Intrinsics where GCC's generic byte-vector conversion would be scalarized.
+#if defined(__AVX512F__)
+static inline vf widen(__m128i b) { return (vf)_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(b)); }
+static inline __m128i load_bytes(const uint8_t* p) { return _mm_loadu_si128((const __m128i*)p); }
+#elif defined(__AVX2__)
+static inline vf widen(__m128i b) { return (vf)_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(b)); }
+static inline __m128i load_bytes(const uint8_t* p) { return _mm_loadl_epi64((const __m128i*)p); }
+#endif
+#if defined(__AVX2__) || defined(__AVX512F__)
+static inline vf bytes(const uint8_t* p) { return widen(load_bytes(p)); }
+static inline void nibbles(const uint8_t* p, vf& lo, vf& hi) {
+  const __m128i b = load_bytes(p), mask = _mm_set1_epi8(15);
+  lo = widen(_mm_and_si128(b, mask));
+  hi = widen(_mm_and_si128(_mm_srli_epi16(b, 4), mask));
+}
+#else
 static inline vf bytes(const uint8_t* p) { vb v; std::memcpy(&v, p, sizeof v); return __builtin_convertvector(v, vf); }
+static inline void nibbles(const uint8_t* p, vf& lo, vf& hi) {
+  vb b; std::memcpy(&b, p, sizeof b);
+  lo = __builtin_convertvector(b & 15, vf);
+  hi = __builtin_convertvector(b >> 4, vf);
+}
+#endif
 static inline float hsum(vf v) { float s = 0.f; for (int i = 0; i < EF_VEC; ++i) s += v[i]; return s; }
 
 #ifndef EF_ROWS
@@ -34,15 +60,32 @@ static inline float hsum(vf v) { float s = 0.f; for (int i = 0; i < EF_VEC; ++i)
 static const int ROWS = EF_ROWS;  // output rows per tile
 static const int MAXN = 8;   // tokens per call
 
-extern "C" {
+#include <type_traits>
+// f(std::integral_constant<int, n>) for n in 1..MAXN
+template <typename F>
+static inline void dispatch_tokens(int64_t n, F&& f) {
+  switch (n) {
+    case 1: f(std::integral_constant<int, 1>{}); break;
+    case 2: f(std::integral_constant<int, 2>{}); break;
+    case 3: f(std::integral_constant<int, 3>{}); break;
+    case 4: f(std::integral_constant<int, 4>{}); break;
+    case 5: f(std::integral_constant<int, 5>{}); break;
+    case 6: f(std::integral_constant<int, 6>{}); break;
+    case 7: f(std::integral_constant<int, 7>{}); break;
+    default: f(std::integral_constant<int, 8>{}); break;
+  }
+}
 
-int ef_abi_version() { return 3; }
-int ef_vector_width() { return EF_VEC; }
+extern "C" int ef_abi_version() { return 4; }
+extern "C" int ef_vector_width() { return EF_VEC; }
 
 // ---------------------------------------------------------------- dense float32
 
-static void dense_tile(const float* x, int64_t n, int64_t in, const float* w, int64_t rows, float* acc) {
-  vf a[ROWS][MAXN];
+// Tiles are templates on the token count N so their accumulators stay in registers.
+template <int N>
+static void dense_tile(const float* x, int64_t in, const float* w, int64_t rows, float* acc) {
+  const int n = N;
+  vf a[ROWS][N];
   for (int r = 0; r < ROWS; ++r) for (int t = 0; t < n; ++t) a[r][t] = vf{};
   const int64_t body = in - in % EF_VEC;
 #ifdef EF_PREFETCH
@@ -71,7 +114,7 @@ static void dense_tile(const float* x, int64_t n, int64_t in, const float* w, in
 
 // y_j[n, out_j] = x[n, in] @ w_j[out_j, in]^T (+ bias_j) for `count` weights sharing one input:
 // one parallel region covers the rows of all of them (fused QKV / gate-up projections).
-void ef_linear_f32(const float* x, int64_t n, int64_t in, int64_t count, const float* const* w,
+extern "C" void ef_linear_f32(const float* x, int64_t n, int64_t in, int64_t count, const float* const* w,
                    const int64_t* out, const float* const* bias, float* const* y) {
   int64_t tiles[16 + 1] = {0};
   for (int64_t j = 0; j < count; ++j) tiles[j + 1] = tiles[j] + (out[j] + ROWS - 1) / ROWS;
@@ -81,7 +124,7 @@ void ef_linear_f32(const float* x, int64_t n, int64_t in, int64_t count, const f
     while (tile >= tiles[j + 1]) ++j;
     const int64_t row = (tile - tiles[j]) * ROWS, rows = out[j] - row < ROWS ? out[j] - row : ROWS;
     float acc[ROWS * MAXN];
-    dense_tile(x, n, in, w[j] + row * in, rows, acc);
+    dispatch_tokens(n, [&](auto N) { dense_tile<N.value>(x, in, w[j] + row * in, rows, acc); });
     for (int r = 0; r < rows; ++r)
       for (int t = 0; t < n; ++t)
         y[j][t * out[j] + row + r] = acc[r * MAXN + t] + (bias[j] ? bias[j][row + r] : 0.f);
@@ -96,13 +139,17 @@ void ef_linear_f32(const float* x, int64_t n, int64_t in, int64_t count, const f
 // 2*EF_VEC codes as EF_VEC bytes, so it multiplies the low nibbles with the block's even inputs and the
 // high nibbles with its odd ones: `xs` holds x with each block's inputs reordered evens-then-odds.
 
-static void packed_tile(const float* xs, const float* xsum, int64_t n, int64_t in, int bits, int64_t group,
+template <int N, int BITS>
+static void packed_tile(const float* xs, const float* xsum, int64_t in, int64_t group,
                         const uint8_t* codes, int64_t stride, const float* scale, const float* gbias,
                         int64_t rows, float* acc) {
+  const int n = N, bits = BITS;
   const int64_t groups = in / group;
-  float total[ROWS][MAXN] = {};
+  vf total[ROWS][N];
+  float offset[ROWS][N] = {};
+  for (int r = 0; r < ROWS; ++r) for (int t = 0; t < n; ++t) total[r][t] = vf{};
   for (int64_t g = 0; g < groups; ++g) {
-    vf a[ROWS][MAXN];
+    vf a[ROWS][N];
     for (int r = 0; r < ROWS; ++r) for (int t = 0; t < n; ++t) a[r][t] = vf{};
     const int64_t begin = g * group, end = begin + group;
     if (bits == 8) {
@@ -118,10 +165,8 @@ static void packed_tile(const float* xs, const float* xsum, int64_t n, int64_t i
       for (int64_t i = begin; i < end; i += 2 * EF_VEC) {
         vf lo[ROWS], hi[ROWS];
         for (int r = 0; r < ROWS; ++r) {
-          vb b{};
-          if (r < rows) std::memcpy(&b, codes + r * stride + i / 2, sizeof b);
-          lo[r] = __builtin_convertvector(b & 15, vf);
-          hi[r] = __builtin_convertvector(b >> 4, vf);
+          if (r < rows) nibbles(codes + r * stride + i / 2, lo[r], hi[r]);
+          else lo[r] = hi[r] = vf{};
         }
         for (int t = 0; t < n; ++t) {
           const vf xe = load(xs + t * in + i), xo = load(xs + t * in + i + EF_VEC);
@@ -129,15 +174,18 @@ static void packed_tile(const float* xs, const float* xsum, int64_t n, int64_t i
         }
       }
     }
+    // scale the group's partial sums as vectors: one horizontal sum per row and token at the end
     for (int r = 0; r < rows; ++r)
-      for (int t = 0; t < n; ++t)
-        total[r][t] += scale[r * groups + g] * hsum(a[r][t]) + gbias[r * groups + g] * xsum[t * groups + g];
+      for (int t = 0; t < n; ++t) {
+        total[r][t] += scale[r * groups + g] * a[r][t];
+        offset[r][t] += gbias[r * groups + g] * xsum[t * groups + g];
+      }
   }
-  for (int r = 0; r < rows; ++r) for (int t = 0; t < n; ++t) acc[r * MAXN + t] = total[r][t];
+  for (int r = 0; r < rows; ++r) for (int t = 0; t < n; ++t) acc[r * MAXN + t] = hsum(total[r][t]) + offset[r][t];
 }
 
 // Prepare the input of ef_linear_packed: `xs` (n x in, reordered for int4) and `xsum` (n x in/group).
-void ef_packed_input(const float* x, int64_t n, int64_t in, int bits, int64_t group, float* xs, float* xsum) {
+extern "C" void ef_packed_input(const float* x, int64_t n, int64_t in, int bits, int64_t group, float* xs, float* xsum) {
   const int64_t groups = in / group;
   for (int64_t t = 0; t < n; ++t) {
     const float* row = x + t * in;
@@ -157,7 +205,7 @@ void ef_packed_input(const float* x, int64_t n, int64_t in, int bits, int64_t gr
 }
 
 // The packed counterpart of ef_linear_f32 (all `count` weights share bits and group size).
-void ef_linear_packed(const float* xs, const float* xsum, int64_t n, int64_t in, int bits, int64_t group,
+extern "C" void ef_linear_packed(const float* xs, const float* xsum, int64_t n, int64_t in, int bits, int64_t group,
                       int64_t count, const uint8_t* const* codes, const float* const* scale,
                       const float* const* gbias, const int64_t* out, const float* const* bias, float* const* y) {
   const int64_t stride = in * bits / 8;
@@ -170,18 +218,42 @@ void ef_linear_packed(const float* xs, const float* xsum, int64_t n, int64_t in,
     while (tile >= tiles[j + 1]) ++j;
     const int64_t row = (tile - tiles[j]) * ROWS, rows = out[j] - row < ROWS ? out[j] - row : ROWS;
     float acc[ROWS * MAXN];
-    packed_tile(xs, xsum, n, in, bits, group, codes[j] + row * stride, stride, scale[j] + row * groups,
-                gbias[j] + row * groups, rows, acc);
+    dispatch_tokens(n, [&](auto N) {
+      if (bits == 8)
+        packed_tile<N.value, 8>(xs, xsum, in, group, codes[j] + row * stride, stride, scale[j] + row * groups,
+                                gbias[j] + row * groups, rows, acc);
+      else
+        packed_tile<N.value, 4>(xs, xsum, in, group, codes[j] + row * stride, stride, scale[j] + row * groups,
+                                gbias[j] + row * groups, rows, acc);
+    });
     for (int r = 0; r < rows; ++r)
       for (int t = 0; t < n; ++t)
         y[j][t * out[j] + row + r] = acc[r * MAXN + t] + (bias[j] ? bias[j][row + r] : 0.f);
   }
 }
 
+// Dense float32 [out, in] weight of a packed one (for a prefill GEMM): w = code * scale + gbias.
+extern "C" void ef_dequantize(const uint8_t* codes, const float* scale, const float* gbias, int64_t out, int64_t in, int bits,
+                   int64_t group, float* w) {
+  const int64_t stride = in * bits / 8, groups = in / group;
+  #pragma omp parallel for schedule(static)
+  for (int64_t o = 0; o < out; ++o) {
+    const uint8_t* row = codes + o * stride;
+    float* dst = w + o * in;
+    for (int64_t g = 0; g < groups; ++g) {
+      const float s = scale[o * groups + g], b = gbias[o * groups + g];
+      for (int64_t i = g * group; i < (g + 1) * group; ++i) {
+        const int code = bits == 8 ? row[i] : (row[i / 2] >> (4 * (i & 1))) & 15;
+        dst[i] = code * s + b;
+      }
+    }
+  }
+}
+
 // ---------------------------------------------------------------- norms and activations
 
 // h = x + residual (in place into `residual` when given, else h = x); out = h * rstd(h) * (weight + offset)
-void ef_add_rmsnorm(const float* x, float* residual, int64_t n, int64_t dim, const float* weight, float eps,
+extern "C" void ef_add_rmsnorm(const float* x, float* residual, int64_t n, int64_t dim, const float* weight, float eps,
                     float offset, float* out) {
   for (int64_t t = 0; t < n; ++t) {
     float* h = residual ? residual + t * dim : nullptr;
@@ -199,7 +271,7 @@ void ef_add_rmsnorm(const float* x, float* residual, int64_t n, int64_t dim, con
 }
 
 // gate <- act(gate) * up; act 0 = SiLU, 1 = GELU (tanh approximation)
-void ef_gated_act(float* gate, const float* up, int64_t size, int act) {
+extern "C" void ef_gated_act(float* gate, const float* up, int64_t size, int act) {
   #pragma omp parallel for schedule(static) if (size > 4096)
   for (int64_t i = 0; i < size; ++i) {
     const float g = gate[i];
@@ -215,7 +287,7 @@ void ef_gated_act(float* gate, const float* up, int64_t size, int act) {
 // One new token per batch row. q [B, Hq, D], k/v [B, Hkv, D] (projected, normed); cos/sin [B, D];
 // caches [B, Hkv, T, D]. Rotates q and k (HF rotate-half convention), writes k and v at column `slot`,
 // then attends q over columns first[b]..slot of row b. out [B, Hq, D].
-void ef_decode_attention(float* q, float* k, const float* v, const float* cos, const float* sin,
+extern "C" void ef_decode_attention(float* q, float* k, const float* v, const float* cos, const float* sin,
                          float* kcache, float* vcache, int64_t batch, int64_t hq, int64_t hkv, int64_t dim,
                          int64_t capacity, int64_t slot, const int64_t* first, float scale, float* out,
                          float* scratch) {
@@ -265,4 +337,3 @@ void ef_decode_attention(float* q, float* k, const float* v, const float* cos, c
     }
 }
 
-}  // extern "C"

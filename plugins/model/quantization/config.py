@@ -23,7 +23,9 @@ GROUP_DESCRIPTION = ("input columns sharing one scale (a multiple of 8 that divi
                      "input features; the int4 kernel takes 32, 64, 128 or 256); None = one scale per output "
                      "channel")
 EXECUTION_DESCRIPTION = ("how quantized layers run: 'kernel' = PyTorch's packed int8/int4 CPU kernels "
-                         "(error if the format has none), 'dequant' = packed codes dequantized per call "
+                         "(error if the format has none), 'native' = effinfer's kernels (effinfer.kernels: packed "
+                         "codes read by the decode matmul, float GEMM for prefill; 4/8 bits, group size a multiple "
+                         "of 32), 'dequant' = packed codes dequantized per call "
                          "(reference path, any bit width), 'fake' = dequantized float weights stored "
                          "(fake quantization, no memory saved), 'auto' = kernel where one fits, else dequant")
 
@@ -52,7 +54,8 @@ class WeightQuantConfig(TargetConfig):
     zero_point: Literal["integer", "float"] = Field(
         "integer", description="asymmetric grids: 'integer' = uint8 zero point, range stretched to include 0 "
                                "(GPTQ/AWQ); 'float' = bf16 offset, range exactly [min, max] (gpt-fast, GGUF Q4_1)")
-    execution: Literal["auto", "kernel", "dequant", "fake"] = Field("auto", description=EXECUTION_DESCRIPTION)
+    execution: Literal["auto", "kernel", "native", "dequant", "fake"] = Field(
+        "auto", description=EXECUTION_DESCRIPTION)
     dense_above_tokens: int | None = Field(
         None, ge=1, le=1_000_000,
         description="kernel mode: calls with more rows than this (long prefills) dequantize the weight and run a "
@@ -69,6 +72,9 @@ class WeightQuantConfig(TargetConfig):
         if self.execution == "kernel" and self.bits == 4 and self.group_size not in (32, 64, 128, 256):
             raise ValueError(f"execution='kernel' with bits=4 needs group_size 32, 64, 128 or 256 (got "
                              f"{self.group_size})")
+        if self.execution == "native" and (self.bits not in (4, 8) or (self.group_size or 32) % 32):
+            raise ValueError(f"execution='native' needs bits 4 or 8 (got {self.bits}) and a group_size that is a "
+                             f"multiple of 32 or None (got {self.group_size})")
         return self
 
 

@@ -3,9 +3,12 @@
 Every layer stores its weight really in low bit and says which execution path runs it:
 
 ========================  ===================================================================
-``QuantizedLinear``       weight-only (W8A16, W4A16, W3A16 …), one of three modes:
+``QuantizedLinear``       weight-only (W8A16, W4A16, W3A16 …), one of four modes:
                           ``kernel`` — PyTorch's packed int8/int4 CPU kernels (bf16 activations
-                          around the call); ``dequant`` — packed codes dequantized to float on
+                          around the call); ``native`` — effinfer's own kernels
+                          (:func:`effinfer.kernels.dequant_matmul`: the packed codes read directly
+                          by the decode matmul, one float GEMM over the dequantized weight for a
+                          prefill; Triton on CUDA); ``dequant`` — packed codes dequantized to float on
                           every call (the reference path; any bit width); ``fake`` — the
                           dequantized float weight is stored (fake quantization: formats are
                           studied, nothing is saved in memory)
@@ -27,11 +30,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from effinfer import kernels as effinfer_kernels
 from effinfer.plugins.model.quantization import kernels
 from effinfer.plugins.model.quantization.packing import QuantizedTensor, pack_codes
 
-Mode = Literal["kernel", "dequant", "fake"]
-Execution = Literal["auto", "kernel", "dequant", "fake"]
+Mode = Literal["kernel", "native", "dequant", "fake"]
+Execution = Literal["auto", "kernel", "native", "dequant", "fake"]
 
 
 class PackedLayer(nn.Module):
@@ -88,6 +92,14 @@ class QuantizedLinear(PackedLayer):
         self.mode = mode
         self._store(weight)
         self.bias = _bias(bias)
+        if mode == "native":
+            reason = native_problem(weight)
+            if reason:
+                raise ValueError(f"execution='native' cannot run this weight: {reason}")
+            kernel_form = effinfer_kernels.PackedWeight.from_quantized(weight)
+            # the kernels' float32 scale and folded zero per group (counted: they are read every step)
+            self.register_buffer("kernel_scales", kernel_form.scales, persistent=False)
+            self.register_buffer("kernel_bias", kernel_form.bias, persistent=False)
 
     def _store(self, weight: QuantizedTensor) -> None:
         if self.kernel == "int8":
@@ -139,7 +151,17 @@ class QuantizedLinear(PackedLayer):
             return self.weight.to(dtype)
         return self.quantized_weight().dequantize(dtype)
 
+    def packed_weight(self) -> effinfer_kernels.PackedWeight:
+        """The weight as the kernels read it (``native`` mode: shares this layer's buffers)."""
+        if self.mode != "native":
+            return effinfer_kernels.PackedWeight.from_quantized(self.quantized_weight())
+        return effinfer_kernels.PackedWeight(self.packed, self.kernel_scales, self.kernel_bias, self.bits,
+                                             self.group_size, self.in_features)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.mode == "native" and x.dtype == torch.float32:
+            out = effinfer_kernels.dequant_matmul(x, self.packed_weight())
+            return out if self.bias is None else out + self.bias.to(out.dtype)
         rows = x.numel() // self.in_features
         if self.kernel is not None and (self.dense_above is None or rows <= self.dense_above):
             if self.kernel == "int8":
@@ -152,6 +174,8 @@ class QuantizedLinear(PackedLayer):
     def path(self) -> str:
         if self.kernel is not None:
             return f"{self.kernel} packed kernel"
+        if self.mode == "native":
+            return f"int{self.bits} effinfer kernels"
         return "fake-quant (float weight)" if self.mode == "fake" else f"int{self.bits} dequantize-per-call"
 
     def metadata(self) -> dict[str, Any]:
@@ -186,9 +210,23 @@ def build_quantized_linear(weight: QuantizedTensor, bias: torch.Tensor | None, e
         if kernel is None:
             raise ValueError(f"execution='kernel' but no packed kernel runs layer {name or '?'}: {reason}; "
                              "use execution='auto' (falls back to dequantize-per-call) or 'dequant'/'fake'")
+    if execution == "native":
+        reason = native_problem(weight)
+        if reason:
+            raise ValueError(f"execution='native' cannot run layer {name or '?'}: {reason}; use execution='auto'")
+        return QuantizedLinear(weight, bias, "native")
     if execution in ("auto", "kernel") and kernels.kernel_for(weight)[0] is not None:
         return QuantizedLinear(weight, bias, "kernel", dense_above)
     return QuantizedLinear(weight, bias, "fake" if execution == "fake" else "dequant")
+
+
+def native_problem(weight: QuantizedTensor) -> str | None:
+    """Why effinfer's kernels cannot run ``weight`` in ``native`` mode (``None`` when they can)."""
+    if weight.bits not in (4, 8):
+        return f"the effinfer kernels read 4- and 8-bit codes, not {weight.bits}-bit"
+    if weight.in_features % weight.group_size or weight.group_size % 32:
+        return f"group size {weight.group_size} must be a multiple of 32 dividing the input features"
+    return None
 
 
 class Int8DynamicLinear(PackedLayer):

@@ -39,6 +39,8 @@ def packed_weight(module: nn.Module) -> PackedWeight | None:
         return None
     if getattr(module, "mode", None) == "fake" or getattr(module, "kernel", None) is not None:
         return None
+    if getattr(module, "mode", None) == "native":
+        return module.packed_weight()  # shares the layer's buffers
     return PackedWeight.from_parts(module.packed, module.scales, module.zeros, module.bits, module.group_size,
                                    module.in_features)
 
@@ -155,7 +157,8 @@ class NativeStep:
     def profile(self) -> dict[str, float]:
         """Start timing each kind of call (matmuls, attention, norms, ...) per step; returns the dict that fills.
 
-        The part of ``total`` no kind accounts for is Python and torch dispatch between the calls.
+        The part of ``total`` no kind accounts for is Python and torch dispatch between the calls; ``calls``
+        counts the timed calls and ``steps`` the steps.
         """
         self.breakdown = {}
         return self.breakdown
@@ -217,4 +220,5 @@ class NativeStep:
         started = time.perf_counter()
         result = function(*args)
         self.breakdown[kind] = self.breakdown.get(kind, 0.0) + time.perf_counter() - started
+        self.breakdown["calls"] = self.breakdown.get("calls", 0) + 1
         return result

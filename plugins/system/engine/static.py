@@ -45,17 +45,19 @@ def probe_cache(model: nn.Module, cache_factory: CacheFactory) -> tuple[bool, An
     return type(probe) is DynamicCache and probe.get_seq_length() == 0, probe
 
 
-_ENGINES: weakref.WeakKeyDictionary[nn.Module, dict[tuple[bool, str | None], Engine]] = weakref.WeakKeyDictionary()
+_ENGINES: weakref.WeakKeyDictionary[nn.Module, dict[tuple[bool, str | None, str], Engine]] = \
+    weakref.WeakKeyDictionary()
 
 
-def shared_engine(model: nn.Module, compile: bool = False, compile_mode: str | None = None) -> Engine:
-    """One compute engine per model and compile setting in this process, so compiled steps are reused
+def shared_engine(model: nn.Module, compile: bool = False, compile_mode: str | None = None,
+                  kernels: str = "auto") -> Engine:
+    """One compute engine per model and setting in this process, so compiled steps are reused
     by every strategy (rebuilt when a technique has swapped the model's modules since)."""
     engines = _ENGINES.setdefault(model, {})
-    key = (compile, compile_mode)
+    key = (compile, compile_mode, kernels)
     engine = engines.get(key)
     if engine is None or not engine.layout.matches(model):
-        engine = engines[key] = Engine(model, compile, compile_mode)
+        engine = engines[key] = Engine(model, compile, compile_mode, kernels)
     return engine
 
 
@@ -64,9 +66,12 @@ class StaticEngine(DecodeEngine):
 
     name = "static"
 
-    def __init__(self, compile: bool = False, compile_mode: str | None = None) -> None:
+    def __init__(self, compile: bool = False, compile_mode: str | None = None, kernels: str = "auto") -> None:
         super().__init__(compile)
         self.compile_mode = compile_mode
+        #: the decode step: ``auto`` (the native CPU step where it runs), ``native`` or ``torch``
+        #: (see :data:`~effinfer.plugins.system.engine.engine.KERNEL_CHOICES`)
+        self.kernels = kernels
         #: the compute engine of the last model this engine ran (for :meth:`compile_report`)
         self.last: Engine | None = None
         #: why the HF path ran instead (each reason warned once)
@@ -103,7 +108,7 @@ class StaticEngine(DecodeEngine):
                 "the static engine runs; it runs on the HF path")
             return None, probe
         try:
-            self.last = shared_engine(model, self.compile, self.compile_mode)
+            self.last = shared_engine(model, self.compile, self.compile_mode, self.kernels)
         except UnsupportedModel as error:
             self._fallback(f"static engine unavailable ({error}); using the HF path")
             return None, probe

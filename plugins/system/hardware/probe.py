@@ -43,6 +43,15 @@ def op_overhead(calls: int = 2000) -> float:
     return best_seconds(lambda: x.add(1.0), repeats=5, inner=calls)
 
 
+def native_call_overhead(calls: int = 2000) -> float:
+    """Seconds of one tiny call into effinfer's native kernels (an 8-element RMSNorm: output allocation,
+    ctypes marshalling, the call): the per-call cost of the engine's native decode step."""
+    from effinfer.kernels import native
+
+    x, weight = torch.ones(1, 8), torch.ones(8)
+    return best_seconds(lambda: native.add_rmsnorm(x, None, weight, 1e-6), repeats=5, inner=calls)
+
+
 def matmul_bandwidth(call: Callable[[], object], weight_bytes: int) -> float:
     """Effective bytes/s of a one-token matmul that reads ``weight_bytes`` of weights."""
     return weight_bytes / best_seconds(call, repeats=5, inner=5)

@@ -100,6 +100,10 @@ STACKS = {
     "w4a16_g128_50%sparse": Stack("w4a16_g128_50%sparse", 4, 128, 4, act_bytes=2, kv_bytes=2, sparsity=0.5,
                                   compute="bf16"),
     "w4a16_g128_kv4": Stack("w4a16_g128_kv4", 4, 128, 4, act_bytes=2, kv_bytes=0.5, compute="bf16"),
+    # effinfer's native CPU kernels (execution=native): float32 activations and KV, a float32 scale and a
+    # float32 folded zero per group (8 bytes), codes widened to float32 in registers
+    "w8a16_native": Stack("w8a16_native", 8, None, 8),
+    "w4a16_g32_native": Stack("w4a16_g32_native", 4, 32, 8),
 }
 
 

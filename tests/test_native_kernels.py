@@ -1,0 +1,211 @@
+"""The native CPU decode kernels (effinfer.kernels.native), their autotune, and the engine's native step.
+
+Every kernel against a plain-torch computation (hypothesis over shapes, token counts, bit-widths,
+group sizes, zero-point kinds, GQA ratios, cache slots and sliding windows); the engine's native
+step against its torch step on tiny Llama / Qwen2 / Gemma 3 models and on SmolLM2 (float32 and a
+native W4A16 model); the fall-back when the kernels cannot build; the autotune cache.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from effinfer.core.compose import ComposedModel
+from effinfer.core.experiment import Experiment
+from effinfer.core.testing import TINY_FAMILIES, tiny_model
+from effinfer.kernels import PackedWeight, autotune, cpu, native, reference
+from effinfer.plugins.model.quantization.packing import quantize
+from effinfer.plugins.system.engine.engine import Engine
+
+pytestmark = pytest.mark.skipif(native.problem() is not None, reason=f"native kernels: {native.problem()}")
+SETTINGS = settings(max_examples=25, deadline=None)
+
+
+def close(actual: torch.Tensor, expected: torch.Tensor, tolerance: float = 1e-4) -> bool:
+    scale = max(1.0, float(expected.abs().max()))
+    return float((actual - expected).abs().max()) <= tolerance * scale
+
+
+@SETTINGS
+@given(n=st.integers(1, native.MAX_TOKENS), in_features=st.integers(1, 70), outs=st.lists(st.integers(1, 13), min_size=1,
+       max_size=3), bias=st.booleans(), seed=st.integers(0, 2**16))
+def test_dense_group_equals_linear(n, in_features, outs, bias, seed):
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, in_features, generator=generator)
+    weights = [torch.randn(o, in_features, generator=generator) for o in outs]
+    biases = [torch.randn(o, generator=generator) if bias else None for o in outs]
+    for y, w, b in zip(native.DenseGroup(weights, biases)(x), weights, biases, strict=True):
+        assert close(y, F.linear(x, w, b))
+
+
+@SETTINGS
+@given(n=st.integers(1, native.MAX_TOKENS), bits=st.sampled_from([4, 8]), groups=st.integers(1, 4),
+       group=st.sampled_from([32, 64]), out=st.integers(1, 11), zero=st.sampled_from(["symmetric", "int", "float"]),
+       seed=st.integers(0, 2**16))
+def test_packed_matmul_and_dequantize_equal_the_reference(n, bits, groups, group, out, zero, seed):
+    generator = torch.Generator().manual_seed(seed)
+    weight = torch.randn(out, groups * group, generator=generator)
+    packed = PackedWeight.from_quantized(quantize(weight, bits, group, zero == "symmetric", float_zero=zero == "float"))
+    x = torch.randn(n, groups * group, generator=generator)
+    assert close(native.dequant_matmul(x, packed), reference.dequant_matmul(x, packed))
+    assert torch.allclose(native.dequantize(packed), reference.dequant_matmul(torch.eye(groups * group), packed).t(),
+                          atol=1e-5)
+    assert close(cpu.dequant_matmul(x, packed), reference.dequant_matmul(x, packed))          # the dispatcher's pick
+    prefill = torch.randn(cpu.DENSE_ROWS + 3, groups * group, generator=generator)
+    assert close(cpu.dequant_matmul(prefill, packed), reference.dequant_matmul(prefill, packed))
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return x * cos + torch.cat([-x[..., half:], x[..., :half]], -1) * sin
+
+
+@SETTINGS
+@given(batch=st.integers(1, 3), kv_heads=st.integers(1, 3), group=st.integers(1, 3), dim=st.sampled_from([16, 64]),
+       capacity=st.integers(4, 40), data=st.data())
+def test_decode_attention_rotates_writes_and_attends(batch, kv_heads, group, dim, capacity, data):
+    slot = data.draw(st.integers(0, capacity - 1))
+    first = torch.tensor([data.draw(st.integers(0, slot)) for _ in range(batch)])
+    generator = torch.Generator().manual_seed(data.draw(st.integers(0, 2**16)))
+    heads = kv_heads * group
+    q, k, v = (torch.randn(batch, h, dim, generator=generator) for h in (heads, kv_heads, kv_heads))
+    angles = torch.randn(batch, dim // 2, generator=generator)
+    cos, sin = torch.cat([angles.cos()] * 2, -1), torch.cat([angles.sin()] * 2, -1)
+    keys, values = torch.randn(batch, kv_heads, capacity, dim, generator=generator), torch.zeros(batch, kv_heads,
+                                                                                                 capacity, dim)
+    expected_keys, expected_values = keys.clone(), values.clone()
+    rq, rk = rotate(q, cos[:, None], sin[:, None]), rotate(k, cos[:, None], sin[:, None])
+    expected_keys[:, :, slot], expected_values[:, :, slot] = rk, v
+    out = native.decode_attention(q.clone(), k.clone(), v, cos, sin, keys, values, slot, first, 0.3)
+    assert torch.allclose(keys, expected_keys, atol=1e-6) and torch.equal(values, expected_values)
+    for b in range(batch):
+        span = slice(int(first[b]), slot + 1)
+        kk = expected_keys[b, :, span].repeat_interleave(group, 0)
+        vv = expected_values[b, :, span].repeat_interleave(group, 0)
+        expected = torch.softmax(rq[b, :, None] @ kk.transpose(1, 2) * 0.3, -1) @ vv
+        assert close(out[b], expected[:, 0])
+
+
+@SETTINGS
+@given(rows=st.integers(1, 4), dim=st.integers(1, 80), offset=st.sampled_from([0.0, 1.0]), residual=st.booleans(),
+       seed=st.integers(0, 2**16))
+def test_add_rmsnorm_and_gated_activations(rows, dim, offset, residual, seed):
+    generator = torch.Generator().manual_seed(seed)
+    x, r, w = torch.randn(rows, dim, generator=generator), torch.randn(rows, dim, generator=generator), torch.randn(dim)
+    out, hidden = native.add_rmsnorm(x, r.clone() if residual else None, w, 1e-6, offset)
+    expected_hidden = x + r if residual else x
+    expected, _ = reference.add_rmsnorm(x, r if residual else None, w, 1e-6, offset)
+    assert torch.allclose(hidden, expected_hidden) and close(out, expected)
+    gate, up = torch.randn(rows * dim, generator=generator), torch.randn(rows * dim, generator=generator)
+    assert close(native.gated_act(gate.clone(), up, "silu"), F.silu(gate) * up)
+    assert close(native.gated_act(gate.clone(), up, "gelu_pytorch_tanh"), F.gelu(gate, approximate="tanh") * up)
+
+
+def step_logits(model, kernels: str, prompt: torch.Tensor, tokens: list[int]) -> list[torch.Tensor]:
+    """Prefill ``prompt`` then decode ``tokens`` one by one (teacher-forced), logits of each step."""
+    engine = Engine(model, kernels=kernels)
+    cache = engine.cache_for(1, prompt.shape[1] + len(tokens) + 1)
+    engine.prefill(cache, prompt, torch.ones_like(prompt))
+    return [engine.decode(cache, torch.tensor([t])) for t in tokens]
+
+
+@pytest.mark.parametrize("family", TINY_FAMILIES)
+def test_native_step_equals_the_torch_step_on_each_layout(family):
+    model, _ = tiny_model(family, layers=3, seed=1)  # gemma3: sliding-window and global layers, window 8
+    prompt = torch.randint(3, model.config.vocab_size, (1, 6), generator=torch.Generator().manual_seed(0))
+    tokens = torch.randint(3, model.config.vocab_size, (12,), generator=torch.Generator().manual_seed(1)).tolist()
+    assert Engine(model).native_step() is not None
+    for native_logits, torch_logits in zip(step_logits(model, "auto", prompt, tokens),
+                                           step_logits(model, "torch", prompt, tokens), strict=True):
+        assert close(native_logits, torch_logits)
+
+
+def test_native_step_over_a_left_padded_batch_equals_the_torch_step():
+    model, _ = tiny_model("gemma3", layers=2, seed=2)
+    ids = torch.randint(3, model.config.vocab_size, (2, 7), generator=torch.Generator().manual_seed(3))
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0
+    results = {}
+    for kernels in ("auto", "torch"):
+        engine = Engine(model, kernels=kernels)
+        cache = engine.cache_for(2, 20)
+        engine.prefill(cache, ids, mask)
+        results[kernels] = [engine.decode(cache, torch.tensor([5 + i, 9 + i])) for i in range(10)]
+    for a, b in zip(*results.values(), strict=True):
+        assert close(a, b)
+
+
+def test_without_the_kernels_the_engine_and_the_dispatcher_fall_back(monkeypatch):
+    model, _ = tiny_model("llama", layers=2, seed=0)
+    monkeypatch.setattr(native, "_load", lambda: (None, "no C++ compiler found (test)"))
+    engine = Engine(model)
+    assert engine.native_step() is None and "no C++ compiler" in engine.native_reason
+    with pytest.warns(RuntimeWarning, match="no C\\+\\+ compiler"):
+        Engine(model, kernels="native").native_step()
+    packed = PackedWeight.from_quantized(quantize(torch.randn(8, 64), 4, 32, False))
+    x = torch.randn(2, 64)
+    assert close(cpu.dequant_matmul(x, packed), reference.dequant_matmul(x, packed))
+
+
+def test_bad_kernel_choices_are_refused(monkeypatch):
+    model, _ = tiny_model("llama", layers=1, seed=0)
+    with pytest.raises(ValueError, match="kernels='fast'.*auto"):
+        Engine(model, kernels="fast")
+    monkeypatch.setenv(autotune.ENV, "blas")
+    with pytest.raises(ValueError, match="EFFINFER_DENSE_DECODE='blas'.*mkl"):
+        autotune.dense_decode_path()
+    with pytest.raises(ValueError, match="group_size that is a multiple of 32"):
+        Experiment(techniques=["rtn:bits=4,group_size=16,execution=native"]).build_stack()
+
+
+def test_autotune_measures_once_and_caches_its_choice(monkeypatch, tmp_path):
+    monkeypatch.setenv("EFFINFER_CACHE", str(tmp_path))
+    monkeypatch.delenv(autotune.ENV, raising=False)
+    weights = [torch.randn(64, 96), torch.randn(96, 64)]
+    calls = []
+    real = autotune.measure
+    monkeypatch.setattr(autotune, "measure", lambda w=None, rounds=3: calls.append(1) or real(w, rounds=1))
+    first = autotune.dense_decode_path(weights)
+    assert first in autotune.candidates() and autotune.dense_decode_path(weights) == first and len(calls) == 1
+    stored = json.loads((tmp_path / "kernels" / "autotune.json").read_text())
+    [entry] = stored.values()
+    assert entry["path"] == first and set(entry["seconds_per_pass"]) == set(autotune.candidates())
+    monkeypatch.setenv(autotune.ENV, "mkl")
+    assert autotune.dense_decode_path(weights) == "mkl"
+
+
+@pytest.mark.real_model
+def test_smollm2_native_steps_equal_the_torch_step(smollm2):
+    model, tokenizer = smollm2
+    prompt = tokenizer("The capital of France is", return_tensors="pt")["input_ids"]
+    tokens = tokenizer(" Paris, and the capital of Italy is Rome.", return_tensors="pt")["input_ids"][0].tolist()
+    for a, b in zip(step_logits(model, "auto", prompt, tokens), step_logits(model, "torch", prompt, tokens),
+                    strict=True):
+        assert close(a, b, 1e-3) and a.argmax() == b.argmax()
+    stack = Experiment(techniques=["rtn:bits=4,group_size=32,symmetric=false,execution=native,skip_modules=[]"])
+    with ComposedModel(copy.deepcopy(model), tokenizer, stack.build_stack()) as composed:
+        quantized = composed.model
+        layer = quantized.model.layers[0].mlp.down_proj
+        assert layer.path() == "int4 effinfer kernels" and layer.packed.numel() * 8 == layer.in_features * \
+            layer.out_features * 4  # really 4 bits per weight
+        for a, b in zip(step_logits(quantized, "auto", prompt, tokens), step_logits(quantized, "torch", prompt, tokens),
+                        strict=True):
+            assert close(a, b, 1e-3)
+        dense = copy.deepcopy(quantized)  # the same codes dequantized once: the native path computes this model
+        for name, module in list(dense.named_modules()):
+            if type(module).__name__ == "QuantizedLinear":
+                parent, child = dense.get_submodule(name.rsplit(".", 1)[0]) if "." in name else dense, \
+                    name.rsplit(".", 1)[-1]
+                linear = torch.nn.Linear(module.in_features, module.out_features, bias=module.bias is not None)
+                linear.weight.data = module.dense_weight()
+                setattr(parent, child, linear)
+        for a, b in zip(step_logits(quantized, "auto", prompt, tokens), step_logits(dense, "torch", prompt, tokens),
+                        strict=True):
+            assert close(a, b, 1e-3)
