@@ -20,6 +20,20 @@ the first baseline measurement is flagged ⚠ (machine load changed: re-run it w
 ``--quick`` (one prompt per category, 16 tokens, eager, prompt_lookup and HF generate only,
 no table) checks the script in a few minutes.
 
+**A real draft/target pair** (``--target`` / ``--draft``, model aliases)::
+
+    .venv/bin/python benchmarks/speculative.py --target qwen2.5-coder-1.5b-instruct \
+        --draft qwen2.5-coder-0.5b-instruct
+
+runs the pair's rows (:data:`PAIR_STRATEGIES`: ``draft_model`` with the draft as its
+``source``, prompt_lookup, self_speculative, lookahead, rest, eagle; ``--with-medusa`` adds
+Medusa, left out by default for its head-training cost on a 1.5B model), the HF peers
+(``assistant_model`` = the draft) and llama.cpp on the target's own GGUF, plain and with its
+prompt-lookup drafting (``LlamaPromptLookupDecoding``), into ``table5_qwen.md``. Its defaults
+keep a 2-core run near 25 minutes: one prompt per category, 64 new tokens, warm-ups of 8 tokens,
+and the plain baseline measured first and last instead of beside every row (``--paired``
+restores the side-by-side measurement).
+
 Per method: decode tok/s over all prompts and per category, speed-up over the engine's plain
 greedy, mean accepted tokens per verification step, acceptance rate, drafting overhead,
 set-up cost (draft construction, datastore, head training), and whether its greedy output
@@ -46,7 +60,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from engine import ARTIFACTS, agreement, machine, machine_load, table_header, time_llama_cpp, write_table  # noqa: E402
 
 from effinfer.core.generation import GenerationConfig, GenerationResult, encode_prompts, stop_token_ids  # noqa: E402
-from effinfer.core.models import DEFAULT_MODEL, load_model  # noqa: E402
+from effinfer.core.models import BUILTIN_ALIASES, DEFAULT_MODEL, load_model  # noqa: E402
 from effinfer.core.registry import get_registry  # noqa: E402
 from effinfer.core.stages import SystemStage  # noqa: E402
 from effinfer.data import PROMPT_CATEGORIES, load_prompts  # noqa: E402
@@ -68,7 +82,27 @@ STRATEGIES: list[tuple[str, str, dict[str, Any]]] = [
     ("rest", "rest", {}),
     # Medusa.bench_config's heads (16 self-generated answers × 96 tokens, 2 epochs; cached once trained)
     ("medusa", "medusa", {"train_prompts": 16, "train_new_tokens": 96, "epochs": 2}),
+    # EAGLE's head (48 self-generated answers × 128 tokens, 8 epochs; cached once trained)
+    ("eagle", "eagle", {"train_prompts": 48, "train_new_tokens": 128, "epochs": 8}),
 ]
+
+#: EAGLE's head on a larger target (fewer, shorter self-generated answers: set-up stays minutes)
+PAIR_EAGLE = {"train_prompts": 16, "train_new_tokens": 64, "epochs": 6}
+#: what ``--quick`` trains instead (checks the path, not the head)
+QUICK_EAGLE = {"train_prompts": 2, "train_new_tokens": 16, "epochs": 1}
+
+
+def pair_strategies(draft: str | None, with_medusa: bool, eagle: dict[str, Any]) -> list[tuple[str, str, dict[str, Any]]]:
+    """The rows of a real target (and draft model): the SmolLM2 rows' settings, the draft as a model source."""
+    rows: list[tuple[str, str, dict[str, Any]]] = []
+    if draft is not None:
+        rows.append((f"draft_model ({draft})", "draft_model", {"source": draft, "num_draft_tokens": 4}))
+    rows += [row for row in STRATEGIES if row[1] in ("prompt_lookup", "lookahead", "rest")]
+    rows.append(("self_speculative", "self_speculative", {"skip_ratio": 0.4, "num_draft_tokens": 4}))
+    if with_medusa:
+        rows.append(("medusa", "medusa", {"train_prompts": 16, "train_new_tokens": 96, "epochs": 2}))
+    rows.append(("eagle", "eagle", eagle))
+    return rows
 
 #: Table 5 columns that describe a method (the measured ones come from the run)
 DESCRIPTIONS: dict[str, tuple[str, str, str]] = {
@@ -81,6 +115,8 @@ DESCRIPTIONS: dict[str, tuple[str, str, str]] = {
     "lookahead": ("n-grams from Jacobi trajectories", "none (online pool)", "token tree (+ Jacobi chain)"),
     "rest": ("retrieved continuations", "suffix array over a corpus", "token tree"),
     "medusa": ("extra heads on the last hidden state", "heads trained on self-generated text", "token tree"),
+    "eagle": ("one-layer head autoregressing on the target's features", "head trained on self-generated text",
+              "chain, speculative sampling"),
 }
 
 
@@ -133,6 +169,42 @@ def llama(encoded: list[Any], threads: int) -> OnePrompt | None:
         row = time_llama_cpp(ids, n, 1, threads)
         decode = (n - 1) / row["decode_tok_s"]
         return GenerationResult([row["tokens"]], row["prefill_s"], decode, 0)
+    return one
+
+
+def llama_pair(gguf: Path, encoded: list[Any], threads: int, lookup: int = 0) -> OnePrompt | None:
+    """llama.cpp on ``gguf``, greedy, optionally with its prompt-lookup drafting (``lookup`` tokens);
+    ``None`` when ``llama-cpp-python`` is not installed."""
+    try:
+        import llama_cpp.llama as llama_module
+        from llama_cpp import Llama
+        from llama_cpp.llama_speculative import LlamaPromptLookupDecoding
+    except ImportError:
+        return None
+    defaults = llama_module.llama_cpp.llama_model_default_params
+
+    def without_repacking() -> Any:  # the AMX/repack weight buffers crash here (benchmarks/engine.py)
+        params = defaults()
+        params.use_extra_bufts = False
+        return params
+
+    llama_module.llama_cpp.llama_model_default_params = without_repacking
+    drafter = LlamaPromptLookupDecoding(num_pred_tokens=lookup) if lookup else None
+    llm = Llama(model_path=str(gguf), n_ctx=4096, n_threads=threads, n_threads_batch=threads, verbose=False,
+                seed=0, draft_model=drafter)
+
+    def one(index: int) -> GenerationResult:
+        ids, _, n = encoded[index]
+        llm.reset()
+        started = time.perf_counter()
+        tokens: list[int] = []
+        for token in llm.generate(ids[0].tolist(), top_k=1, top_p=1.0, temp=0.0, repeat_penalty=1.0, reset=True):
+            if not tokens:
+                prefilled = time.perf_counter()
+            tokens.append(token)
+            if len(tokens) == n:
+                break
+        return GenerationResult([tokens], prefilled - started, time.perf_counter() - prefilled, 0)
     return one
 
 
@@ -201,8 +273,14 @@ def summarize(results: list[GenerationResult], categories: list[str], reference:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--per-category", type=int, default=2)
-    parser.add_argument("--max-new-tokens", type=int, default=128)
+    parser.add_argument("--target", default=DEFAULT_MODEL, help="target model source (alias, folder, .gguf)")
+    parser.add_argument("--draft", default=None, help="draft model source for draft_model and HF assistant_model "
+                                                      "(a pair run: see the module docstring)")
+    parser.add_argument("--with-medusa", action="store_true", help="a pair run also trains and runs Medusa")
+    parser.add_argument("--paired", action="store_true",
+                        help="a pair run measures the plain baseline beside every row (default: first and last)")
+    parser.add_argument("--per-category", type=int, default=None, help="prompts per category (2; a pair run: 1)")
+    parser.add_argument("--max-new-tokens", type=int, default=None, help="tokens per answer (128; a pair run: 64)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--no-compile", action="store_true")
     parser.add_argument("--no-llama-cpp", action="store_true")
@@ -215,17 +293,26 @@ def main() -> None:
                         help="check the script: 1 prompt per category, 16 tokens, eager, prompt_lookup and hf "
                              "generate only, no table, artifacts/quick/speculative_benchmark.json")
     args = parser.parse_args()
+    pair = args.target != DEFAULT_MODEL or args.draft is not None
+    args.per_category = args.per_category or (1 if pair else 2)
+    args.max_new_tokens = args.max_new_tokens or (64 if pair else 128)
     if args.quick:
         args.per_category, args.max_new_tokens, args.no_compile, args.no_llama_cpp = 1, 16, True, True
         args.only, args.no_table = args.only or ["prompt_lookup", "hf generate"], True
         args.out = ARTIFACTS / "quick" / "speculative_benchmark.json"
+    paired = not pair or args.paired
+    strategies = (pair_strategies(args.draft, args.with_medusa, QUICK_EAGLE if args.quick else PAIR_EAGLE) if pair
+                  else STRATEGIES)
     torch.set_num_threads(args.threads)
     compile = not args.no_compile
     report: dict[str, Any] = {"load_before": machine_load(), "threads": args.threads, "compile": compile,
                               "drift_tolerance": args.drift_tolerance,
                               "command": "python benchmarks/speculative.py " + " ".join(sys.argv[1:]),
-                              "torch": torch.__version__, "machine": machine(), "rows": {}}
-    model, tokenizer = load_model(DEFAULT_MODEL)
+                              "torch": torch.__version__, "machine": machine(), "rows": {}, "paired": paired,
+                              "target": args.target, "draft": args.draft}
+    started = time.perf_counter()
+    model, tokenizer = load_model(args.target)
+    report["load_s"] = time.perf_counter() - started
     prompts = [p for c in PROMPT_CATEGORIES for p in load_prompts(c, n_per_category=args.per_category)]
     categories = [p.category for p in prompts]
     encoded = [(*encode_prompts(tokenizer, [p.messages], chat_template=True), min(p.max_new_tokens, args.max_new_tokens))
@@ -240,9 +327,12 @@ def main() -> None:
         """Run ``run`` on every prompt next to the plain baseline; record the row."""
         first = report["rows"].get("engine plain greedy", {})
         load = load_average()
-        if first:
+        if first and paired:
             results, base = beside(run, plain_one, len(prompts))
             extra = extra | paired_speedup(results, base, first["decode_tok_s"], args.drift_tolerance)
+        elif first:
+            results = [run(i) for i in range(len(prompts))]
+            extra = extra | {"speedup_vs_engine_plain": rate(results) / first["decode_tok_s"]}
         else:
             results = [run(i) for i in range(len(prompts))]
         extra["load_before_after"] = [load, load_average()]
@@ -257,13 +347,15 @@ def main() -> None:
 
     plain = StaticDecoding(StaticEngine(compile=compile))
     plain_one = ours(plain, model, encoded, stops)
+    # a pair run warms up on 8 tokens of the first prompt (a full answer of a 1.5B model costs ~20 s a row)
+    warm_encoded = [(ids, mask, min(n, 8)) for ids, mask, n in encoded[:1]] if pair else encoded
     started = time.perf_counter()
-    plain_one(0)  # compile + warm-up
+    ours(plain, model, warm_encoded, stops)(0)  # compile + warm-up
     warmup = time.perf_counter() - started
     measure("engine plain greedy", plain_one, {"warmup_s": warmup, "compile": engine.compile_report()})
     wanted = lambda row: not args.only or any(o in row for o in args.only)  # noqa: E731
     drafts: dict[str, Any] = {}
-    for row, technique_name, config in STRATEGIES:
+    for row, technique_name, config in strategies:
         if not wanted(row):
             continue
         try:
@@ -276,7 +368,7 @@ def main() -> None:
             drafts[row] = strategy.draft
             shared_engine(strategy.draft, compile).cache_for(1, longest, "draft")
         started = time.perf_counter()
-        ours(strategy, model, encoded, stops)(0)
+        ours(strategy, model, warm_encoded, stops)(0)
         warmup = time.perf_counter() - started
         extra = {"technique": technique_name, "config": config, "setup_s": setup, "warmup_s": warmup,
                  "notes": list(technique.notes)}
@@ -301,15 +393,24 @@ def main() -> None:
         if draft_row is not None:
             peer(f"hf generate + assistant_model ({draft_row.split('(')[1].rstrip(')')})",
                  hf(model, encoded, stops, assistant_model=drafts[draft_row]))
-    if not args.no_llama_cpp and wanted("llama.cpp"):
+    if not args.no_llama_cpp and wanted("llama.cpp") and not pair:
         peer("llama.cpp Q4_1 (llama-cpp-python)", llama(encoded, args.threads))
+    elif not args.no_llama_cpp and wanted("llama.cpp") and hasattr(BUILTIN_ALIASES.get(args.target), "gguf_file"):
+        gguf = BUILTIN_ALIASES[args.target].gguf_file()
+        report["gguf"] = str(gguf)
+        peer("llama.cpp GGUF (llama-cpp-python)", llama_pair(gguf, encoded, args.threads))
+        peer("llama.cpp GGUF + prompt lookup (LlamaPromptLookupDecoding, 10)",
+             llama_pair(gguf, encoded, args.threads, lookup=10))
+    if not paired:  # the baseline again, last: how far the machine drifted over the run
+        report["plain_last"] = summarize([plain_one(i) for i in range(len(prompts))], categories, None)
     report["rows"]["engine plain greedy"]["speedup_vs_engine_plain"] = 1.0
     report["load_after"] = machine_load()
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=1, default=str))
     table = table5(report)
     if not args.no_table:
-        print("wrote", write_table("system.inference_engine.speculative_decoding", "table5", table))
+        name = "table5" if not pair else "table5_qwen" if args.target.startswith("qwen") else "table5_pair"
+        print("wrote", write_table("system.inference_engine.speculative_decoding", name, table))
     print(table)
 
 
@@ -317,8 +418,12 @@ def table5(report: dict[str, Any]) -> str:
     """The survey's Table 5 redone from this run, plus the peers, as markdown."""
     rows = report["rows"]
     base = rows["engine plain greedy"]
+    target, draft = report.get("target", DEFAULT_MODEL), report.get("draft")
+    title = ("Speculative decoding on SmolLM2-135M-Instruct (survey Table 5, redone)" if target == DEFAULT_MODEL
+             and draft is None else f"Speculative decoding on {target} with {draft or 'no'} draft model "
+             "(survey Table 5, redone on a real draft/target pair)")
     lines = table_header(
-        "Speculative decoding on SmolLM2-135M-Instruct (survey Table 5, redone)", report["command"],
+        title, report["command"],
         report["threads"], f"; torch {report['torch']}; compiled decode and verification steps: {report['compile']}; "
         f"machine load (`uptime`) before `{report['load_before']}`, after `{report['load_after']}` (a shared CPU: "
         "compare ratios within this table, not across runs)")
@@ -330,14 +435,23 @@ def table5(report: dict[str, Any]) -> str:
            f"{report.get('drift_tolerance', 0.1):.0%} from the first one ({base['decode_tok_s']:.1f} tok/s): the "
            "machine's load changed, re-run the row with `--only`. "
            if any("speedup_spread" in r for r in rows.values()) else
-           f"decode tok/s ÷ the engine's plain greedy decode tok/s ({base['decode_tok_s']:.1f}). ")
+           f"decode tok/s ÷ the engine's plain greedy decode tok/s ({base['decode_tok_s']:.1f}, measured first"
+           + (f"; measured again last: {report['plain_last']['decode_tok_s']:.1f}, a drift of "
+              f"{report['plain_last']['decode_tok_s'] / base['decode_tok_s'] - 1:+.0%}" if "plain_last" in report
+              else "") + "). ")
         + "Mean accepted = drafted "
         "tokens accepted per verification step (τ − 1 in Spec-Bench's terms; each step also emits the target's own "
         "token); acceptance rate = accepted ÷ drafted tokens (every tree node counts as drafted). Drafting overhead = "
         "share of decode time spent proposing. Set-up = draft construction / datastore / head training (a cached "
         "artefact shows what it cost when it was made). Lossless = prompts whose greedy output is identical to plain "
         "greedy's. HF rows: transformers `generate` (its own decode loop, not the engine) with "
-        "`prompt_lookup_num_tokens` / `assistant_model` — peers, with their speed-up also relative to the engine.",
+        "`prompt_lookup_num_tokens` / `assistant_model` — peers, with their speed-up also relative to the engine."
+        + (f" llama.cpp rows run the target's own quantized GGUF (`{Path(report['gguf']).name}`), not the float32 "
+           "weights the engine decodes: their tokens differ from plain greedy's by quantization, not by drafting."
+           if "gguf" in report else "")
+        + (" Medusa is left out of this pair run: its heads train on self-generated text through the target's "
+           "LM head (16 answers × 96 tokens), minutes more set-up on a 1.5B model on 2 cores; `--with-medusa` adds "
+           "it (its SmolLM2 row is in table5.md)." if draft is not None and "medusa" not in rows else ""),
         "",
         "| method | draft | draft construction | verifier | set-up cost | drafting overhead | mean accepted "
         "| acceptance rate | decode tok/s | speed-up | lossless (identical greedy) |",
