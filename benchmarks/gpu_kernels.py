@@ -284,12 +284,13 @@ def markdown(meta: dict, kernel_table: list[dict], engine_table: list[dict]) -> 
 
 
 CPU_TABLE = ROOT / "benchmarks/results/system.inference_engine.graph_operator.attention_operator/cpu_kernels.md"
+CPU_MATMUL_TABLE = ROOT / "benchmarks/results/system.inference_engine.graph_operator.linear_operator/cpu_kernels.md"
 
 
 def cpu_rows(quick: bool) -> list[dict]:
     """CPU implementations vs torch at batch 1 (median of 20 calls each, interleaved)."""
     from effinfer import kernels
-    from effinfer.kernels import packed_cpu
+    from effinfer.kernels import native, packed_cpu
     from effinfer.plugins.model.quantization.packing import quantize
 
     generator = torch.Generator().manual_seed(0)
@@ -313,19 +314,28 @@ def cpu_rows(quick: bool) -> list[dict]:
         v = torch.randn(1, kv_heads, context, dim, generator=generator)
         lengths = torch.tensor([context])
         kr, vr = k.repeat_interleave(3, 1), v.repeat_interleave(3, 1)
-        times = timed({
+        calls = {
             "split_kv": lambda: kernels.decode_attention(q, k, v, lengths, backend="cpu"),
             "sdpa": lambda: torch.nn.functional.scaled_dot_product_attention(q.unsqueeze(2), kr, vr),
             "sdpa_gqa": lambda: torch.nn.functional.scaled_dot_product_attention(q.unsqueeze(2), k, v, enable_gqa=True),
-        })
+        }
+        if native.problem() is None:
+            new_k, new_v, angle = torch.randn(1, kv_heads, dim), torch.randn(1, kv_heads, dim), torch.zeros(1, dim)
+            first = torch.zeros(1, dtype=torch.long)
+            calls["native (rotary + KV write + attention)"] = lambda: native.decode_attention(
+                q.clone(), new_k.clone(), new_v, angle.cos(), angle.sin(), k, v, context - 1, first, dim**-0.5)
+        times = timed(calls)
         rows.append({"op": "decode_attention", "shape": f"H{heads}/{kv_heads} D{dim} T{context}", **times})
     n_out, n_in = (64, 64) if quick else (1536, 576)
     weight = torch.randn(n_out, n_in, generator=generator)
     x = torch.randn(1, n_in, generator=generator)
     qt = quantize(weight, 4, 32, False)
     packed = kernels.PackedWeight.from_quantized(qt)
-    calls = {"blocked_dequant": lambda: kernels.dequant_matmul(x, packed, backend="cpu"),
-             "dense_fp32": lambda: x @ weight.t()}
+    calls = {"dense_fp32 (MKL)": lambda: x @ weight.t(),
+             "blocked_dequant": lambda: kernels.cpu._dequantize_rows(packed, slice(None), torch.float32) @ x.t()}
+    if native.problem() is None:
+        calls["native W4 g32"] = lambda: native.dequant_matmul(x, packed)
+        calls["native dense_fp32"] = lambda: native.linear(x, weight)
     if packed_cpu.int4_kernel_problem(qt) is None:
         int4, pairs = packed_cpu.int4_kernel_weight(qt)
         calls["aten_int4"] = lambda: packed_cpu.int4_weight_only_mm(x, int4, 32, pairs)
@@ -338,7 +348,9 @@ def cpu_rows(quick: bool) -> list[dict]:
 def cpu_markdown(rows: list[dict], command: str) -> str:
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("model name")), "unknown CPU")
-    lines = ["## CPU kernels: flash-decoding attention and the blocked dequant-matmul vs torch", "",
+    title = ("decode attention: split-KV, SDPA and the native kernel" if rows and rows[0]["op"] == "decode_attention"
+             else "one-token matmuls: MKL, torch dequantize-and-multiply and the native kernels")
+    lines = [f"## CPU kernels, {title}", "",
              f"- command: `{command}`",
              f"- date: {dt.datetime.now(dt.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}; machine: {cpu}, "
              f"{torch.get_num_threads()} threads, torch {torch.__version__}",
@@ -351,7 +363,13 @@ def cpu_markdown(rows: list[dict], command: str) -> str:
                          f"{row[names[0]] / row[name]:.2f} |")
     lines += ["", "split_kv = `effinfer.kernels.cpu.decode_attention` (splits of 512 positions merged by log-sum-exp); "
               "sdpa = `scaled_dot_product_attention` on the KV heads repeated to the query heads; sdpa_gqa = SDPA with "
-              "`enable_gqa=True`. × first = the first row's time ÷ this row's (> 1: faster than the first).", ""]
+              "`enable_gqa=True`; native = `effinfer.kernels.native.decode_attention` (rotates q and k, writes k/v at the "
+              "slot, then attends over the valid columns, parallel over query heads: the engine's native step calls "
+              "it). Matmul rows: the weight is 1536×576 (one of SmolLM2's gate/up projections), cache-resident at "
+              "this size, so the rows compare compute paths, not memory streaming (the engine benchmark's breakdown "
+              "times the streaming case); blocked_dequant = dequantize then multiply in torch ops; native W4 g32 = "
+              "`effinfer.kernels.native.dequant_matmul` on the packed codes. × first = the first row's time ÷ this "
+              "row's (> 1: faster than the first).", ""]
     return "\n".join(lines)
 
 
@@ -366,11 +384,15 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.cpu:
         rows = cpu_rows(args.quick)
-        text = cpu_markdown(rows, "flock -x /tmp/effinfer-cpu.lock python benchmarks/gpu_kernels.py --cpu")
-        if not args.quick:
-            CPU_TABLE.parent.mkdir(parents=True, exist_ok=True)
-            CPU_TABLE.write_text(text)
-        print(text)
+        command = "flock -x /tmp/effinfer-cpu.lock python benchmarks/gpu_kernels.py --cpu"
+        tables = {CPU_TABLE: [r for r in rows if r["op"] == "decode_attention"],
+                  CPU_MATMUL_TABLE: [r for r in rows if r["op"] != "decode_attention"]}
+        for path, part in tables.items():
+            text = cpu_markdown(part, command)
+            if not args.quick:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_text(text)
+            print(text)
         return
     if args.dry_run:
         os.environ["TRITON_INTERPRET"] = "1"

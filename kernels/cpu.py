@@ -1,8 +1,8 @@
 """CPU implementations: bounded-memory, BLAS-backed versions of the operators.
 
 - :func:`dequant_matmul` runs the native packed matmul (:mod:`.native`) for up to 8 float32 tokens
-  (decode), one dense GEMM over the natively dequantized weight from ``DENSE_ROWS`` tokens on
-  (prefill), and otherwise (no compiler, other bit-widths) dequantizes blocks of output rows into
+  (decode); from ``DENSE_ROWS`` tokens on (prefill) the weight is dequantized natively into one reused
+  buffer, then one BLAS GEMM; and otherwise (no compiler, other bit-widths) dequantizes blocks of output rows into
   the activation dtype with one BLAS GEMM per block;
 - :func:`decode_attention` is flash-decoding on CPU: the cache is cut into splits of
   ``SPLIT`` positions, each split gives a partial output and its log-sum-exp, and the partials
@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import math
+import threading
 
 import torch
 
@@ -41,14 +42,29 @@ def _native_takes(x: torch.Tensor, weight: PackedWeight) -> bool:
             and native.packed_problem(weight) is None)
 
 
+_scratch = threading.local()  # one reused dense-weight buffer per thread
+
+
+def _native_dense_gemm(x: torch.Tensor, weight: PackedWeight) -> torch.Tensor:
+    """``x @ W.T`` for many float32 tokens: the weight dequantized natively into one reused buffer (no fresh
+    allocation, so no page faults), then one BLAS GEMM."""
+    size = weight.out_features * weight.in_features
+    buffer = getattr(_scratch, "buffer", None)
+    if buffer is None or buffer.numel() < size:
+        buffer = _scratch.buffer = torch.empty(size)
+    dense = native.dequantize(weight, out=buffer[:size].view(weight.out_features, weight.in_features))
+    return x @ dense.t()
+
+
 def dequant_matmul(x: torch.Tensor, weight: PackedWeight) -> torch.Tensor:
     flat = x.reshape(-1, x.shape[-1])
     dtype = x.dtype if x.dtype in (torch.float32, torch.bfloat16) else torch.float32
     if flat.shape[0] <= native.MAX_TOKENS and _native_takes(x, weight):
         return native.dequant_matmul(x, weight)
-    if flat.shape[0] >= DENSE_ROWS:
-        dense = native.dequantize(weight) if _native_takes(x, weight) else _dequantize_rows(weight, slice(None), dtype)
-        out = flat.to(dtype) @ dense.t()
+    if flat.shape[0] >= DENSE_ROWS and _native_takes(x, weight):
+        out = _native_dense_gemm(flat, weight)
+    elif flat.shape[0] >= DENSE_ROWS:
+        out = flat.to(dtype) @ _dequantize_rows(weight, slice(None), dtype).t()
     else:
         out = torch.cat([flat.to(dtype) @ _dequantize_rows(weight, slice(start, start + ROW_BLOCK), dtype).t()
                          for start in range(0, weight.out_features, ROW_BLOCK)], dim=-1)

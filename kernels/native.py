@@ -242,13 +242,18 @@ def dequant_matmul(x: torch.Tensor, weight: PackedWeight) -> torch.Tensor:
     return PackedGroup([weight], [None])(x)[0]
 
 
-def dequantize(weight: PackedWeight) -> torch.Tensor:
-    """The dense float32 ``[out, in]`` weight of a packed 4- or 8-bit one (for a prefill GEMM)."""
+def dequantize(weight: PackedWeight, rows: slice = slice(None), out: torch.Tensor | None = None) -> torch.Tensor:
+    """The dense float32 weight of output ``rows`` of a packed 4- or 8-bit one (for a prefill GEMM), written into
+    ``out`` (``[rows, in]`` contiguous float32) when given."""
     if weight.bits not in (4, 8) or weight.in_features % 2:
         raise ValueError(f"the native dequantize reads 4- and 8-bit codes, not {weight.bits}-bit")
-    dense = torch.empty(weight.out_features, weight.in_features)
-    library().ef_dequantize(weight.packed.data_ptr(), weight.scales.data_ptr(), weight.bias.data_ptr(),
-                            weight.out_features, weight.in_features, weight.bits, weight.group_size, dense.data_ptr())
+    start, stop, _ = rows.indices(weight.out_features)
+    dense = torch.empty(stop - start, weight.in_features) if out is None else out
+    if dense.shape != (stop - start, weight.in_features) or not dense.is_contiguous():
+        raise ValueError(f"out must be a contiguous [{stop - start}, {weight.in_features}] float32 tensor")
+    packed, scales, bias = weight.packed[start:stop], weight.scales[start:stop], weight.bias[start:stop]
+    library().ef_dequantize(packed.data_ptr(), scales.data_ptr(), bias.data_ptr(), stop - start, weight.in_features,
+                            weight.bits, weight.group_size, dense.data_ptr())
     return dense
 
 
