@@ -28,10 +28,10 @@ from pathlib import Path
 
 import torch
 
-from effinfer.kernels.packed import PackedWeight
+from effinfer.kernels.packed import PackedWeight, unpack_codes
 
 SOURCE = Path(__file__).parent / "csrc" / "cpu_decode.cpp"
-ABI_VERSION = 4
+ABI_VERSION = 5
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-ffp-contract=fast", "-shared", "-fPIC", "-std=c++17")
 #: most tokens one native matmul call takes (the C++ ``MAXN``)
 MAX_TOKENS = 8
@@ -47,8 +47,9 @@ _I = ctypes.c_int64
 _PP = ctypes.POINTER(ctypes.c_void_p)
 _SIGNATURES = {
     "ef_linear_f32": (_P, _I, _I, _I, _PP, _P, _PP, _PP),
-    "ef_packed_input": (_P, _I, _I, ctypes.c_int, _I, _P, _P),
-    "ef_linear_packed": (_P, _P, _I, _I, ctypes.c_int, _I, _I, _PP, _PP, _PP, _P, _PP, _PP),
+    "ef_packed_input": (_P, _I, _I, ctypes.c_int, _I, _P, _P, _P),
+    "ef_linear_packed": (_P, _P, _P, _I, _I, ctypes.c_int, _I, _I, _PP, _PP, _PP, _P, _PP, _PP),
+    "ef_packed_integer_path": (),
     "ef_dequantize": (_P, _P, _P, _I, _I, ctypes.c_int, _I, _P),
     "ef_add_rmsnorm": (_P, _P, _I, _I, _P, ctypes.c_float, ctypes.c_float, _P),
     "ef_gated_act": (_P, _P, _I, ctypes.c_int),
@@ -114,6 +115,7 @@ def _load() -> tuple[ctypes.CDLL | None, str | None]:
     for name, arguments in _SIGNATURES.items():
         function = getattr(library, name)
         function.argtypes, function.restype = arguments, None
+    library.ef_packed_integer_path.restype = ctypes.c_int
     return library, None
 
 
@@ -133,6 +135,12 @@ def problem() -> str | None:
 def vector_width() -> int:
     """Float32 lanes of the built kernels' vectors (8 with AVX2, 16 with AVX-512)."""
     return int(library().ef_vector_width())
+
+
+def packed_integer_path() -> bool:
+    """Whether the packed matmuls multiply in integers (AVX2: int16 activations with a per-token scale, codes
+    widened to int16) rather than widening codes to float32."""
+    return bool(library().ef_packed_integer_path())
 
 
 def _pointers(tensors: Sequence[torch.Tensor | None]) -> ctypes.Array:
@@ -187,7 +195,7 @@ class DenseGroup:
 
 def packed_problem(weight: PackedWeight) -> str | None:
     """Why the native packed matmul cannot take ``weight`` (``None`` when it can)."""
-    lanes = vector_width()
+    lanes = 16 if packed_integer_path() else vector_width()
     block = 2 * lanes if weight.bits == 4 else lanes
     if weight.bits not in (4, 8):
         return f"the native packed matmul reads 4- and 8-bit codes, not {weight.bits}-bit"
@@ -226,19 +234,34 @@ class PackedGroup:
     def __call__(self, x: torch.Tensor) -> list[torch.Tensor]:
         flat = _check_input(x, self.in_features)
         n = flat.shape[0]
-        arranged = torch.empty_like(flat)
-        sums = torch.empty(n, self.in_features // self.group_size)
+        arranged = torch.empty_like(flat)  # float32, or int16 in its first half on the integer path
+        sums, steps = torch.empty(n, self.in_features // self.group_size), torch.empty(n)
         self._lib.ef_packed_input(flat.data_ptr(), n, self.in_features, self.bits, self.group_size,
-                                  arranged.data_ptr(), sums.data_ptr())
+                                  arranged.data_ptr(), sums.data_ptr(), steps.data_ptr())
         outputs = [torch.empty(n, o) for o in self.out]
-        self._lib.ef_linear_packed(arranged.data_ptr(), sums.data_ptr(), n, self.in_features, self.bits,
-                                   self.group_size, len(self.out), self._codes, self._scales, self._bias_per_group,
-                                   self._out, self._biases, _pointers(outputs))
+        self._lib.ef_linear_packed(arranged.data_ptr(), sums.data_ptr(), steps.data_ptr(), n, self.in_features,
+                                   self.bits, self.group_size, len(self.out), self._codes, self._scales,
+                                   self._bias_per_group, self._out, self._biases, _pointers(outputs))
         return [y.view(*x.shape[:-1], y.shape[-1]) for y in outputs]
 
 
+def packed_error_bound(x: torch.Tensor, weight: PackedWeight) -> torch.Tensor:
+    """``[tokens, out]``: how far :func:`dequant_matmul` may be from the float32 product, besides float rounding.
+
+    On the integer path each token's activations are rounded to int16 steps of ``max|x| / 32767``, so an output
+    may move by half a step times the sum of its weights' code parts ``|code * scale|``; on the float path
+    nothing but rounding."""
+    flat = x.reshape(-1, weight.in_features).float()
+    if not packed_integer_path():
+        return torch.zeros(flat.shape[0], weight.out_features)
+    codes = unpack_codes(weight.packed, weight.bits, weight.in_features).float()
+    code_part = (codes * weight.scales.repeat_interleave(weight.group_size, 1)).abs().sum(1)
+    return flat.abs().amax(1, keepdim=True) / 32767 / 2 * code_part[None, :]
+
+
 def dequant_matmul(x: torch.Tensor, weight: PackedWeight) -> torch.Tensor:
-    """``x @ W.T`` for ≤ :data:`MAX_TOKENS` float32 tokens through the native packed matmul."""
+    """``x @ W.T`` for ≤ :data:`MAX_TOKENS` float32 tokens through the native packed matmul (int16 activations
+    on the integer path: see :func:`packed_error_bound`)."""
     return PackedGroup([weight], [None])(x)[0]
 
 

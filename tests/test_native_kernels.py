@@ -54,10 +54,11 @@ def test_packed_matmul_and_dequantize_equal_the_reference(n, bits, groups, group
     weight = torch.randn(out, groups * group, generator=generator)
     packed = PackedWeight.from_quantized(quantize(weight, bits, group, zero == "symmetric", float_zero=zero == "float"))
     x = torch.randn(n, groups * group, generator=generator)
-    assert close(native.dequant_matmul(x, packed), reference.dequant_matmul(x, packed))
+    expected = reference.dequant_matmul(x, packed)
+    assert (native.dequant_matmul(x, packed) - expected).abs().le(native.packed_error_bound(x, packed) * 1.01 + 1e-5).all()
     assert torch.allclose(native.dequantize(packed), reference.dequant_matmul(torch.eye(groups * group), packed).t(),
                           atol=1e-5)
-    assert close(cpu.dequant_matmul(x, packed), reference.dequant_matmul(x, packed))          # the dispatcher's pick
+    assert close(cpu.dequant_matmul(x, packed), expected, 2e-3)                 # the dispatcher's pick (native)
     prefill = torch.randn(cpu.DENSE_ROWS + 3, groups * group, generator=generator)
     assert close(cpu.dequant_matmul(prefill, packed), reference.dequant_matmul(prefill, packed))
 
@@ -197,7 +198,7 @@ def test_smollm2_native_steps_equal_the_torch_step(smollm2):
             layer.out_features * 4  # really 4 bits per weight
         for a, b in zip(step_logits(quantized, "auto", prompt, tokens), step_logits(quantized, "torch", prompt, tokens),
                         strict=True):
-            assert close(a, b, 1e-3)
+            assert close(a, b, 1e-2)
         dense = copy.deepcopy(quantized)  # the same codes dequantized once: the native path computes this model
         for name, module in list(dense.named_modules()):
             if type(module).__name__ == "QuantizedLinear":
@@ -206,6 +207,8 @@ def test_smollm2_native_steps_equal_the_torch_step(smollm2):
                 linear = torch.nn.Linear(module.in_features, module.out_features, bias=module.bias is not None)
                 linear.weight.data = module.dense_weight()
                 setattr(parent, child, linear)
+        # the same function up to the packed matmul's int16 activations (one scale per token): the logits agree
+        # to a few thousandths of their range after 30 layers (measured: <= 3.2e-3)
         for a, b in zip(step_logits(quantized, "auto", prompt, tokens), step_logits(dense, "torch", prompt, tokens),
                         strict=True):
-            assert close(a, b, 1e-3)
+            assert close(a, b, 1e-2)

@@ -76,7 +76,7 @@ static inline void dispatch_tokens(int64_t n, F&& f) {
   }
 }
 
-extern "C" int ef_abi_version() { return 4; }
+extern "C" int ef_abi_version() { return 5; }
 extern "C" int ef_vector_width() { return EF_VEC; }
 
 // ---------------------------------------------------------------- dense float32
@@ -175,18 +175,109 @@ static void packed_tile(const float* xs, const float* xsum, int64_t in, int64_t 
   for (int r = 0; r < rows; ++r) for (int t = 0; t < n; ++t) acc[r * MAXN + t] = hsum(total[r][t]) + offset[r][t];
 }
 
-// Prepare the input of ef_linear_packed: `xs` (n x in, reordered for int4) and `xsum` (n x in/group).
-extern "C" void ef_packed_input(const float* x, int64_t n, int64_t in, int bits, int64_t group, float* xs, float* xsum) {
+
+#if defined(__AVX2__)
+// The integer path (AVX2): the activations of each token become int16 with one scale per token (15 bits of
+// precision, still 16-bit activations), codes are widened to int16, and _mm256_madd_epi16 multiplies 16 pairs
+// and adds neighbours into int32 lanes: about half the instructions of widening codes to float. int32 sums
+// are flushed to float every 64 inputs (64 * 255 * 32767 < 2^31). int4 inputs are reordered per block of 32
+// (the block's 16 even inputs, then its 16 odd ones) to meet the low and high nibbles of 16 bytes.
+static const int64_t INT_CHUNK = 64;
+
+template <int N, int BITS>
+static void packed_tile_int(const int16_t* xq, const float* xscale, const float* xsum, int64_t in, int64_t group,
+                            const uint8_t* codes, int64_t stride, const float* scale, const float* gbias,
+                            int64_t rows, float* acc) {
+  const int64_t groups = in / group, chunk = group < INT_CHUNK ? group : INT_CHUNK;
+  __m256 total[ROWS][N];
+  float offset[ROWS][N] = {};
+  for (int r = 0; r < ROWS; ++r) for (int t = 0; t < N; ++t) total[r][t] = _mm256_setzero_ps();
+  for (int64_t g = 0; g < groups; ++g) {
+    __m256 part[ROWS][N];
+    for (int r = 0; r < ROWS; ++r) for (int t = 0; t < N; ++t) part[r][t] = _mm256_setzero_ps();
+    for (int64_t c = g * group; c < (g + 1) * group; c += chunk) {
+      const int64_t stop = c + chunk < (g + 1) * group ? c + chunk : (g + 1) * group;
+      __m256i a[ROWS][N];
+      for (int r = 0; r < ROWS; ++r) for (int t = 0; t < N; ++t) a[r][t] = _mm256_setzero_si256();
+      if (BITS == 8) {
+        for (int64_t i = c; i < stop; i += 16) {
+          __m256i w[ROWS];
+          for (int r = 0; r < ROWS; ++r)
+            w[r] = r < rows ? _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i*)(codes + r * stride + i)))
+                            : _mm256_setzero_si256();
+          for (int t = 0; t < N; ++t) {
+            const __m256i xv = _mm256_loadu_si256((const __m256i*)(xq + t * in + i));
+            for (int r = 0; r < ROWS; ++r) a[r][t] = _mm256_add_epi32(a[r][t], _mm256_madd_epi16(w[r], xv));
+          }
+        }
+      } else {
+        const __m128i mask = _mm_set1_epi8(15);
+        for (int64_t i = c; i < stop; i += 32) {
+          __m256i lo[ROWS], hi[ROWS];
+          for (int r = 0; r < ROWS; ++r) {
+            const __m128i b = r < rows ? _mm_loadu_si128((const __m128i*)(codes + r * stride + i / 2))
+                                       : _mm_setzero_si128();
+            lo[r] = _mm256_cvtepu8_epi16(_mm_and_si128(b, mask));
+            hi[r] = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(b, 4), mask));
+          }
+          for (int t = 0; t < N; ++t) {
+            const __m256i xe = _mm256_loadu_si256((const __m256i*)(xq + t * in + i));
+            const __m256i xo = _mm256_loadu_si256((const __m256i*)(xq + t * in + i + 16));
+            for (int r = 0; r < ROWS; ++r)
+              a[r][t] = _mm256_add_epi32(a[r][t], _mm256_add_epi32(_mm256_madd_epi16(lo[r], xe),
+                                                                    _mm256_madd_epi16(hi[r], xo)));
+          }
+        }
+      }
+      for (int r = 0; r < ROWS; ++r)
+        for (int t = 0; t < N; ++t) part[r][t] = _mm256_add_ps(part[r][t], _mm256_cvtepi32_ps(a[r][t]));
+    }
+    for (int r = 0; r < rows; ++r)
+      for (int t = 0; t < N; ++t) {
+        total[r][t] = _mm256_fmadd_ps(_mm256_set1_ps(scale[r * groups + g]), part[r][t], total[r][t]);
+        offset[r][t] += gbias[r * groups + g] * xsum[t * groups + g];
+      }
+  }
+  for (int r = 0; r < rows; ++r)
+    for (int t = 0; t < N; ++t) {
+      __m128 q = _mm_add_ps(_mm256_castps256_ps128(total[r][t]), _mm256_extractf128_ps(total[r][t], 1));
+      q = _mm_hadd_ps(q, q);
+      q = _mm_hadd_ps(q, q);
+      acc[r * MAXN + t] = _mm_cvtss_f32(q) * xscale[t] + offset[r][t];
+    }
+}
+#endif
+
+// Prepare the input of ef_linear_packed: `xs` (n x in: float32, reordered for int4 per block of 2 * EF_VEC; or,
+// on the integer path, int16 reordered per block of 32, with one scale per token in `xscale`) and `xsum`
+// (n x in/group, float32 sums of the original inputs).
+extern "C" int ef_packed_integer_path() {
+#if defined(__AVX2__)
+  return 1;
+#else
+  return 0;
+#endif
+}
+
+extern "C" void ef_packed_input(const float* x, int64_t n, int64_t in, int bits, int64_t group, void* xs, float* xsum,
+                                float* xscale) {
   const int64_t groups = in / group;
+  const int64_t block = ef_packed_integer_path() ? 32 : 2 * EF_VEC, half = block / 2;
   for (int64_t t = 0; t < n; ++t) {
     const float* row = x + t * in;
-    float* dst = xs + t * in;
-    if (bits == 4) {
-      for (int64_t b = 0; b < in; b += 2 * EF_VEC)
-        for (int k = 0; k < EF_VEC; ++k) { dst[b + k] = row[b + 2 * k]; dst[b + EF_VEC + k] = row[b + 2 * k + 1]; }
-    } else {
-      std::memcpy(dst, row, in * sizeof(float));
-    }
+    float top = 0.f;
+    for (int64_t i = 0; i < in; ++i) top = std::fabs(row[i]) > top ? std::fabs(row[i]) : top;
+    const float step = top > 0.f ? top / 32767.f : 1.f;
+    xscale[t] = step;
+    for (int64_t b = 0; b < in; b += block)
+      for (int64_t k = 0; k < block && b + k < in; ++k) {
+        // the position of input b + k in the kernel's order
+        const int64_t to = bits == 4 ? b + (k % 2) * half + k / 2 : b + k;
+        if (ef_packed_integer_path())
+          ((int16_t*)xs)[t * in + to] = (int16_t)std::lrint(row[b + k] / step);
+        else
+          ((float*)xs)[t * in + to] = row[b + k];
+      }
     for (int64_t g = 0; g < groups; ++g) {
       float s = 0.f;
       for (int64_t i = g * group; i < (g + 1) * group; ++i) s += row[i];
@@ -195,9 +286,8 @@ extern "C" void ef_packed_input(const float* x, int64_t n, int64_t in, int bits,
   }
 }
 
-// The packed counterpart of ef_linear_f32 (all `count` weights share bits and group size).
-extern "C" void ef_linear_packed(const float* xs, const float* xsum, int64_t n, int64_t in, int bits, int64_t group,
-                      int64_t count, const uint8_t* const* codes, const float* const* scale,
+extern "C" void ef_linear_packed(const void* xs, const float* xsum, const float* xscale, int64_t n, int64_t in,
+                                 int bits, int64_t group, int64_t count, const uint8_t* const* codes, const float* const* scale,
                       const float* const* gbias, const int64_t* out, const float* const* bias, float* const* y) {
   const int64_t stride = in * bits / 8;
   int64_t tiles[16 + 1] = {0};
@@ -210,11 +300,21 @@ extern "C" void ef_linear_packed(const float* xs, const float* xsum, int64_t n, 
     const int64_t row = (tile - tiles[j]) * ROWS, rows = out[j] - row < ROWS ? out[j] - row : ROWS;
     float acc[ROWS * MAXN];
     dispatch_tokens(n, [&](auto N) {
+#if defined(__AVX2__)
       if (bits == 8)
-        packed_tile<N.value, 8>(xs, xsum, in, group, codes[j] + row * stride, stride, scale[j] + row * groups,
+        packed_tile_int<N.value, 8>((const int16_t*)xs, xscale, xsum, in, group, codes[j] + row * stride, stride,
+                                    scale[j] + row * groups, gbias[j] + row * groups, rows, acc);
+      else
+        packed_tile_int<N.value, 4>((const int16_t*)xs, xscale, xsum, in, group, codes[j] + row * stride, stride,
+                                    scale[j] + row * groups, gbias[j] + row * groups, rows, acc);
+      return;
+#endif
+      const float* xf = (const float*)xs;
+      if (bits == 8)
+        packed_tile<N.value, 8>(xf, xsum, in, group, codes[j] + row * stride, stride, scale[j] + row * groups,
                                 gbias[j] + row * groups, rows, acc);
       else
-        packed_tile<N.value, 4>(xs, xsum, in, group, codes[j] + row * stride, stride, scale[j] + row * groups,
+        packed_tile<N.value, 4>(xf, xsum, in, group, codes[j] + row * stride, stride, scale[j] + row * groups,
                                 gbias[j] + row * groups, rows, acc);
     });
     for (int r = 0; r < rows; ++r)
