@@ -247,13 +247,39 @@ def engine_rows(device: torch.device, dtype: torch.dtype, dry_run: bool) -> tupl
             row["engine_error"] = f"{type(problem).__name__}: {problem}"[:300]
         rows.append(row)
         print(f"engine {name}: {row}", flush=True)
-    try:
-        import vllm  # noqa: F401
-
-        rows.append({"model": "vLLM", "note": "vllm imports; running it needs the model on disk (not automated)"})
-    except ImportError:
-        rows.append({"model": "vLLM", "note": "not installed"})
+    if not dry_run:
+        rows.append(vllm_row(prompt, new_tokens, rounds))
     return rows, source
+
+
+def vllm_row(prompt: int, new_tokens: int, rounds: int) -> dict:
+    """vLLM on the same model (the converted safetensors folder in the effinfer cache), fp16, greedy, EOS ignored:
+    decode tok/s = (n − 1) ÷ (time of n tokens − time of 1 token), as for HF generate."""
+    try:
+        from vllm import LLM, SamplingParams
+    except ImportError:
+        return {"model": "vLLM", "note": "not installed (pip install vllm where a wheel matches the GPU's CUDA)"}
+    try:
+        from effinfer.core.models import BUILTIN_ALIASES, DEFAULT_MODEL
+
+        folder = BUILTIN_ALIASES[DEFAULT_MODEL].folder
+        llm = LLM(model=str(folder), dtype="float16", gpu_memory_utilization=0.3, enforce_eager=False, seed=0)
+        ids = torch.randint(100, 49000, (prompt,), generator=torch.Generator().manual_seed(0)).tolist()
+
+        def run(n: int) -> float:
+            params = SamplingParams(temperature=0.0, max_tokens=n, min_tokens=n, ignore_eos=True)
+            started = time.perf_counter()
+            llm.generate([{"prompt_token_ids": ids}], params, use_tqdm=False)
+            return time.perf_counter() - started
+
+        run(new_tokens)
+        first = statistics.median(run(1) for _ in range(rounds))
+        total = statistics.median(run(new_tokens) for _ in range(rounds))
+        return {"model": "vLLM fp16 (in the engine columns)", "engine_prefill_s": first,
+                "engine_decode_tok_s": (new_tokens - 1) / (total - first),
+                "note": f"vllm {getattr(__import__('vllm'), '__version__', '?')}, its own CUDA graphs and kernels"}
+    except Exception as problem:  # noqa: BLE001 - a peer that fails leaves a note, the table stays
+        return {"model": "vLLM", "note": f"failed: {type(problem).__name__}: {problem}"[:300]}
 
 
 def markdown(meta: dict, kernel_table: list[dict], engine_table: list[dict]) -> str:
@@ -274,7 +300,10 @@ def markdown(meta: dict, kernel_table: list[dict], engine_table: list[dict]) -> 
               "|---|---:|---:|---:|---:|---:|---|"]
     for row in engine_table:
         if "hf_decode_tok_s" not in row:
-            lines.append(f"| {row['model']} | — | — | — | — | — | {row.get('note', '')} |")
+            peer, peer_prefill = row.get("engine_decode_tok_s"), row.get("engine_prefill_s")
+            rate = "—" if peer is None else f"{peer:.1f}"
+            prefill = "—" if peer_prefill is None else f"{peer_prefill * 1e3:.1f}"
+            lines.append(f"| {row['model']} | — | {rate} | — | — | {prefill} | {row.get('note', '')} |")
             continue
         engine = row.get("engine_decode_tok_s")
         lines.append(f"| {row['model']} | {row['hf_decode_tok_s']:.1f} | {engine or 0:.1f} | "
