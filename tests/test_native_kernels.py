@@ -212,3 +212,22 @@ def test_smollm2_native_steps_equal_the_torch_step(smollm2):
         for a, b in zip(step_logits(quantized, "auto", prompt, tokens), step_logits(dense, "torch", prompt, tokens),
                         strict=True):
             assert close(a, b, 1e-2)
+
+
+@pytest.mark.parametrize("family", TINY_FAMILIES)
+def test_short_forwards_use_the_native_matmuls_and_equal_the_torch_path(family, monkeypatch):
+    """Speculative verification (a chain of drafted tokens) and short prompts multiply through the native matmul."""
+    monkeypatch.setenv(autotune.ENV, "native")  # the autotune may pick MKL for tiny weights
+    model, _ = tiny_model(family, layers=2, seed=3)
+    prompt = torch.randint(3, model.config.vocab_size, (1, 5), generator=torch.Generator().manual_seed(4))
+    draft = torch.randint(3, model.config.vocab_size, (1, 6), generator=torch.Generator().manual_seed(5))
+    results = {}
+    for kernels in ("auto", "torch"):
+        engine = Engine(model, kernels=kernels)
+        cache = engine.cache_for(1, 32)
+        first = engine.prefill(cache, prompt, torch.ones_like(prompt)).logits
+        results[kernels] = (first, engine.forward(cache, draft).logits, engine.small_matmul(), engine)
+    assert results["auto"][2] == "native"
+    assert results["torch"][2] == "library"
+    for native_out, torch_out in zip(results["auto"][:2], results["torch"][:2], strict=True):
+        assert close(native_out, torch_out)

@@ -104,12 +104,13 @@ class Engine:
         # a padding query sees only itself, so no row of the mask is empty (no NaN)
         mask = (causal[None] & cache.not_pad[:, None, :]) | (columns[None, None, :] == rows[None, :, None])
         hidden = decoder_forward(self.layout, input_ids, positions_from_mask(attention_mask), rows, mask,
-                                 cache.keys, cache.values, key_positions=columns[None, :] - cache.pad[:, None])
+                                 cache.keys, cache.values, matmul=self.small_matmul(),
+                                 key_positions=columns[None, :] - cache.pad[:, None])
         cache.length = prompt
         if self._native is not None and self._native.pointers != weight_pointers(self.layout):
             self._native, self._native_tried = None, False  # a technique replaced weights since it was built
         last = hidden[:, -1:]
-        return StepOutput(lm_logits(self.layout, last), last)
+        return StepOutput(lm_logits(self.layout, last, self.small_matmul()), last)
 
     # ------------------------------------------------------------------ decode step
 
@@ -151,24 +152,30 @@ class Engine:
                                   RuntimeWarning, stacklevel=3)
         return self._native
 
+    def small_matmul(self) -> str:
+        """How the torch forwards multiply calls of up to 8 rows (speculative verification, short prompts):
+        ``native`` when the native step runs this model (same autotuned kernels), else ``library``."""
+        return "native" if self.native_step() is not None and self.native_step().dense_path == "native" \
+            else "library"
+
     def decode_step(self, layers: Sequence[int] | None = None) -> CompiledStep:
         key = None if layers is None else tuple(layers)
         if key not in self._steps:
             name = "decode step" + ("" if key is None else f" (layers {list(key)})")
-            self._steps[key] = CompiledStep(partial(self._decode, layers=key, fused=False),
-                                            partial(self._decode, layers=key, fused=True),
+            self._steps[key] = CompiledStep(partial(self._decode, layers=key, matmul="library"),
+                                            partial(self._decode, layers=key, matmul="sum"),
                                             self.compile, name, self.compile_mode)
         return self._steps[key]
 
     def _decode(self, tokens: torch.Tensor, slot: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
-                not_pad: torch.Tensor, pad: torch.Tensor, layers: tuple[int, ...] | None, fused: bool
+                not_pad: torch.Tensor, pad: torch.Tensor, layers: tuple[int, ...] | None, matmul: str
                 ) -> torch.Tensor:
         columns = torch.arange(keys.shape[3], device=keys.device)
         mask = (not_pad & (columns <= slot))[:, None, :]
         positions = slot[None, :] - pad[:, None]
-        hidden = decoder_forward(self.layout, tokens, positions, slot, mask, keys, values, layers, fused,
+        hidden = decoder_forward(self.layout, tokens, positions, slot, mask, keys, values, layers, matmul,
                                  key_positions=columns[None, :] - pad[:, None])
-        return lm_logits(self.layout, hidden[:, -1], fused)
+        return lm_logits(self.layout, hidden[:, -1], matmul)
 
     # ------------------------------------------------------------------ chains and trees
 
@@ -211,9 +218,10 @@ class Engine:
     def _tree(self, tokens: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, mask: torch.Tensor,
               keys: torch.Tensor, values: torch.Tensor, key_positions: torch.Tensor, layers: tuple[int, ...] | None
               ) -> tuple[torch.Tensor, torch.Tensor]:
-        hidden = decoder_forward(self.layout, tokens, positions, slots, mask, keys, values, layers,
+        matmul = self.small_matmul()
+        hidden = decoder_forward(self.layout, tokens, positions, slots, mask, keys, values, layers, matmul,
                                  key_positions=key_positions)
-        return lm_logits(self.layout, hidden), hidden
+        return lm_logits(self.layout, hidden, matmul), hidden
 
     # ------------------------------------------------------------------ reporting
 

@@ -16,10 +16,12 @@ What differs between the three layouts is read from the modules and the config:
   sliding-window layers (``config.layer_types``) with their own rotary base: a query at
   position ``p`` sees keys at positions ``> p - sliding_window`` there.
 
-``fused=True`` (used inside ``torch.compile``) writes each plain ``nn.Linear`` of a
+``matmul="sum"`` (used inside ``torch.compile``) writes each plain ``nn.Linear`` of a
 one-row step as multiply-and-sum, so that Inductor generates its own memory-bound
 kernel instead of calling MKL's fp32 GEMV, which reaches only ~10 GB/s on the 2-core
-machines of this project (see ``DATA-SOURCES.md``).
+machines of this project (see ``DATA-SOURCES.md``); ``matmul="native"`` sends the plain
+float32 linears of calls up to 8 rows (speculative verification, short prompts) to
+effinfer's native CPU matmul instead.
 """
 
 from __future__ import annotations
@@ -31,6 +33,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from effinfer.kernels import native
 
 #: model types whose decoder block this forward implements
 SUPPORTED_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "gemma3_text"})
@@ -116,20 +120,26 @@ class DecoderLayout:
                 and all(type(layer.self_attn).__name__ in SUPPORTED_ATTENTION for layer in self.layers))
 
 
-def project(module: nn.Module, x: torch.Tensor, fused: bool) -> torch.Tensor:
-    """``module(x)``; a plain ``nn.Linear`` of a small step as multiply-and-sum when ``fused``."""
-    if fused and type(module) is nn.Linear and x.shape[:-1].numel() <= FUSED_MAX_ROWS:
-        y = (x.unsqueeze(-2) * module.weight).sum(-1)
-        return y if module.bias is None else y + module.bias
+def project(module: nn.Module, x: torch.Tensor, matmul: str = "library") -> torch.Tensor:
+    """``module(x)``; a plain ``nn.Linear`` of a small call as multiply-and-sum (``matmul="sum"``, for Inductor)
+    or through effinfer's native CPU matmul (``matmul="native"``: float32 CPU, up to 8 rows)."""
+    if type(module) is nn.Linear and matmul != "library":
+        rows = x.shape[:-1].numel()
+        if matmul == "sum" and rows <= FUSED_MAX_ROWS:
+            y = (x.unsqueeze(-2) * module.weight).sum(-1)
+            return y if module.bias is None else y + module.bias
+        if matmul == "native" and rows <= native.MAX_TOKENS and x.dtype == module.weight.dtype == torch.float32 \
+                and x.device.type == "cpu":
+            return native.linear(x, module.weight, module.bias)
     return module(x)
 
 
-def mlp_forward(mlp: nn.Module, x: torch.Tensor, fused: bool) -> torch.Tensor:
+def mlp_forward(mlp: nn.Module, x: torch.Tensor, matmul: str = "library") -> torch.Tensor:
     """The gated MLP, through :func:`project` when it is the stock one, else the module itself."""
     names = ("gate_proj", "up_proj", "down_proj")
-    if fused and hasattr(mlp, "act_fn") and all(hasattr(mlp, n) for n in names):
-        gate = mlp.act_fn(project(mlp.gate_proj, x, fused))
-        return project(mlp.down_proj, gate * project(mlp.up_proj, x, fused), fused)
+    if matmul != "library" and hasattr(mlp, "act_fn") and all(hasattr(mlp, n) for n in names):
+        gate = mlp.act_fn(project(mlp.gate_proj, x, matmul))
+        return project(mlp.down_proj, gate * project(mlp.up_proj, x, matmul), matmul)
     return mlp(x)
 
 
@@ -145,13 +155,13 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 
 def attention_block(layout: DecoderLayout, layer: nn.Module, index: int, x: torch.Tensor,
                     cos: torch.Tensor, sin: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
-                    slots: torch.Tensor, mask: torch.Tensor, fused: bool) -> torch.Tensor:
+                    slots: torch.Tensor, mask: torch.Tensor, matmul: str = "library") -> torch.Tensor:
     """Self-attention of one layer: write this step's K/V at ``slots``, attend over the cache."""
     attention = layer.self_attn
     batch, k, _ = x.shape
-    q = project(attention.q_proj, x, fused).view(batch, k, layout.num_heads, layout.head_dim).transpose(1, 2)
-    key = project(attention.k_proj, x, fused).view(batch, k, layout.num_kv_heads, layout.head_dim).transpose(1, 2)
-    value = project(attention.v_proj, x, fused).view(batch, k, layout.num_kv_heads, layout.head_dim).transpose(1, 2)
+    q = project(attention.q_proj, x, matmul).view(batch, k, layout.num_heads, layout.head_dim).transpose(1, 2)
+    key = project(attention.k_proj, x, matmul).view(batch, k, layout.num_kv_heads, layout.head_dim).transpose(1, 2)
+    value = project(attention.v_proj, x, matmul).view(batch, k, layout.num_kv_heads, layout.head_dim).transpose(1, 2)
     if hasattr(attention, "q_norm"):  # Gemma 3: RMS norm of each head's query and key
         q, key = attention.q_norm(q), attention.k_norm(key)
     q, key = apply_rotary(q, cos, sin), apply_rotary(key, cos, sin)
@@ -160,12 +170,12 @@ def attention_block(layout: DecoderLayout, layer: nn.Module, index: int, x: torc
     out = F.scaled_dot_product_attention(q, keys[index], values[index], attn_mask=mask[:, None],
                                          scale=attention.scaling, enable_gqa=layout.num_kv_heads != layout.num_heads)
     out = out.transpose(1, 2).reshape(batch, k, layout.num_heads * layout.head_dim)
-    return project(attention.o_proj, out, fused)
+    return project(attention.o_proj, out, matmul)
 
 
 def decoder_forward(layout: DecoderLayout, tokens: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
                     mask: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
-                    layers: Sequence[int] | None = None, fused: bool = False,
+                    layers: Sequence[int] | None = None, matmul: str = "library",
                     key_positions: torch.Tensor | None = None) -> torch.Tensor:
     """Final-norm hidden states (``B × k × hidden``) of ``tokens`` at ``positions``.
 
@@ -186,17 +196,17 @@ def decoder_forward(layout: DecoderLayout, tokens: torch.Tensor, positions: torc
         layer, kind = layout.layers[index], layout.layer_types[index]
         cos, sin = rope[kind]
         attended = attention_block(layout, layer, index, layer.input_layernorm(hidden), cos, sin, keys, values,
-                                   slots, masks.get(kind, mask), fused)
+                                   slots, masks.get(kind, mask), matmul)
         if layout.sandwich_norms:
             hidden = hidden + layer.post_attention_layernorm(attended)
-            mlp_out = mlp_forward(layer.mlp, layer.pre_feedforward_layernorm(hidden), fused)
+            mlp_out = mlp_forward(layer.mlp, layer.pre_feedforward_layernorm(hidden), matmul)
             hidden = hidden + layer.post_feedforward_layernorm(mlp_out)
         else:
             hidden = hidden + attended
-            hidden = hidden + mlp_forward(layer.mlp, layer.post_attention_layernorm(hidden), fused)
+            hidden = hidden + mlp_forward(layer.mlp, layer.post_attention_layernorm(hidden), matmul)
     return layout.norm(hidden)
 
 
-def lm_logits(layout: DecoderLayout, hidden: torch.Tensor, fused: bool = False) -> torch.Tensor:
+def lm_logits(layout: DecoderLayout, hidden: torch.Tensor, matmul: str = "library") -> torch.Tensor:
     """Float32 next-token logits of final-norm hidden states."""
-    return project(layout.lm_head, hidden, fused).float()
+    return project(layout.lm_head, hidden, matmul).float()
