@@ -14,7 +14,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import threading
 import time
+import warnings
 from collections.abc import Callable, Sequence
 
 import torch
@@ -108,8 +110,11 @@ def dense_decode_path(weights: Sequence[torch.Tensor] | None = None) -> str:
     timings = measure(weights)
     path = min(timings, key=timings.get)
     table[key] = {"path": path, "seconds_per_pass": timings, "measured": time.strftime("%Y-%m-%d %H:%M")}
-    store.parent.mkdir(parents=True, exist_ok=True)
-    temporary = store.with_suffix(f".{os.getpid()}.tmp")
-    temporary.write_text(json.dumps(table, indent=1))
-    os.replace(temporary, store)
+    try:
+        store.parent.mkdir(parents=True, exist_ok=True)
+        temporary = store.with_suffix(f".{os.getpid()}.{threading.get_ident()}.tmp")
+        temporary.write_text(json.dumps(table, indent=1))
+        os.replace(temporary, store)
+    except OSError as error:  # a read-only cache: the choice holds for this process only
+        warnings.warn(f"could not store the autotune result in {store}: {error}", RuntimeWarning, stacklevel=2)
     return path

@@ -37,21 +37,29 @@ def _dequantize_rows(weight: PackedWeight, rows: slice, dtype: torch.dtype) -> t
     return dense.view(n, weight.in_features).to(dtype)
 
 
+#: the largest dense weight the prefill path keeps a reused buffer for (bigger ones get a fresh one per call)
+SCRATCH_LIMIT = 16 * 2**20
+
+
 def _native_takes(x: torch.Tensor, weight: PackedWeight) -> bool:
-    return (x.dtype == torch.float32 and x.device.type == "cpu" and native.problem() is None
-            and native.packed_problem(weight) is None)
+    """The native kernels have no backward: they run only where no gradient flows through ``x``."""
+    return (x.dtype == torch.float32 and x.device.type == "cpu" and x.numel() > 0
+            and not (torch.is_grad_enabled() and x.requires_grad)
+            and native.problem() is None and native.packed_problem(weight) is None)
 
 
 _scratch = threading.local()  # one reused dense-weight buffer per thread
 
 
 def _native_dense_gemm(x: torch.Tensor, weight: PackedWeight) -> torch.Tensor:
-    """``x @ W.T`` for many float32 tokens: the weight dequantized natively into one reused buffer (no fresh
-    allocation, so no page faults), then one BLAS GEMM."""
+    """``x @ W.T`` for many float32 tokens: the weight dequantized natively into one reused buffer per thread (no
+    fresh allocation, so no page faults; weights above :data:`SCRATCH_LIMIT` get their own), then one BLAS GEMM."""
     size = weight.out_features * weight.in_features
+    if size * 4 > SCRATCH_LIMIT:
+        return x @ native.dequantize(weight).t()
     buffer = getattr(_scratch, "buffer", None)
     if buffer is None or buffer.numel() < size:
-        buffer = _scratch.buffer = torch.empty(size)
+        buffer = _scratch.buffer = torch.empty(size, dtype=torch.float32)
     dense = native.dequantize(weight, out=buffer[:size].view(weight.out_features, weight.in_features))
     return x @ dense.t()
 

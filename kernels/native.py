@@ -143,6 +143,12 @@ def packed_integer_path() -> bool:
     return bool(library().ef_packed_integer_path())
 
 
+def _check_float32(*tensors: torch.Tensor) -> None:
+    bad = [f"{t.dtype} on {t.device}" for t in tensors if t.dtype != torch.float32 or t.device.type != "cpu"]
+    if bad:
+        raise ValueError(f"the native kernels take float32 CPU tensors, got {bad[0]}")
+
+
 def _pointers(tensors: Sequence[torch.Tensor | None]) -> ctypes.Array:
     return (ctypes.c_void_p * len(tensors))(*[None if t is None else t.data_ptr() for t in tensors])
 
@@ -155,9 +161,14 @@ def _check_input(x: torch.Tensor, in_features: int) -> torch.Tensor:
     if x.dtype != torch.float32 or x.device.type != "cpu":
         raise ValueError(f"the native kernels take float32 CPU inputs, not {x.dtype} on {x.device}")
     flat = x.reshape(-1, in_features)
-    if flat.shape[0] > MAX_TOKENS:
-        raise ValueError(f"the native matmuls take at most {MAX_TOKENS} tokens per call, got {flat.shape[0]}")
+    if not 1 <= flat.shape[0] <= MAX_TOKENS:
+        raise ValueError(f"the native matmuls take 1 to {MAX_TOKENS} tokens per call, got {flat.shape[0]}")
     return flat.contiguous()
+
+
+def _check_group_size(count: int) -> None:
+    if not 1 <= count <= MAX_GROUP:
+        raise ValueError(f"a group holds 1..{MAX_GROUP} weights, got {count}")
 
 
 class DenseGroup:
@@ -168,8 +179,7 @@ class DenseGroup:
     """
 
     def __init__(self, weights: Sequence[torch.Tensor], biases: Sequence[torch.Tensor | None]) -> None:
-        if not 1 <= len(weights) <= MAX_GROUP:
-            raise ValueError(f"a group holds 1..{MAX_GROUP} weights, got {len(weights)}")
+        _check_group_size(len(weights))
         self.in_features = weights[0].shape[1]
         for w, b in zip(weights, biases, strict=True):
             if w.dtype != torch.float32 or w.dim() != 2 or w.shape[1] != self.in_features or not w.is_contiguous():
@@ -187,7 +197,7 @@ class DenseGroup:
 
     def __call__(self, x: torch.Tensor) -> list[torch.Tensor]:
         flat = _check_input(x, self.in_features)
-        outputs = [torch.empty(flat.shape[0], o) for o in self.out]
+        outputs = [torch.empty(flat.shape[0], o, dtype=torch.float32) for o in self.out]
         self._call(flat.data_ptr(), flat.shape[0], self.in_features, len(self.out), self._weights, self._out,
                    self._biases, _pointers(outputs))
         return [y.view(*x.shape[:-1], y.shape[-1]) for y in outputs]
@@ -210,6 +220,7 @@ class PackedGroup:
     """Packed W8A16 / W4A16 weights (one bit-width and group size) sharing one input, in one call."""
 
     def __init__(self, weights: Sequence[PackedWeight], biases: Sequence[torch.Tensor | None]) -> None:
+        _check_group_size(len(weights))
         first = weights[0]
         for weight in weights:
             reason = packed_problem(weight)
@@ -235,10 +246,11 @@ class PackedGroup:
         flat = _check_input(x, self.in_features)
         n = flat.shape[0]
         arranged = torch.empty_like(flat)  # float32, or int16 in its first half on the integer path
-        sums, steps = torch.empty(n, self.in_features // self.group_size), torch.empty(n)
+        sums = torch.empty(n, self.in_features // self.group_size, dtype=torch.float32)
+        steps = torch.empty(n, dtype=torch.float32)
         self._lib.ef_packed_input(flat.data_ptr(), n, self.in_features, self.bits, self.group_size,
                                   arranged.data_ptr(), sums.data_ptr(), steps.data_ptr())
-        outputs = [torch.empty(n, o) for o in self.out]
+        outputs = [torch.empty(n, o, dtype=torch.float32) for o in self.out]
         self._lib.ef_linear_packed(arranged.data_ptr(), sums.data_ptr(), steps.data_ptr(), n, self.in_features,
                                    self.bits, self.group_size, len(self.out), self._codes, self._scales,
                                    self._bias_per_group, self._out, self._biases, _pointers(outputs))
@@ -271,8 +283,9 @@ def dequantize(weight: PackedWeight, rows: slice = slice(None), out: torch.Tenso
     if weight.bits not in (4, 8) or weight.in_features % 2:
         raise ValueError(f"the native dequantize reads 4- and 8-bit codes, not {weight.bits}-bit")
     start, stop, _ = rows.indices(weight.out_features)
-    dense = torch.empty(stop - start, weight.in_features) if out is None else out
-    if dense.shape != (stop - start, weight.in_features) or not dense.is_contiguous():
+    dense = torch.empty(stop - start, weight.in_features, dtype=torch.float32) if out is None else out
+    if dense.shape != (stop - start, weight.in_features) or not dense.is_contiguous() or \
+            dense.dtype != torch.float32:
         raise ValueError(f"out must be a contiguous [{stop - start}, {weight.in_features}] float32 tensor")
     packed, scales, bias = weight.packed[start:stop], weight.scales[start:stop], weight.bias[start:stop]
     library().ef_dequantize(packed.data_ptr(), scales.data_ptr(), bias.data_ptr(), stop - start, weight.in_features,
@@ -290,6 +303,9 @@ def add_rmsnorm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Te
     """``h = x + residual`` (written into ``residual``, which must be contiguous float32), ``rmsnorm(h) * (w + offset)``."""
     dim = x.shape[-1]
     x = x.contiguous()
+    _check_float32(x, weight, *(() if residual is None else (residual,)))
+    if residual is not None and (not residual.is_contiguous() or residual.shape != x.shape):
+        raise ValueError("the residual must be a contiguous float32 tensor of the input's shape")
     out = torch.empty_like(x)
     library().ef_add_rmsnorm(x.data_ptr(), None if residual is None else residual.data_ptr(), x.numel() // dim, dim,
                              weight.data_ptr(), eps, offset, out.data_ptr())
@@ -298,6 +314,9 @@ def add_rmsnorm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Te
 
 def gated_act(gate: torch.Tensor, up: torch.Tensor, activation: str) -> torch.Tensor:
     """``act(gate) * up`` written into ``gate`` (contiguous float32); ``activation`` is a key of :data:`ACTIVATIONS`."""
+    _check_float32(gate, up)
+    if not (gate.is_contiguous() and up.is_contiguous()) or gate.shape != up.shape:
+        raise ValueError("gate and up must be contiguous float32 tensors of one shape")
     library().ef_gated_act(gate.data_ptr(), up.data_ptr(), gate.numel(), ACTIVATIONS[activation])
     return gate
 
@@ -310,8 +329,17 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: tor
     ``first[b]..slot``; returns ``[B, Hq, D]``. Every tensor contiguous float32, ``first`` int64."""
     batch, heads, dim = q.shape
     capacity = k_cache.shape[2]
+    _check_float32(q, k, v, cos, sin, k_cache, v_cache)
+    if not all(t.is_contiguous() for t in (q, k, v, cos, sin, k_cache, v_cache, first)) or first.dtype != torch.int64:
+        raise ValueError("decode_attention takes contiguous tensors and int64 `first`")
+    if dim % vector_width() or dim > MAX_HEAD_DIM:
+        raise ValueError(f"head dim {dim} must be a multiple of {vector_width()} up to {MAX_HEAD_DIM}")
+    if not 0 <= slot < capacity or k_cache.shape[:2] != (batch, k.shape[1]) or first.shape != (batch,) or \
+            cos.shape != (batch, dim):
+        raise ValueError(f"slot {slot} must lie in 0..{capacity - 1} and the caches, cos/sin and `first` must "
+                         f"match the batch of {batch}")
     out = torch.empty_like(q)
-    scratch = torch.empty(batch, heads, capacity)
+    scratch = torch.empty(batch, heads, capacity, dtype=torch.float32)
     library().ef_decode_attention(q.data_ptr(), k.data_ptr(), v.data_ptr(), cos.data_ptr(), sin.data_ptr(),
                                   k_cache.data_ptr(), v_cache.data_ptr(), batch, heads, k.shape[1], dim, capacity,
                                   slot, first.data_ptr(), scale, out.data_ptr(), scratch.data_ptr())

@@ -47,7 +47,7 @@ def test_dense_group_equals_linear(n, in_features, outs, bias, seed):
 
 @SETTINGS
 @given(n=st.integers(1, native.MAX_TOKENS), bits=st.sampled_from([4, 8]), groups=st.integers(1, 4),
-       group=st.sampled_from([32, 64]), out=st.integers(1, 11), zero=st.sampled_from(["symmetric", "int", "float"]),
+       group=st.sampled_from([32, 64, 96, 128]), out=st.integers(1, 11), zero=st.sampled_from(["symmetric", "int", "float"]),
        seed=st.integers(0, 2**16))
 def test_packed_matmul_and_dequantize_equal_the_reference(n, bits, groups, group, out, zero, seed):
     generator = torch.Generator().manual_seed(seed)
@@ -79,13 +79,15 @@ def test_decode_attention_rotates_writes_and_attends(batch, kv_heads, group, dim
     q, k, v = (torch.randn(batch, h, dim, generator=generator) for h in (heads, kv_heads, kv_heads))
     angles = torch.randn(batch, dim // 2, generator=generator)
     cos, sin = torch.cat([angles.cos()] * 2, -1), torch.cat([angles.sin()] * 2, -1)
-    keys, values = torch.randn(batch, kv_heads, capacity, dim, generator=generator), torch.zeros(batch, kv_heads,
-                                                                                                 capacity, dim)
+    keys = torch.randn(batch, kv_heads, capacity, dim, generator=generator)
+    values = torch.randn(batch, kv_heads, capacity, dim, generator=generator)
     expected_keys, expected_values = keys.clone(), values.clone()
     rq, rk = rotate(q, cos[:, None], sin[:, None]), rotate(k, cos[:, None], sin[:, None])
     expected_keys[:, :, slot], expected_values[:, :, slot] = rk, v
     out = native.decode_attention(q.clone(), k.clone(), v, cos, sin, keys, values, slot, first, 0.3)
     assert torch.allclose(keys, expected_keys, atol=1e-6) and torch.equal(values, expected_values)
+    with pytest.raises(ValueError, match="slot"):
+        native.decode_attention(q.clone(), k.clone(), v, cos, sin, keys, values, capacity, first, 0.3)
     for b in range(batch):
         span = slice(int(first[b]), slot + 1)
         kk = expected_keys[b, :, span].repeat_interleave(group, 0)
@@ -117,18 +119,24 @@ def step_logits(model, kernels: str, prompt: torch.Tensor, tokens: list[int]) ->
     return [engine.decode(cache, torch.tensor([t])) for t in tokens]
 
 
+@pytest.fixture
+def native_dense(monkeypatch):
+    """The native float32 matmul whatever the autotune would pick for tiny weights (MKL, often)."""
+    monkeypatch.setenv(autotune.ENV, "native")
+
+
 @pytest.mark.parametrize("family", TINY_FAMILIES)
-def test_native_step_equals_the_torch_step_on_each_layout(family):
+def test_native_step_equals_the_torch_step_on_each_layout(family, native_dense):
     model, _ = tiny_model(family, layers=3, seed=1)  # gemma3: sliding-window and global layers, window 8
     prompt = torch.randint(3, model.config.vocab_size, (1, 6), generator=torch.Generator().manual_seed(0))
     tokens = torch.randint(3, model.config.vocab_size, (12,), generator=torch.Generator().manual_seed(1)).tolist()
-    assert Engine(model).native_step() is not None
+    assert Engine(model).native_step().dense_path == "native"
     for native_logits, torch_logits in zip(step_logits(model, "auto", prompt, tokens),
                                            step_logits(model, "torch", prompt, tokens), strict=True):
         assert close(native_logits, torch_logits)
 
 
-def test_native_step_over_a_left_padded_batch_equals_the_torch_step():
+def test_native_step_over_a_left_padded_batch_equals_the_torch_step(native_dense):
     model, _ = tiny_model("gemma3", layers=2, seed=2)
     ids = torch.randint(3, model.config.vocab_size, (2, 7), generator=torch.Generator().manual_seed(3))
     mask = torch.ones_like(ids)
@@ -153,6 +161,23 @@ def test_without_the_kernels_the_engine_and_the_dispatcher_fall_back(monkeypatch
     packed = PackedWeight.from_quantized(quantize(torch.randn(8, 64), 4, 32, False))
     x = torch.randn(2, 64)
     assert close(cpu.dequant_matmul(x, packed), reference.dequant_matmul(x, packed))
+
+
+def test_empty_and_oversized_calls_are_refused_and_the_dispatcher_handles_them():
+    packed = PackedWeight.from_quantized(quantize(torch.randn(8, 64), 4, 32, False))
+    for rows in (0, native.MAX_TOKENS + 1):
+        with pytest.raises(ValueError, match="1 to 8 tokens"):
+            native.dequant_matmul(torch.randn(rows, 64), packed)
+    assert cpu.dequant_matmul(torch.randn(0, 64), packed).shape == (0, 8)
+    with pytest.raises(ValueError, match="float32"):
+        native.gated_act(torch.randn(4, dtype=torch.float64), torch.randn(4, dtype=torch.float64), "silu")
+
+
+def test_the_native_paths_keep_gradients_flowing():
+    packed = PackedWeight.from_quantized(quantize(torch.randn(8, 64), 8, 32, False))
+    x = torch.randn(2, 64, requires_grad=True)
+    cpu.dequant_matmul(x, packed).sum().backward()
+    assert x.grad is not None and torch.allclose(x.grad, reference.dequantize(packed).sum(0).expand(2, -1), atol=1e-5)
 
 
 def test_bad_kernel_choices_are_refused(monkeypatch):

@@ -86,7 +86,8 @@ extern "C" int ef_vector_width() { return EF_VEC; }
 // stream (like a plain sum over memory), which the hardware prefetcher follows best.
 template <int N>
 static void dense_row(const float* x, int64_t in, const float* w, float* acc) {
-  const int U = 4;
+  // U * N accumulators must fit the 16 vector registers with the loads: 4 for one token, 2 for two, 1 above
+  constexpr int U = N == 1 ? 4 : (N == 2 ? 2 : 1);
   vf a[U][N];
   for (int u = 0; u < U; ++u) for (int t = 0; t < N; ++t) a[u][t] = vf{};
   const int64_t step = U * EF_VEC, body = in - in % step;
@@ -96,7 +97,9 @@ static void dense_row(const float* x, int64_t in, const float* w, float* acc) {
       for (int t = 0; t < N; ++t) a[u][t] += wv * load(x + t * in + i + u * EF_VEC);
     }
   for (int t = 0; t < N; ++t) {
-    float s = hsum(a[0][t] + a[1][t] + a[2][t] + a[3][t]);
+    vf sum = a[0][t];
+    for (int u = 1; u < U; ++u) sum += a[u][t];
+    float s = hsum(sum);
     for (int64_t i = body; i < in; ++i) s += w[i] * x[t * in + i];
     acc[t] = s;
   }

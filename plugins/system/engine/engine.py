@@ -125,7 +125,7 @@ class Engine:
         slot = cache.length if start is None else start
         cache.check_room(slot + 1 - cache.length)
         native = self.native_step()
-        if native is not None and tokens.numel() <= MAX_NATIVE_BATCH:
+        if native is not None and tokens.numel() == cache.batch <= MAX_NATIVE_BATCH and slot >= 0:
             logits = native(tokens, slot, cache.keys, cache.values, cache.pad, layers)
             if start is None:
                 cache.length += 1

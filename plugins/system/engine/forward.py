@@ -128,8 +128,8 @@ def project(module: nn.Module, x: torch.Tensor, matmul: str = "library") -> torc
         if matmul == "sum" and rows <= FUSED_MAX_ROWS:
             y = (x.unsqueeze(-2) * module.weight).sum(-1)
             return y if module.bias is None else y + module.bias
-        if matmul == "native" and rows <= native.MAX_TOKENS and x.dtype == module.weight.dtype == torch.float32 \
-                and x.device.type == "cpu":
+        if matmul == "native" and 1 <= rows <= native.MAX_TOKENS and x.device.type == "cpu" \
+                and x.dtype == module.weight.dtype == torch.float32 and not torch.is_grad_enabled():
             return native.linear(x, module.weight, module.bias)
     return module(x)
 

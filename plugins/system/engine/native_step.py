@@ -31,18 +31,16 @@ Projection = Callable[[torch.Tensor], list[torch.Tensor]]
 
 GEMMA_NORMS = {"Gemma3RMSNorm"}
 PLAIN_NORMS = {"LlamaRMSNorm", "Qwen2RMSNorm", "MistralRMSNorm"} | GEMMA_NORMS
+#: gated MLPs whose forward is down(act(gate(x)) * up(x)) with the config's activation
+STOCK_MLPS = {"LlamaMLP", "Qwen2MLP", "MistralMLP", "Gemma3MLP"}
 
 
 def packed_weight(module: nn.Module) -> PackedWeight | None:
-    """The packed weight of a quantization-family layer stored in the project's layout, else ``None``."""
+    """The packed weight of a quantization-family layer in ``native`` mode (sharing its buffers), else ``None``."""
     if type(module).__name__ != "QuantizedLinear" or getattr(module, "packed", None) is None:
         return None
-    if getattr(module, "mode", None) == "fake" or getattr(module, "kernel", None) is not None:
-        return None
-    if getattr(module, "mode", None) == "native":
-        return module.packed_weight()  # shares the layer's buffers
-    return PackedWeight.from_parts(module.packed, module.scales, module.zeros, module.bits, module.group_size,
-                                   module.in_features)
+    # only execution='native' layers: a 'dequant' layer is the float reference path and stays one
+    return module.packed_weight() if getattr(module, "mode", None) == "native" else None
 
 
 def is_dense(module: nn.Module) -> bool:
@@ -67,7 +65,7 @@ def projection(modules: Sequence[nn.Module], path: str = "native") -> Projection
         parts = [projection([m], path) for m in modules]
         return lambda x: [part(x)[0] for part in parts]
     module = modules[0]
-    return lambda x: [module(x)]
+    return lambda x: [module(x).float().contiguous()]  # the next native call reads it as raw float32
 
 
 def norm_parameters(norm: nn.Module) -> tuple[torch.Tensor, float, float]:
@@ -81,9 +79,11 @@ def native_problem(layout: DecoderLayout, model: nn.Module) -> str | None:
     reason = native.problem()
     if reason:
         return reason
-    parameter = next(model.parameters())
-    if parameter.dtype != torch.float32 or parameter.device.type != "cpu":
-        return f"the native step runs float32 CPU models (this one is {parameter.dtype} on {parameter.device})"
+    other = next((p for p in model.parameters() if p.dtype != torch.float32 or p.device.type != "cpu"), None)
+    if other is not None:
+        return f"the native step runs float32 CPU models (a parameter is {other.dtype} on {other.device})"
+    if type(layout.norm).__name__ not in PLAIN_NORMS:
+        return f"the final norm is {type(layout.norm).__name__}, not a stock RMSNorm"
     if layout.head_dim % native.vector_width() or layout.head_dim > native.MAX_HEAD_DIM:
         return f"head dim {layout.head_dim} is not a multiple of {native.vector_width()} up to {native.MAX_HEAD_DIM}"
     activation = getattr(model.config, "hidden_activation", None) or getattr(model.config, "hidden_act", None)
@@ -98,8 +98,8 @@ def native_problem(layout: DecoderLayout, model: nn.Module) -> str | None:
         odd = [type(n).__name__ for n in norms if type(n).__name__ not in PLAIN_NORMS]
         if odd:
             return f"layer {index} has norms {odd}, not a stock RMSNorm"
-        if not all(hasattr(layer.mlp, name) for name in ("gate_proj", "up_proj", "down_proj")):
-            return f"layer {index}'s MLP is not the stock gated MLP"
+        if type(layer.mlp).__name__ not in STOCK_MLPS:
+            return f"layer {index}'s MLP is {type(layer.mlp).__name__}, not the stock gated MLP ({sorted(STOCK_MLPS)})"
     return None
 
 
@@ -126,14 +126,8 @@ class NativeLayer:
 def weight_pointers(layout: DecoderLayout) -> tuple[int, ...]:
     """Where every projection's weight lives: a technique that replaces a weight after the step was built
     changes one of these, and the step is built again."""
-    pointers = []
-    for module in (m for layer in layout.layers for m in layer.modules()):
-        tensor = getattr(module, "weight", None) if type(module) is nn.Linear else getattr(module, "packed", None)
-        if isinstance(tensor, torch.Tensor):
-            pointers.append(tensor.data_ptr())
-    head = getattr(layout.lm_head, "weight", None)
-    head = head if isinstance(head, torch.Tensor) else getattr(layout.lm_head, "packed", None)
-    return (*pointers, head.data_ptr() if isinstance(head, torch.Tensor) else 0)
+    modules = [*layout.layers, layout.norm, layout.lm_head]
+    return tuple(t.data_ptr() for m in modules for t in (*m.parameters(), *m.buffers()))
 
 
 class NativeStep:
