@@ -26,6 +26,8 @@ from effinfer.kernels import native
 
 PATHS = ("mkl", "onednn", "native")
 ENV = "EFFINFER_DENSE_DECODE"
+#: slowest ÷ fastest candidate above which a measurement is not stored (see :func:`dense_decode_path`)
+SUSPECT_SPREAD = 4.0
 #: bytes of weights one timing pass streams (well past a CPU's last-level cache)
 PROBE_BYTES = 64 * 2**20
 
@@ -109,6 +111,10 @@ def dense_decode_path(weights: Sequence[torch.Tensor] | None = None) -> str:
         return entry["path"]
     timings = measure(weights)
     path = min(timings, key=timings.get)
+    if max(timings.values()) > SUSPECT_SPREAD * min(timings.values()):
+        # every candidate streams the same bytes: a spread this wide means the CPU was busy with something else
+        # (one such entry had oneDNN and native 10x slower than MKL), so the choice holds for this process only
+        return path
     table[key] = {"path": path, "seconds_per_pass": timings, "measured": time.strftime("%Y-%m-%d %H:%M")}
     try:
         store.parent.mkdir(parents=True, exist_ok=True)

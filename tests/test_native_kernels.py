@@ -256,3 +256,12 @@ def test_short_forwards_use_the_native_matmuls_and_equal_the_torch_path(family, 
     assert results["torch"][2] == "library"
     for native_out, torch_out in zip(results["auto"][:2], results["torch"][:2], strict=True):
         assert close(native_out, torch_out)
+
+
+def test_autotune_does_not_store_a_measurement_taken_under_load(monkeypatch, tmp_path):
+    monkeypatch.setenv("EFFINFER_CACHE", str(tmp_path))
+    monkeypatch.delenv(autotune.ENV, raising=False)
+    busy = {path: 1.0 for path in autotune.candidates()} | {"mkl": 0.1}  # 10x apart: the CPU was busy
+    monkeypatch.setattr(autotune, "measure", lambda weights=None, rounds=3: busy)
+    assert autotune.dense_decode_path([torch.randn(8, 8)]) == "mkl"
+    assert not (tmp_path / "kernels" / "autotune.json").exists()
