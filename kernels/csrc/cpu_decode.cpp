@@ -107,8 +107,11 @@ static void dense_row(const float* x, int64_t in, const float* w, float* acc) {
 
 // y_j[n, out_j] = x[n, in] @ w_j[out_j, in]^T (+ bias_j) for `count` weights sharing one input:
 // one parallel region covers the rows of all of them (fused QKV / gate-up projections).
-extern "C" void ef_linear_f32(const float* x, int64_t n, int64_t in, int64_t count, const float* const* w,
-                   const int64_t* out, const float* const* bias, float* const* y) {
+// Runs compute(j, row, rows, acc) on every tile of ROWS output rows of `count` weights in one parallel region
+// (acc: rows x MAXN results) and stores y_j[t, row + r] = acc[r, t] + bias_j[row + r].
+template <typename Compute>
+static void for_each_tile(int64_t n, int64_t count, const int64_t* out, const float* const* bias, float* const* y,
+                          Compute&& compute) {
   int64_t tiles[16 + 1] = {0};
   for (int64_t j = 0; j < count; ++j) tiles[j + 1] = tiles[j] + (out[j] + ROWS - 1) / ROWS;
   #pragma omp parallel for schedule(static)
@@ -117,12 +120,19 @@ extern "C" void ef_linear_f32(const float* x, int64_t n, int64_t in, int64_t cou
     while (tile >= tiles[j + 1]) ++j;
     const int64_t row = (tile - tiles[j]) * ROWS, rows = out[j] - row < ROWS ? out[j] - row : ROWS;
     float acc[ROWS * MAXN];
-    for (int64_t r = 0; r < rows; ++r)
-      dispatch_tokens(n, [&](auto N) { dense_row<N.value>(x, in, w[j] + (row + r) * in, acc + r * MAXN); });
+    compute(j, row, rows, acc);
     for (int r = 0; r < rows; ++r)
       for (int t = 0; t < n; ++t)
         y[j][t * out[j] + row + r] = acc[r * MAXN + t] + (bias[j] ? bias[j][row + r] : 0.f);
   }
+}
+
+extern "C" void ef_linear_f32(const float* x, int64_t n, int64_t in, int64_t count, const float* const* w,
+                              const int64_t* out, const float* const* bias, float* const* y) {
+  for_each_tile(n, count, out, bias, y, [&](int64_t j, int64_t row, int64_t rows, float* acc) {
+    for (int64_t r = 0; r < rows; ++r)
+      dispatch_tokens(n, [&](auto N) { dense_row<N.value>(x, in, w[j] + (row + r) * in, acc + r * MAXN); });
+  });
 }
 
 // ---------------------------------------------------------------- packed int8 / int4
@@ -290,18 +300,11 @@ extern "C" void ef_packed_input(const float* x, int64_t n, int64_t in, int bits,
 }
 
 extern "C" void ef_linear_packed(const void* xs, const float* xsum, const float* xscale, int64_t n, int64_t in,
-                                 int bits, int64_t group, int64_t count, const uint8_t* const* codes, const float* const* scale,
-                      const float* const* gbias, const int64_t* out, const float* const* bias, float* const* y) {
-  const int64_t stride = in * bits / 8;
-  int64_t tiles[16 + 1] = {0};
-  for (int64_t j = 0; j < count; ++j) tiles[j + 1] = tiles[j] + (out[j] + ROWS - 1) / ROWS;
-  const int64_t groups = in / group;
-  #pragma omp parallel for schedule(static)
-  for (int64_t tile = 0; tile < tiles[count]; ++tile) {
-    int64_t j = 0;
-    while (tile >= tiles[j + 1]) ++j;
-    const int64_t row = (tile - tiles[j]) * ROWS, rows = out[j] - row < ROWS ? out[j] - row : ROWS;
-    float acc[ROWS * MAXN];
+                                 int bits, int64_t group, int64_t count, const uint8_t* const* codes,
+                                 const float* const* scale, const float* const* gbias, const int64_t* out,
+                                 const float* const* bias, float* const* y) {
+  const int64_t stride = in * bits / 8, groups = in / group;
+  for_each_tile(n, count, out, bias, y, [&](int64_t j, int64_t row, int64_t rows, float* acc) {
     dispatch_tokens(n, [&](auto N) {
 #if defined(__AVX2__)
       if (bits == 8)
@@ -320,10 +323,7 @@ extern "C" void ef_linear_packed(const void* xs, const float* xsum, const float*
         packed_tile<N.value, 4>(xf, xsum, in, group, codes[j] + row * stride, stride, scale[j] + row * groups,
                                 gbias[j] + row * groups, rows, acc);
     });
-    for (int r = 0; r < rows; ++r)
-      for (int t = 0; t < n; ++t)
-        y[j][t * out[j] + row + r] = acc[r * MAXN + t] + (bias[j] ? bias[j][row + r] : 0.f);
-  }
+  });
 }
 
 // Dense float32 [out, in] weight of a packed one (for a prefill GEMM): w = code * scale + gbias.
