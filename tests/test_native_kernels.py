@@ -136,6 +136,31 @@ def test_native_step_equals_the_torch_step_on_each_layout(family, native_dense):
         assert close(native_logits, torch_logits)
 
 
+@pytest.mark.parametrize("family", TINY_FAMILIES)
+def test_the_one_call_program_equals_the_per_call_step(family, native_dense):
+    """The whole-step native program runs the same kernels in the same order as the per-call loop: equal logits,
+    also over a subset of layers (self-speculative drafting) and with its timers on."""
+    model, _ = tiny_model(family, layers=3, seed=4)
+    prompt = torch.randint(3, model.config.vocab_size, (1, 5), generator=torch.Generator().manual_seed(2))
+    results = {}
+    for program in (True, False):
+        engine = Engine(model)
+        step = engine.native_step()
+        assert step.program is not None, step.program_reason
+        if not program:
+            step.program = None
+        cache = engine.cache_for(1, 24)
+        engine.prefill(cache, prompt, torch.ones_like(prompt))
+        timings = step.profile()
+        logits = [engine.decode(cache, torch.tensor([4 + i])) for i in range(6)]
+        logits += [engine.decode(cache, torch.tensor([7]), layers=[0, 2], start=cache.length)]
+        step.breakdown = None
+        assert {"norms", "matmuls", "attention", "activation", "output head"} <= set(timings)
+        results[program] = logits
+    for a, b in zip(results[True], results[False], strict=True):
+        assert torch.equal(a, b)
+
+
 def test_native_step_over_a_left_padded_batch_equals_the_torch_step(native_dense):
     model, _ = tiny_model("gemma3", layers=2, seed=2)
     ids = torch.randint(3, model.config.vocab_size, (2, 7), generator=torch.Generator().manual_seed(3))

@@ -76,7 +76,7 @@ static inline void dispatch_tokens(int64_t n, F&& f) {
   }
 }
 
-extern "C" int ef_abi_version() { return 5; }
+extern "C" int ef_abi_version() { return 6; }
 extern "C" int ef_vector_width() { return EF_VEC; }
 
 // ---------------------------------------------------------------- dense float32
@@ -461,3 +461,104 @@ extern "C" void ef_decode_attention(float* q, float* k, const float* v, const fl
     }
 }
 
+
+// ---------------------------------------------------------------- one decode step over every layer
+// The calls of a decoder block (norms, fused projections, attention, gated MLP) for every layer in one native
+// call: no Python, tensor allocation or ctypes conversion between them. Mirrors NativeStep's per-call loop.
+
+struct EfGroup {  // weights sharing one input: bits 32 = dense float32 [out, in], 4 / 8 = packed codes
+  int64_t count, in, bits, group;
+  const void* weight[3];
+  const float* scale[3];
+  const float* gbias[3];
+  const float* bias[3];
+  int64_t out[3];
+};
+struct EfNorm { const float* weight; float eps, offset; };  // weight null: the block has no such norm
+struct EfLayer {
+  EfGroup qkv, o, gate_up, down;
+  EfNorm input, post_attention, pre_ffn, post_ffn, q_norm, k_norm;
+  int64_t kind;  // attention type: index of its rotary tables and first attended columns
+  float scale;
+};
+struct EfStep {
+  int64_t hidden, hq, hkv, dim, inter, act, sandwich;
+  const EfLayer* layers;
+  EfNorm final_norm;
+  // scratch for MAXN rows: x/o/down [hidden], q/attn [hq*dim], k/v [hkv*dim], gate/up [inter];
+  // packed inputs: xs [largest in], xsum [largest in / smallest group], xscale [1]
+  float *x, *q, *k, *v, *attn, *o, *gate, *up, *down, *xsum, *xscale;
+  void* xs;
+};
+enum { T_NORMS, T_MATMULS, T_ATTENTION, T_ACTIVATION };
+
+static void run_group(const EfStep* s, const EfGroup& g, const float* x, int64_t n, float* y0, float* y1, float* y2) {
+  float* const y[3] = {y0, y1, y2};
+  if (g.bits == 32) {
+    ef_linear_f32(x, n, g.in, g.count, (const float* const*)g.weight, g.out, g.bias, y);
+  } else {
+    ef_packed_input(x, n, g.in, (int)g.bits, g.group, s->xs, s->xsum, s->xscale);
+    ef_linear_packed(s->xs, s->xsum, s->xscale, n, g.in, (int)g.bits, g.group, g.count,
+                     (const uint8_t* const*)g.weight, g.scale, g.gbias, g.out, g.bias, y);
+  }
+}
+
+static void norm(const EfNorm& m, const float* x, float* residual, int64_t rows, int64_t dim, float* out) {
+  ef_add_rmsnorm(x, residual, rows, dim, m.weight, m.eps, m.offset, out);
+}
+
+// hidden [n, hidden]: the embedded tokens in, the residual stream after the last layer out; out [n, hidden]: its
+// final norm. Layers `order[0..count)`; cos/sin/first indexed by a layer's kind; the caches [layers, n, hkv,
+// capacity, dim]; probs: n * hq * capacity floats; timers (or null): seconds per kind of call, added.
+extern "C" void ef_decode_step(const EfStep* s, const int64_t* order, int64_t count, int64_t n, float* hidden,
+                               const float* const* cos, const float* const* sin, const int64_t* const* first,
+                               float* kcache, float* vcache, int64_t capacity, int64_t slot, float* probs,
+                               float* out, double* timers) {
+  const int64_t per_layer = n * s->hkv * capacity * s->dim;
+  double mark = timers ? omp_get_wtime() : 0.0;
+  auto lap = [&](int kind) {
+    if (!timers) return;
+    const double now = omp_get_wtime();
+    timers[kind] += now - mark;
+    mark = now;
+  };
+  bool pending = false;  // the last block's output (s->down) is not yet added to hidden
+  for (int64_t c = 0; c < count; ++c) {
+    const EfLayer& l = s->layers[order[c]];
+    norm(l.input, pending ? s->down : hidden, pending ? hidden : nullptr, n, s->hidden, s->x);
+    lap(T_NORMS);
+    run_group(s, l.qkv, s->x, n, s->q, s->k, s->v);
+    lap(T_MATMULS);
+    if (l.q_norm.weight) {
+      norm(l.q_norm, s->q, nullptr, n * s->hq, s->dim, s->q);
+      norm(l.k_norm, s->k, nullptr, n * s->hkv, s->dim, s->k);
+      lap(T_NORMS);
+    }
+    ef_decode_attention(s->q, s->k, s->v, cos[l.kind], sin[l.kind], kcache + order[c] * per_layer,
+                        vcache + order[c] * per_layer, n, s->hq, s->hkv, s->dim, capacity, slot, first[l.kind],
+                        l.scale, s->attn, probs);
+    lap(T_ATTENTION);
+    run_group(s, l.o, s->attn, n, s->o, nullptr, nullptr);
+    lap(T_MATMULS);
+    if (s->sandwich) {
+      norm(l.post_attention, s->o, nullptr, n, s->hidden, s->o);
+      norm(l.pre_ffn, s->o, hidden, n, s->hidden, s->x);
+    } else {
+      norm(l.post_attention, s->o, hidden, n, s->hidden, s->x);
+    }
+    lap(T_NORMS);
+    run_group(s, l.gate_up, s->x, n, s->gate, s->up, nullptr);
+    lap(T_MATMULS);
+    ef_gated_act(s->gate, s->up, n * s->inter, (int)s->act);
+    lap(T_ACTIVATION);
+    run_group(s, l.down, s->gate, n, s->down, nullptr, nullptr);
+    lap(T_MATMULS);
+    if (s->sandwich) {
+      norm(l.post_ffn, s->down, nullptr, n, s->hidden, s->down);
+      lap(T_NORMS);
+    }
+    pending = true;
+  }
+  norm(s->final_norm, pending ? s->down : hidden, pending ? hidden : nullptr, n, s->hidden, out);
+  lap(T_NORMS);
+}

@@ -17,6 +17,7 @@ model-level techniques stay honoured; :func:`native_problem` refuses what this s
 
 from __future__ import annotations
 
+import ctypes
 import time
 from collections.abc import Callable, Sequence
 
@@ -24,6 +25,7 @@ import torch
 from torch import nn
 
 from effinfer.kernels import autotune, native
+from effinfer.kernels.native_program import TIMED_KINDS, BlockSpec, DecodeProgram, program_problem
 from effinfer.kernels.packed import PackedWeight
 from effinfer.plugins.system.engine.forward import SLIDING, DecoderLayout
 
@@ -122,6 +124,17 @@ class NativeLayer:
             if hasattr(attention, "q_norm") else None
         self.scale = float(attention.scaling)
 
+    def spec(self, kind: int) -> BlockSpec:
+        """This block as a :class:`DecodeProgram` runs it (raises ``ValueError`` when a projection cannot)."""
+        for group in (self.qkv, self.o, self.gate_up, self.down):
+            reason = program_problem(group)
+            if reason:
+                raise ValueError(reason)
+        return BlockSpec(self.qkv, self.o, self.gate_up, self.down, self.input_norm, self.post_attention_norm, kind,
+                         self.scale, self.pre_ffn_norm if self.sandwich else None,
+                         self.post_ffn_norm if self.sandwich else None,
+                         *(self.qk_norms if self.qk_norms is not None else (None, None)))
+
 
 def weight_pointers(layout: DecoderLayout) -> tuple[int, ...]:
     """Where every projection's weight lives: a technique that replaces a weight after the step was built
@@ -147,6 +160,20 @@ class NativeStep:
         self.activation = getattr(config, "hidden_activation", None) or getattr(config, "hidden_act", None)
         #: seconds per kind of call summed over steps while a dict (see :meth:`profile`); ``None`` = not timed
         self.breakdown: dict[str, float] | None = None
+        #: attention kinds in the order the program indexes their rotary tables
+        self.kinds = tuple(sorted(set(layout.layer_types)))
+        #: every block in one native call per step, where each projection is a native group (else ``None``, and
+        #: the step runs the per-call loop; setting it to ``None`` forces that loop)
+        self.program: DecodeProgram | None = None
+        self.program_reason: str | None = None
+        try:
+            self.program = DecodeProgram([block.spec(self.kinds.index(kind)) for block, kind in
+                                          zip(self.blocks, layout.layer_types)], self.final_norm,
+                                         num_heads=layout.num_heads, num_kv_heads=layout.num_kv_heads,
+                                         head_dim=layout.head_dim, activation=self.activation,
+                                         sandwich=layout.sandwich_norms)
+        except ValueError as error:
+            self.program_reason = str(error)
 
     def profile(self) -> dict[str, float]:
         """Start timing each kind of call (matmuls, attention, norms, ...) per step; returns the dict that fills.
@@ -164,6 +191,8 @@ class NativeStep:
         layout = self.layout
         batch = tokens.shape[0]
         hidden, rope, first = run("embedding + rotary tables", self._inputs, tokens, slot, pad)
+        if self.program is not None:
+            return self._finish(self._run_program(hidden, rope, first, keys, values, slot, pad, layers), started)
         pending: torch.Tensor | None = None  # the last block's output, not yet added to `hidden`
         for index in range(layout.num_layers) if layers is None else layers:
             block, kind = self.blocks[index], layout.layer_types[index]
@@ -190,7 +219,20 @@ class NativeStep:
                 pending, _ = run("norms", native.add_rmsnorm, pending, None, *block.post_ffn_norm)
         final, _ = run("norms", native.add_rmsnorm, pending if pending is not None else hidden,
                        hidden if pending is not None else None, *self.final_norm)
-        logits = run("output head", self.head, final)[0]
+        return self._finish(final, started)
+
+    def _run_program(self, hidden: torch.Tensor, rope: dict, first: dict, keys: torch.Tensor, values: torch.Tensor,
+                     slot: int, pad: torch.Tensor, layers: Sequence[int] | None) -> torch.Tensor:
+        timers = (ctypes.c_double * len(TIMED_KINDS))() if self.breakdown is not None else None
+        final = self.program(hidden, [rope[kind] for kind in self.kinds], [first.get(kind, pad) for kind in self.kinds],
+                             keys, values, slot, layers, timers)
+        if timers is not None:
+            for kind, seconds in zip(TIMED_KINDS, timers):
+                self.breakdown[kind] = self.breakdown.get(kind, 0.0) + seconds
+        return final
+
+    def _finish(self, final: torch.Tensor, started: float) -> torch.Tensor:
+        logits = self._run("output head", self.head, final)[0]
         if self.breakdown is not None:
             self.breakdown["total"] = self.breakdown.get("total", 0.0) + time.perf_counter() - started
             self.breakdown["steps"] = self.breakdown.get("steps", 0) + 1

@@ -1,0 +1,179 @@
+"""A whole decode step's decoder blocks in one native call (``ef_decode_step`` in ``csrc/cpu_decode.cpp``).
+
+:class:`NativeStep <effinfer.plugins.system.engine.native_step.NativeStep>` runs a decode step as
+about eight native calls per layer. Between two of them Python builds views, allocates outputs
+and converts ctypes arguments: some 20 µs a call, a few milliseconds of a 20–30 ms step. A
+:class:`DecodeProgram` describes every layer once (its weight groups, norms and attention type,
+as C structs pointing at the model's own tensors) and runs all of them, same kernels and
+arithmetic, in one call per step.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from effinfer.kernels import native
+
+#: weights one program group holds (Q/K/V is the largest)
+GROUP_WEIGHTS = 3
+#: kinds of calls ``ef_decode_step`` times (the order of its timer slots)
+TIMED_KINDS = ("norms", "matmuls", "attention", "activation")
+DENSE_BITS = 32
+
+_P = ctypes.c_void_p
+_I = ctypes.c_int64
+_F = ctypes.c_float
+
+
+class _Group(ctypes.Structure):
+    _fields_ = [("count", _I), ("in_features", _I), ("bits", _I), ("group", _I),
+                ("weight", _P * GROUP_WEIGHTS), ("scale", _P * GROUP_WEIGHTS), ("gbias", _P * GROUP_WEIGHTS),
+                ("bias", _P * GROUP_WEIGHTS), ("out", _I * GROUP_WEIGHTS)]
+
+
+class _Norm(ctypes.Structure):
+    _fields_ = [("weight", _P), ("eps", _F), ("offset", _F)]
+
+
+class _Layer(ctypes.Structure):
+    _fields_ = [("qkv", _Group), ("o", _Group), ("gate_up", _Group), ("down", _Group),
+                ("input", _Norm), ("post_attention", _Norm), ("pre_ffn", _Norm), ("post_ffn", _Norm),
+                ("q_norm", _Norm), ("k_norm", _Norm), ("kind", _I), ("scale", _F)]
+
+
+class _Step(ctypes.Structure):
+    _fields_ = [("hidden", _I), ("hq", _I), ("hkv", _I), ("dim", _I), ("inter", _I), ("act", _I), ("sandwich", _I),
+                ("layers", ctypes.POINTER(_Layer)), ("final_norm", _Norm),
+                *[(name, _P) for name in ("x", "q", "k", "v", "attn", "o", "gate", "up", "down", "xsum", "xscale",
+                                          "xs")]]
+
+
+_SIGNATURE = (ctypes.POINTER(_Step), _P, _I, _I, _P, _P, _P, _P, _P, _P, _I, _I, _P, _P, _P)
+
+Norm = tuple[torch.Tensor, float, float]  # (weight, eps, offset) as native.add_rmsnorm takes them
+
+
+@dataclass
+class BlockSpec:
+    """One decoder block as the program runs it: native weight groups, norms (``None``: absent), attention type."""
+
+    qkv: native.DenseGroup | native.PackedGroup
+    o: native.DenseGroup | native.PackedGroup
+    gate_up: native.DenseGroup | native.PackedGroup
+    down: native.DenseGroup | native.PackedGroup
+    input_norm: Norm
+    post_attention_norm: Norm
+    kind: int
+    scale: float
+    pre_ffn_norm: Norm | None = None
+    post_ffn_norm: Norm | None = None
+    q_norm: Norm | None = None
+    k_norm: Norm | None = None
+
+
+def program_problem(group: object) -> str | None:
+    """Why a projection cannot be part of a program (``None`` when it can)."""
+    if not isinstance(group, (native.DenseGroup, native.PackedGroup)):
+        return "a projection runs as its own module (not a native float32 or packed weight group)"
+    if len(group.out) > GROUP_WEIGHTS:
+        return f"a group of {len(group.out)} weights (a program group holds up to {GROUP_WEIGHTS})"
+    return None
+
+
+def _group(group: native.DenseGroup | native.PackedGroup) -> _Group:
+    weights, biases = group.tensors
+    described = _Group(count=len(weights), in_features=group.in_features)
+    for j, (weight, bias) in enumerate(zip(weights, biases)):
+        described.out[j] = group.out[j]
+        described.bias[j] = None if bias is None else bias.data_ptr()
+        if isinstance(group, native.DenseGroup):
+            described.weight[j] = weight.data_ptr()
+        else:
+            described.weight[j], described.scale[j] = weight.packed.data_ptr(), weight.scales.data_ptr()
+            described.gbias[j] = weight.bias.data_ptr()
+    if isinstance(group, native.DenseGroup):
+        described.bits, described.group = DENSE_BITS, group.in_features
+    else:
+        described.bits, described.group = group.bits, group.group_size
+    return described
+
+
+def _norm(norm: Norm | None) -> _Norm:
+    if norm is None:
+        return _Norm()
+    weight, eps, offset = norm
+    return _Norm(weight.data_ptr(), eps, offset)
+
+
+class DecodeProgram:
+    """Every decoder block of a model, run for ≤ :data:`native.MAX_TOKENS` rows of one token each per call.
+
+    Holds the model's tensors through the groups it is given (build a new program when a weight is replaced)
+    and its own scratch buffers, so calls allocate nothing but their outputs.
+    """
+
+    def __init__(self, blocks: Sequence[BlockSpec], final_norm: Norm, *, num_heads: int, num_kv_heads: int,
+                 head_dim: int, activation: str, sandwich: bool) -> None:
+        for block in blocks:
+            reason = next(filter(None, map(program_problem, (block.qkv, block.o, block.gate_up, block.down))), None)
+            if reason:
+                raise ValueError(reason)
+        self.blocks = list(blocks)
+        self.hidden = blocks[0].qkv.in_features
+        inter = blocks[0].down.in_features
+        rows = native.MAX_TOKENS
+        widest = max(self.hidden, inter, num_heads * head_dim)
+        self._buffers = {
+            "x": torch.empty(rows, self.hidden), "q": torch.empty(rows, num_heads * head_dim),
+            "k": torch.empty(rows, num_kv_heads * head_dim), "v": torch.empty(rows, num_kv_heads * head_dim),
+            "attn": torch.empty(rows, num_heads * head_dim), "o": torch.empty(rows, self.hidden),
+            "gate": torch.empty(rows, inter), "up": torch.empty(rows, inter), "down": torch.empty(rows, self.hidden),
+            "xsum": torch.empty(rows, widest), "xscale": torch.empty(rows), "xs": torch.empty(rows, widest)}
+        self._layers = (_Layer * len(blocks))(*[self._layer(block) for block in blocks])
+        self._step = _Step(hidden=self.hidden, hq=num_heads, hkv=num_kv_heads, dim=head_dim, inter=inter,
+                           act=native.ACTIVATIONS[activation], sandwich=int(sandwich), layers=self._layers,
+                           final_norm=_norm(final_norm),
+                           **{name: buffer.data_ptr() for name, buffer in self._buffers.items()})
+        self._norms = [final_norm] + [n for b in blocks for n in (b.input_norm, b.post_attention_norm, b.pre_ffn_norm,
+                                                                  b.post_ffn_norm, b.q_norm, b.k_norm) if n]
+        self.num_heads = num_heads
+        self._all_layers = (ctypes.c_int64 * len(blocks))(*range(len(blocks)))
+        self._probs = torch.empty(0)
+        self._function = native.library().ef_decode_step
+        self._function.argtypes, self._function.restype = _SIGNATURE, None
+
+    @staticmethod
+    def _layer(block: BlockSpec) -> _Layer:
+        return _Layer(qkv=_group(block.qkv), o=_group(block.o), gate_up=_group(block.gate_up), down=_group(block.down),
+                      input=_norm(block.input_norm), post_attention=_norm(block.post_attention_norm),
+                      pre_ffn=_norm(block.pre_ffn_norm), post_ffn=_norm(block.post_ffn_norm),
+                      q_norm=_norm(block.q_norm), k_norm=_norm(block.k_norm), kind=block.kind, scale=block.scale)
+
+    def __call__(self, hidden: torch.Tensor, rope: Sequence[tuple[torch.Tensor, torch.Tensor]],
+                 first: Sequence[torch.Tensor], keys: torch.Tensor, values: torch.Tensor, slot: int,
+                 layers: Sequence[int] | None = None, timers: ctypes.Array | None = None) -> torch.Tensor:
+        """The final-normed hidden state ``[B, hidden]`` after the blocks ``layers`` (default all, in order).
+
+        ``hidden``: the embedded tokens ``[B, hidden]``, contiguous float32 (updated in place into the residual
+        stream); ``rope``/``first``: ``(cos, sin)`` ``[B, head_dim]`` and the first attended column ``[B]`` (int64)
+        per attention kind; ``keys``/``values``: the static caches ``[layers, B, kv heads, capacity, head_dim]``."""
+        batch = hidden.shape[0]
+        capacity = keys.shape[3]
+        if not 1 <= batch <= native.MAX_TOKENS or hidden.shape[1] != self.hidden or not hidden.is_contiguous() \
+                or not 0 <= slot < capacity or keys.shape[1] != batch or not keys.is_contiguous() \
+                or not values.is_contiguous():
+            raise ValueError(f"a program step takes 1..{native.MAX_TOKENS} contiguous rows of {self.hidden} floats "
+                             f"and contiguous caches of that batch with room at slot {slot}")
+        if self._probs.numel() < batch * self.num_heads * capacity:
+            self._probs = torch.empty(batch * self.num_heads * capacity)
+        order = self._all_layers if layers is None else (ctypes.c_int64 * len(layers))(*layers)
+        out = torch.empty_like(hidden)
+        self._function(ctypes.byref(self._step), order, len(order), batch, hidden.data_ptr(),
+                       native._pointers([cos for cos, _ in rope]), native._pointers([sin for _, sin in rope]),
+                       native._pointers(first), keys.data_ptr(), values.data_ptr(), capacity, slot,
+                       self._probs.data_ptr(), out.data_ptr(), timers)
+        return out
