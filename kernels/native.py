@@ -31,7 +31,7 @@ import torch
 from effinfer.kernels.packed import PackedWeight, unpack_codes
 
 SOURCE = Path(__file__).parent / "csrc" / "cpu_decode.cpp"
-ABI_VERSION = 6
+ABI_VERSION = 7
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-ffp-contract=fast", "-shared", "-fPIC", "-std=c++17")
 #: most tokens one native matmul call takes (the C++ ``MAXN``)
 MAX_TOKENS = 8

@@ -52,7 +52,7 @@ class _Step(ctypes.Structure):
                                           "xs")]]
 
 
-_SIGNATURE = (ctypes.POINTER(_Step), _P, _I, _I, _P, _P, _P, _P, _P, _P, _I, _I, _P, _P, _P)
+_SIGNATURE = (ctypes.POINTER(_Step), _P, _I, _I, _P, _P, _P, _P, _P, _P, _I, _I, _I, _P, _P, _P)
 
 Norm = tuple[torch.Tensor, float, float]  # (weight, eps, offset) as native.add_rmsnorm takes them
 
@@ -155,25 +155,30 @@ class DecodeProgram:
 
     def __call__(self, hidden: torch.Tensor, rope: Sequence[tuple[torch.Tensor, torch.Tensor]],
                  first: Sequence[torch.Tensor], keys: torch.Tensor, values: torch.Tensor, slot: int,
-                 layers: Sequence[int] | None = None, timers: ctypes.Array | None = None) -> torch.Tensor:
+                 layers: Sequence[int] | None = None, timers: ctypes.Array | None = None, chain: bool = False
+                 ) -> torch.Tensor:
         """The final-normed hidden state ``[B, hidden]`` after the blocks ``layers`` (default all, in order).
 
         ``hidden``: the embedded tokens ``[B, hidden]``, contiguous float32 (updated in place into the residual
         stream); ``rope``/``first``: ``(cos, sin)`` ``[B, head_dim]`` and the first attended column ``[B]`` (int64)
-        per attention kind; ``keys``/``values``: the static caches ``[layers, B, kv heads, capacity, head_dim]``."""
+        per attention kind; ``keys``/``values``: the static caches ``[layers, rows, kv heads, capacity, head_dim]``.
+        By default the ``B`` tokens are one per cache row, all at column ``slot``; with ``chain`` they are ``B``
+        consecutive tokens of a one-row cache from column ``slot`` on, each attending causally (verification of a
+        drafted chain)."""
         batch = hidden.shape[0]
         capacity = keys.shape[3]
+        rows, end = (1, slot + batch) if chain else (batch, slot + 1)
         if not 1 <= batch <= native.MAX_TOKENS or hidden.shape[1] != self.hidden or not hidden.is_contiguous() \
-                or not 0 <= slot < capacity or keys.shape[1] != batch or not keys.is_contiguous() \
+                or not 0 <= slot or end > capacity or keys.shape[1] != rows or not keys.is_contiguous() \
                 or not values.is_contiguous():
             raise ValueError(f"a program step takes 1..{native.MAX_TOKENS} contiguous rows of {self.hidden} floats "
-                             f"and contiguous caches of that batch with room at slot {slot}")
+                             f"and contiguous caches of {rows} row(s) with room for columns {slot}..{end - 1}")
         if self._probs.numel() < batch * self.num_heads * capacity:
             self._probs = torch.empty(batch * self.num_heads * capacity)
         order = self._all_layers if layers is None else (ctypes.c_int64 * len(layers))(*layers)
         out = torch.empty_like(hidden)
         self._function(ctypes.byref(self._step), order, len(order), batch, hidden.data_ptr(),
                        native._pointers([cos for cos, _ in rope]), native._pointers([sin for _, sin in rope]),
-                       native._pointers(first), keys.data_ptr(), values.data_ptr(), capacity, slot,
+                       native._pointers(first), keys.data_ptr(), values.data_ptr(), capacity, slot, int(chain),
                        self._probs.data_ptr(), out.data_ptr(), timers)
         return out

@@ -23,6 +23,7 @@ from effinfer.core.testing import TINY_FAMILIES, tiny_model
 from effinfer.kernels import PackedWeight, autotune, cpu, native, reference
 from effinfer.plugins.model.quantization.packing import quantize
 from effinfer.plugins.system.engine.engine import Engine
+from effinfer.plugins.system.engine.native_step import NativeStep
 
 pytestmark = pytest.mark.skipif(native.problem() is not None, reason=f"native kernels: {native.problem()}")
 SETTINGS = settings(max_examples=25, deadline=None)
@@ -268,20 +269,27 @@ def test_smollm2_native_steps_equal_the_torch_step(smollm2):
 
 @pytest.mark.parametrize("family", TINY_FAMILIES)
 def test_short_forwards_use_the_native_matmuls_and_equal_the_torch_path(family, monkeypatch):
-    """Speculative verification (a chain of drafted tokens) and short prompts multiply through the native matmul."""
+    """Speculative verification: a chain of drafted tokens runs as the native program's causal chain step, a tree
+    and short prompts through the torch forward with the native matmul; all equal the torch path."""
     monkeypatch.setenv(autotune.ENV, "native")  # the autotune may pick MKL for tiny weights
     model, _ = tiny_model(family, layers=2, seed=3)
     prompt = torch.randint(3, model.config.vocab_size, (1, 5), generator=torch.Generator().manual_seed(4))
     draft = torch.randint(3, model.config.vocab_size, (1, 6), generator=torch.Generator().manual_seed(5))
+    chains = []
+    original = NativeStep.chain
+    monkeypatch.setattr(NativeStep, "chain", lambda self, *a, **k: chains.append(a[0].shape) or original(self, *a, **k))
     results = {}
     for kernels in ("auto", "torch"):
         engine = Engine(model, kernels=kernels)
         cache = engine.cache_for(1, 32)
         first = engine.prefill(cache, prompt, torch.ones_like(prompt)).logits
-        results[kernels] = (first, engine.forward(cache, draft).logits, engine.small_matmul(), engine)
-    assert results["auto"][2] == "native"
-    assert results["torch"][2] == "library"
-    for native_out, torch_out in zip(results["auto"][:2], results["torch"][:2], strict=True):
+        chain = engine.forward(cache, draft)  # a chain of 6: the native program's causal chain step
+        tree = engine.forward(cache, draft, parents=[-1, 0, 0, 1, 2, 2]).logits  # a tree: the torch forward
+        results[kernels] = (first, chain.logits, chain.hidden, tree, engine.small_matmul())
+    assert chains == [(1, 6)]  # gemma3: its 8-token window cuts into the chain's keys (positions 5..10)
+    assert results["auto"][-1] == "native"
+    assert results["torch"][-1] == "library"
+    for native_out, torch_out in zip(results["auto"][:-1], results["torch"][:-1], strict=True):
         assert close(native_out, torch_out)
 
 

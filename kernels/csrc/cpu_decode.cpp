@@ -13,6 +13,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <vector>
 #include <omp.h>
 #if defined(__AVX2__) || defined(__AVX512F__)
 #include <immintrin.h>
@@ -76,7 +77,7 @@ static inline void dispatch_tokens(int64_t n, F&& f) {
   }
 }
 
-extern "C" int ef_abi_version() { return 6; }
+extern "C" int ef_abi_version() { return 7; }
 extern "C" int ef_vector_width() { return EF_VEC; }
 
 // ---------------------------------------------------------------- dense float32
@@ -408,12 +409,124 @@ extern "C" void ef_gated_act(float* gate, const float* up, int64_t size, int act
 
 // ---------------------------------------------------------------- rotary + KV write + attention
 
+// Split-KV attention (flash-decoding): the keys of each (row, KV head) are cut into chunks so that both cores
+// have work at batch 1; a task reads its chunk of keys and values once for every query head of the KV head's
+// group, keeping (max, sum of exp, weighted values) per head; the chunks are then merged per head.
+static const int MAX_GROUP_HEADS = 16;
+
+struct Partial { float top, denom; };
+
+static void attend_chunk(const float* q, int64_t heads, const float* keys, const float* vals, int64_t len,
+                         int64_t dim, float scale, float* p, int64_t pstride, Partial* part, float* acc) {
+  const int64_t chunks = dim / EF_VEC;
+  for (int64_t h = 0; h < heads; ++h) part[h] = Partial{-INFINITY, 0.f};
+  for (int64_t j = 0; j < len; ++j)
+    for (int64_t h = 0; h < heads; ++h) {
+      vf a{};
+      for (int64_t i = 0; i < chunks; ++i) a += load(q + h * dim + i * EF_VEC) * load(keys + j * dim + i * EF_VEC);
+      const float score = hsum(a) * scale;
+      p[h * pstride + j] = score;
+      part[h].top = score > part[h].top ? score : part[h].top;
+    }
+  for (int64_t h = 0; h < heads; ++h) {
+    float denom = 0.f;
+    for (int64_t j = 0; j < len; ++j) {
+      p[h * pstride + j] = std::exp(p[h * pstride + j] - part[h].top);
+      denom += p[h * pstride + j];
+    }
+    part[h].denom = denom;
+  }
+  for (int64_t i = 0; i < heads * dim; ++i) acc[i] = 0.f;
+  for (int64_t j = 0; j < len; ++j)
+    for (int64_t i = 0; i < chunks; ++i) {
+      const vf v = load(vals + j * dim + i * EF_VEC);
+      for (int64_t h = 0; h < heads; ++h) {
+        vf sum = load(acc + h * dim + i * EF_VEC) + p[h * pstride + j] * v;
+        std::memcpy(acc + h * dim + i * EF_VEC, &sum, sizeof sum);
+      }
+    }
+}
+
+// q [B, hq, D] over the caches' columns first[b]..last(b); out [B, hq, D]; scratch: B * hq * capacity floats.
+// Batch rows (chain = 0): row b attends cache row b up to `slot`. A chain (chain = 1): B consecutive tokens of cache
+// row 0, token b at column slot + b, attending up to its own column (causal).
+static void attend(const float* q, const float* kcache, const float* vcache, int64_t batch, int64_t hq, int64_t hkv,
+                   int64_t dim, int64_t capacity, int64_t slot, int64_t chain, const int64_t* first, float scale,
+                   float* out, float* scratch) {
+  const int64_t group = hq / hkv;
+  int64_t longest = 1;
+  auto last = [&](int64_t b) { return slot + (chain ? b : 0); };
+  for (int64_t b = 0; b < batch; ++b) longest = last(b) + 1 - first[b] > longest ? last(b) + 1 - first[b] : longest;
+  const int64_t wanted = (8 * omp_get_max_threads() + batch * hkv - 1) / (batch * hkv);
+  const int64_t splits = wanted < (longest + 15) / 16 ? wanted : (longest + 15) / 16;
+  const int64_t chunk = (longest + splits - 1) / splits;
+  static thread_local float* merged = nullptr;
+  static thread_local int64_t merged_size = 0;
+  const int64_t need = batch * hq * splits * (dim + 2);
+  if (merged_size < need) {
+    delete[] merged;
+    merged = new float[need];
+    merged_size = need;
+  }
+  float* parts = merged;
+  #pragma omp parallel for schedule(static) collapse(3)
+  for (int64_t b = 0; b < batch; ++b)
+    for (int64_t kvh = 0; kvh < hkv; ++kvh)
+      for (int64_t sp = 0; sp < splits; ++sp) {
+        const int64_t lo = first[b] + sp * chunk, hi = lo + chunk < last(b) + 1 ? lo + chunk : last(b) + 1;
+        const int64_t row = chain ? 0 : b;
+        const int64_t h0 = kvh * group;
+        float* acc = parts + ((b * hq + h0) * splits + sp) * (dim + 2);  // per head: dim values, then top, denom
+        if (hi <= lo) {
+          for (int64_t h = 0; h < group; ++h) acc[h * splits * (dim + 2) + dim] = -INFINITY;
+          continue;
+        }
+        Partial part_here[MAX_GROUP_HEADS];
+        float sums_here[MAX_GROUP_HEADS * 512];  // head dim <= 512 (checked in Python)
+        std::vector<Partial> part_big;
+        std::vector<float> sums_big;
+        Partial* part = part_here;
+        float* sums = sums_here;
+        if (group > MAX_GROUP_HEADS) {
+          part_big.resize(group);
+          sums_big.resize(group * dim);
+          part = part_big.data();
+          sums = sums_big.data();
+        }
+        attend_chunk(q + (b * hq + h0) * dim, group, kcache + ((row * hkv + kvh) * capacity + lo) * dim,
+                     vcache + ((row * hkv + kvh) * capacity + lo) * dim, hi - lo, dim, scale,
+                     scratch + (b * hq + h0) * capacity + sp * chunk, capacity, part, sums);
+        for (int64_t h = 0; h < group; ++h) {
+          float* dst = acc + h * splits * (dim + 2);
+          std::memcpy(dst, sums + h * dim, dim * sizeof(float));
+          dst[dim] = part[h].top;
+          dst[dim + 1] = part[h].denom;
+        }
+      }
+  for (int64_t bh = 0; bh < batch * hq; ++bh) {
+    const float* head = parts + bh * splits * (dim + 2);
+    float top = -INFINITY;
+    for (int64_t sp = 0; sp < splits; ++sp) top = head[sp * (dim + 2) + dim] > top ? head[sp * (dim + 2) + dim] : top;
+    float denom = 0.f;
+    float* o = out + bh * dim;
+    for (int64_t i = 0; i < dim; ++i) o[i] = 0.f;
+    for (int64_t sp = 0; sp < splits; ++sp) {
+      const float* part = head + sp * (dim + 2);
+      if (part[dim] == -INFINITY) continue;
+      const float weight = std::exp(part[dim] - top);
+      denom += weight * part[dim + 1];
+      for (int64_t i = 0; i < dim; ++i) o[i] += weight * part[i];
+    }
+    for (int64_t i = 0; i < dim; ++i) o[i] /= denom;
+  }
+}
+
 // One new token per batch row. q [B, Hq, D], k/v [B, Hkv, D] (projected, normed); cos/sin [B, D];
 // caches [B, Hkv, T, D]. Rotates q and k (HF rotate-half convention), writes k and v at column `slot`,
 // then attends q over columns first[b]..slot of row b. out [B, Hq, D].
-extern "C" void ef_decode_attention(float* q, float* k, const float* v, const float* cos, const float* sin,
+static void rotate_write_attend(float* q, float* k, const float* v, const float* cos, const float* sin,
                          float* kcache, float* vcache, int64_t batch, int64_t hq, int64_t hkv, int64_t dim,
-                         int64_t capacity, int64_t slot, const int64_t* first, float scale, float* out,
+                         int64_t capacity, int64_t slot, int64_t chain, const int64_t* first, float scale, float* out,
                          float* scratch) {
   const int64_t half = dim / 2;
   for (int64_t b = 0; b < batch; ++b) {
@@ -428,39 +541,22 @@ extern "C" void ef_decode_attention(float* q, float* k, const float* v, const fl
       }
       std::memcpy(x, tmp, dim * sizeof(float));
     }
+    const int64_t row = chain ? 0 : b, column = slot + (chain ? b : 0);
     for (int64_t h = 0; h < hkv; ++h) {
-      std::memcpy(kcache + ((b * hkv + h) * capacity + slot) * dim, k + (b * hkv + h) * dim, dim * sizeof(float));
-      std::memcpy(vcache + ((b * hkv + h) * capacity + slot) * dim, v + (b * hkv + h) * dim, dim * sizeof(float));
+      std::memcpy(kcache + ((row * hkv + h) * capacity + column) * dim, k + (b * hkv + h) * dim, dim * sizeof(float));
+      std::memcpy(vcache + ((row * hkv + h) * capacity + column) * dim, v + (b * hkv + h) * dim, dim * sizeof(float));
     }
   }
-  const int64_t group = hq / hkv;
-  #pragma omp parallel for schedule(static) collapse(2)
-  for (int64_t b = 0; b < batch; ++b)
-    for (int64_t h = 0; h < hq; ++h) {
-      const int64_t kvh = h / group, lo = first[b], len = slot + 1 - lo;
-      const float* qh = q + (b * hq + h) * dim;
-      const float* keys = kcache + ((b * hkv + kvh) * capacity + lo) * dim;
-      const float* vals = vcache + ((b * hkv + kvh) * capacity + lo) * dim;
-      float* p = scratch + (b * hq + h) * capacity;
-      float top = -INFINITY;
-      for (int64_t j = 0; j < len; ++j) {
-        vf a{};
-        for (int64_t i = 0; i < dim; i += EF_VEC) a += load(qh + i) * load(keys + j * dim + i);
-        p[j] = hsum(a) * scale;
-        top = p[j] > top ? p[j] : top;
-      }
-      float denom = 0.f;
-      for (int64_t j = 0; j < len; ++j) { p[j] = std::exp(p[j] - top); denom += p[j]; }
-      vf acc[512 / EF_VEC];
-      const int64_t chunks = dim / EF_VEC;
-      for (int64_t i = 0; i < chunks; ++i) acc[i] = vf{};
-      for (int64_t j = 0; j < len; ++j)
-        for (int64_t i = 0; i < chunks; ++i) acc[i] += p[j] * load(vals + j * dim + i * EF_VEC);
-      float* o = out + (b * hq + h) * dim;
-      for (int64_t i = 0; i < chunks; ++i) for (int l = 0; l < EF_VEC; ++l) o[i * EF_VEC + l] = acc[i][l] / denom;
-    }
+  attend(q, kcache, vcache, batch, hq, hkv, dim, capacity, slot, chain, first, scale, out, scratch);
 }
 
+extern "C" void ef_decode_attention(float* q, float* k, const float* v, const float* cos, const float* sin,
+                                    float* kcache, float* vcache, int64_t batch, int64_t hq, int64_t hkv, int64_t dim,
+                                    int64_t capacity, int64_t slot, const int64_t* first, float scale, float* out,
+                                    float* scratch) {
+  rotate_write_attend(q, k, v, cos, sin, kcache, vcache, batch, hq, hkv, dim, capacity, slot, 0, first, scale, out,
+                      scratch);
+}
 
 // ---------------------------------------------------------------- one decode step over every layer
 // The calls of a decoder block (norms, fused projections, attention, gated MLP) for every layer in one native
@@ -508,13 +604,15 @@ static void norm(const EfNorm& m, const float* x, float* residual, int64_t rows,
 }
 
 // hidden [n, hidden]: the embedded tokens in, the residual stream after the last layer out; out [n, hidden]: its
-// final norm. Layers `order[0..count)`; cos/sin/first indexed by a layer's kind; the caches [layers, n, hkv,
-// capacity, dim]; probs: n * hq * capacity floats; timers (or null): seconds per kind of call, added.
+// final norm. Layers `order[0..count)`; cos/sin [n, dim] and first [n] indexed by a layer's kind; the caches
+// [layers, n, hkv, capacity, dim] (chain = 0: n rows of one token at column `slot`) or [layers, 1, hkv, capacity,
+// dim] (chain = 1: n consecutive tokens of one row from column `slot`, causal); probs: n * hq * capacity floats;
+// timers (or null): seconds per kind of call, added.
 extern "C" void ef_decode_step(const EfStep* s, const int64_t* order, int64_t count, int64_t n, float* hidden,
                                const float* const* cos, const float* const* sin, const int64_t* const* first,
-                               float* kcache, float* vcache, int64_t capacity, int64_t slot, float* probs,
-                               float* out, double* timers) {
-  const int64_t per_layer = n * s->hkv * capacity * s->dim;
+                               float* kcache, float* vcache, int64_t capacity, int64_t slot, int64_t chain,
+                               float* probs, float* out, double* timers) {
+  const int64_t per_layer = (chain ? 1 : n) * s->hkv * capacity * s->dim;
   double mark = timers ? omp_get_wtime() : 0.0;
   auto lap = [&](int kind) {
     if (!timers) return;
@@ -534,8 +632,8 @@ extern "C" void ef_decode_step(const EfStep* s, const int64_t* order, int64_t co
       norm(l.k_norm, s->k, nullptr, n * s->hkv, s->dim, s->k);
       lap(T_NORMS);
     }
-    ef_decode_attention(s->q, s->k, s->v, cos[l.kind], sin[l.kind], kcache + order[c] * per_layer,
-                        vcache + order[c] * per_layer, n, s->hq, s->hkv, s->dim, capacity, slot, first[l.kind],
+    rotate_write_attend(s->q, s->k, s->v, cos[l.kind], sin[l.kind], kcache + order[c] * per_layer,
+                        vcache + order[c] * per_layer, n, s->hq, s->hkv, s->dim, capacity, slot, chain, first[l.kind],
                         l.scale, s->attn, probs);
     lap(T_ATTENTION);
     run_group(s, l.o, s->attn, n, s->o, nullptr, nullptr);

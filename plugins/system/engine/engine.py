@@ -190,6 +190,9 @@ class Engine:
         """
         start = cache.length if start is None else start
         batch, k = tokens.shape
+        if self._native_chain(cache, tokens, parents, start):
+            logits, hidden = self._native.chain(tokens, start, cache.keys, cache.values, cache.pad, layers)
+            return StepOutput(logits, hidden)
         width = tree_width(k) if self.compile else k
         if start + width > cache.capacity:
             raise RuntimeError(f"static KV cache full: {start} + {width} tokens > capacity {cache.capacity}")
@@ -207,6 +210,17 @@ class Engine:
         logits, hidden = self.tree_step(layers)(tokens, positions, slots, mask, cache.keys, cache.values,
                                                 key_positions)
         return StepOutput(logits[:, :k], hidden[:, :k])
+
+    def _native_chain(self, cache: StaticKVCache, tokens: torch.Tensor, parents: Sequence[int] | None,
+                      start: int) -> bool:
+        """Whether :meth:`forward` runs ``tokens`` through the native program's chain step: one row, a chain of at
+        most :data:`MAX_NATIVE_BATCH` tokens that fits the cache, and a native step with a program."""
+        batch, k = tokens.shape
+        if batch != 1 or cache.batch != 1 or not 1 <= k <= MAX_NATIVE_BATCH or start < 0 or \
+                start + k > cache.capacity or (parents is not None and list(parents) != list(range(-1, k - 1))):
+            return False
+        native = self.native_step()
+        return native is not None and native.program is not None
 
     def tree_step(self, layers: Sequence[int] | None = None) -> CompiledStep:
         key = None if layers is None else tuple(layers)

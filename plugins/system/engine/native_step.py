@@ -221,6 +221,24 @@ class NativeStep:
                        hidden if pending is not None else None, *self.final_norm)
         return self._finish(final, started)
 
+    def chain(self, tokens: torch.Tensor, start: int, keys: torch.Tensor, values: torch.Tensor, pad: torch.Tensor,
+              layers: Sequence[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits and final-norm hidden states (``1 × k × …``) of a chain of ``k ≤ 8`` tokens (``1 × k``) fed into a
+        one-row cache from column ``start``, each attending causally (speculative verification). Needs
+        :attr:`program`."""
+        layout, k = self.layout, tokens.shape[-1]
+        hidden = layout.embed(tokens.view(1, k)).view(k, -1).float().contiguous()
+        depth = torch.arange(k)
+        rope = {kind: (cos.reshape(k, -1).contiguous(), sin.reshape(k, -1).contiguous())
+                for kind, (cos, sin) in layout.rope(hidden.view(1, k, -1), (start - pad).view(1, 1) + depth).items()}
+        full = pad.reshape(1).expand(k).contiguous()
+        first = {"full_attention": full}
+        if layout.sliding_window is not None:
+            first[SLIDING] = torch.maximum(full, start + depth - layout.sliding_window + 1).contiguous()
+        final = self.program(hidden, [rope[kind] for kind in self.kinds], [first.get(kind, full) for kind in self.kinds],
+                             keys, values, start, layers, chain=True)
+        return self.head(final)[0].view(1, k, -1), final.view(1, k, -1)
+
     def _run_program(self, hidden: torch.Tensor, rope: dict, first: dict, keys: torch.Tensor, values: torch.Tensor,
                      slot: int, pad: torch.Tensor, layers: Sequence[int] | None) -> torch.Tensor:
         timers = (ctypes.c_double * len(TIMED_KINDS))() if self.breakdown is not None else None
