@@ -464,6 +464,8 @@ def table5(report: dict[str, Any]) -> str:
         draft, construction, verifier = DESCRIPTIONS.get(row.get("technique", ""), ("—", "—", "—"))
         if name == "engine plain greedy":
             draft, construction, verifier = "—", "—", "—"
+        if row.get("technique") == "draft_model" and "source" in row.get("config", {}):
+            construction = f"none: an existing smaller model of the family ({row['config']['source']})"
         setup = f"{row['setup_s']:.1f} s" if "setup_s" in row else "—"
         if "training" in row:
             training = row["training"]

@@ -262,6 +262,56 @@ static void packed_tile_int(const int16_t* xq, const float* xscale, const float*
 }
 #endif
 
+#if defined(__AVX2__)
+// The one-token decode case of packed_tile_int on a full tile with groups of at most INT_CHUNK inputs: each group's
+// int32 sums are scaled straight into the float totals, so accumulators, totals, codes and the input stay within
+// the 16 vector registers (the general kernel keeps per-chunk partial sums too, and spills).
+template <int BITS>
+static void packed_tile_int_one(const int16_t* xq, const float* xscale, const float* xsum, int64_t in, int64_t group,
+                                const uint8_t* codes, int64_t stride, const float* scale, const float* gbias,
+                                float* acc) {
+  const int64_t groups = in / group;
+  __m256 total[ROWS];
+  float offset[ROWS] = {};
+  for (int r = 0; r < ROWS; ++r) total[r] = _mm256_setzero_ps();
+  const __m128i mask = _mm_set1_epi8(15);
+  for (int64_t g = 0; g < groups; ++g) {
+    __m256i a[ROWS];
+    for (int r = 0; r < ROWS; ++r) a[r] = _mm256_setzero_si256();
+    if (BITS == 8) {
+      for (int64_t i = g * group; i < (g + 1) * group; i += 16) {
+        const __m256i xv = _mm256_loadu_si256((const __m256i*)(xq + i));
+        for (int r = 0; r < ROWS; ++r) {
+          const __m256i w = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i*)(codes + r * stride + i)));
+          a[r] = _mm256_add_epi32(a[r], _mm256_madd_epi16(w, xv));
+        }
+      }
+    } else {
+      for (int64_t i = g * group; i < (g + 1) * group; i += 32) {
+        const __m256i xe = _mm256_loadu_si256((const __m256i*)(xq + i));
+        const __m256i xo = _mm256_loadu_si256((const __m256i*)(xq + i + 16));
+        for (int r = 0; r < ROWS; ++r) {
+          const __m128i b = _mm_loadu_si128((const __m128i*)(codes + r * stride + i / 2));
+          const __m256i lo = _mm256_cvtepu8_epi16(_mm_and_si128(b, mask));
+          const __m256i hi = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(b, 4), mask));
+          a[r] = _mm256_add_epi32(a[r], _mm256_add_epi32(_mm256_madd_epi16(lo, xe), _mm256_madd_epi16(hi, xo)));
+        }
+      }
+    }
+    for (int r = 0; r < ROWS; ++r) {
+      total[r] = _mm256_fmadd_ps(_mm256_set1_ps(scale[r * groups + g]), _mm256_cvtepi32_ps(a[r]), total[r]);
+      offset[r] += gbias[r * groups + g] * xsum[g];
+    }
+  }
+  for (int r = 0; r < ROWS; ++r) {
+    __m128 q = _mm_add_ps(_mm256_castps256_ps128(total[r]), _mm256_extractf128_ps(total[r], 1));
+    q = _mm_hadd_ps(q, q);
+    q = _mm_hadd_ps(q, q);
+    acc[r * MAXN] = _mm_cvtss_f32(q) * xscale[0] + offset[r];
+  }
+}
+#endif
+
 // Prepare the input of ef_linear_packed: `xs` (n x in: float32, reordered for int4 per block of 2 * EF_VEC; or,
 // on the integer path, int16 reordered per block of 32, with one scale per token in `xscale`) and `xsum`
 // (n x in/group, float32 sums of the original inputs).
@@ -308,6 +358,15 @@ extern "C" void ef_linear_packed(const void* xs, const float* xsum, const float*
   for_each_tile(n, count, out, bias, y, [&](int64_t j, int64_t row, int64_t rows, float* acc) {
     dispatch_tokens(n, [&](auto N) {
 #if defined(__AVX2__)
+      if (N.value == 1 && rows == ROWS && group <= INT_CHUNK) {
+        if (bits == 8)
+          packed_tile_int_one<8>((const int16_t*)xs, xscale, xsum, in, group, codes[j] + row * stride, stride,
+                                 scale[j] + row * groups, gbias[j] + row * groups, acc);
+        else
+          packed_tile_int_one<4>((const int16_t*)xs, xscale, xsum, in, group, codes[j] + row * stride, stride,
+                                 scale[j] + row * groups, gbias[j] + row * groups, acc);
+        return;
+      }
       if (bits == 8)
         packed_tile_int<N.value, 8>((const int16_t*)xs, xscale, xsum, in, group, codes[j] + row * stride, stride,
                                     scale[j] + row * groups, gbias[j] + row * groups, rows, acc);

@@ -162,6 +162,10 @@ class NativeStep:
         self.breakdown: dict[str, float] | None = None
         #: attention kinds in the order the program indexes their rotary tables
         self.kinds = tuple(sorted(set(layout.layer_types)))
+        rope_types = str(getattr(layout.rotary, "rope_type", "default"))
+        self._static_rope = "dynamic" not in rope_types and "longrope" not in rope_types
+        self._rope_length = 0
+        self._rope_tables: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         #: every block in one native call per step, where each projection is a native group (else ``None``, and
         #: the step runs the per-call loop; setting it to ``None`` forces that loop)
         self.program: DecodeProgram | None = None
@@ -229,8 +233,7 @@ class NativeStep:
         layout, k = self.layout, tokens.shape[-1]
         hidden = layout.embed(tokens.view(1, k)).view(k, -1).float().contiguous()
         depth = torch.arange(k)
-        rope = {kind: (cos.reshape(k, -1).contiguous(), sin.reshape(k, -1).contiguous())
-                for kind, (cos, sin) in layout.rope(hidden.view(1, k, -1), (start - pad).view(1, 1) + depth).items()}
+        rope = self.rope((start - pad).view(1, 1) + depth)
         full = pad.reshape(1).expand(k).contiguous()
         first = {"full_attention": full}
         if layout.sliding_window is not None:
@@ -256,13 +259,30 @@ class NativeStep:
             self.breakdown["steps"] = self.breakdown.get("steps", 0) + 1
         return logits
 
+    def rope(self, positions: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """``(cos, sin)`` (``[positions, head_dim]``, contiguous) per attention kind: rows of tables computed once for
+        every position up to the longest seen (the model's own rotary module over ``arange``), except for rotary
+        types that depend on the sequence length (``dynamic``, ``longrope``), computed per call."""
+        flat = positions.reshape(-1)
+        if not self._static_rope:
+            hidden = torch.zeros(1, flat.numel(), self.layout.hidden_size)
+            return {kind: (cos.reshape(flat.numel(), -1).contiguous(), sin.reshape(flat.numel(), -1).contiguous())
+                    for kind, (cos, sin) in self.layout.rope(hidden, flat.view(1, -1)).items()}
+        longest = int(flat.max()) + 1
+        if longest > self._rope_length:
+            self._rope_length = max(longest, 2 * self._rope_length, 256)
+            hidden = torch.zeros(1, self._rope_length, self.layout.hidden_size)
+            self._rope_tables = {kind: (cos[0].contiguous(), sin[0].contiguous()) for kind, (cos, sin) in
+                                 self.layout.rope(hidden, torch.arange(self._rope_length).view(1, -1)).items()}
+        return {kind: (cos.index_select(0, flat), sin.index_select(0, flat))
+                for kind, (cos, sin) in self._rope_tables.items()}
+
     def _inputs(self, tokens: torch.Tensor, slot: int, pad: torch.Tensor):
         """The embedded tokens, the rotary tables per attention type and the first attended column per row."""
         layout, batch = self.layout, tokens.shape[0]
         hidden = layout.embed(tokens.view(batch, 1)).view(batch, -1).float().contiguous()
         positions = (slot - pad).view(batch, 1)
-        rope = {kind: (cos.reshape(batch, -1).contiguous(), sin.reshape(batch, -1).contiguous())
-                for kind, (cos, sin) in layout.rope(hidden.view(batch, 1, -1), positions).items()}
+        rope = self.rope(positions)
         first = {"full_attention": pad.contiguous()}
         if layout.sliding_window is not None:
             first[SLIDING] = torch.clamp(pad, min=slot - layout.sliding_window + 1).contiguous()
