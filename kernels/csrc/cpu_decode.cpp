@@ -55,6 +55,45 @@ static inline void nibbles(const uint8_t* p, vf& lo, vf& hi) {
 #endif
 static inline float hsum(vf v) { float s = 0.f; for (int i = 0; i < EF_VEC; ++i) s += v[i]; return s; }
 
+// e^x for EF_VEC floats (Cephes' expf: x = n ln2 + r, a degree-6 polynomial in r, times 2^n), within ~2 ulp of
+// std::exp; inputs clamped to [-87.3, 88.3] (the float range of 2^n).
+typedef int32_t vi __attribute__((vector_size(EF_VEC * 4)));
+static inline vf vexp(vf x) {
+  const vf lo = vf{} - 87.3f, hi = vf{} + 88.3f;
+  x = x < lo ? lo : x;
+  x = x > hi ? hi : x;
+  const vf scaled = x * 1.44269504088896341f;
+  const vi n = __builtin_convertvector(scaled + (scaled >= 0.f ? vf{} + 0.5f : vf{} - 0.5f), vi);
+  const vf nf = __builtin_convertvector(n, vf);
+  const vf r = x - nf * 0.693359375f + nf * 2.12194440e-4f;
+  vf poly = vf{} + 1.9875691500e-4f;
+  poly = poly * r + 1.3981999507e-3f;
+  poly = poly * r + 8.3334519073e-3f;
+  poly = poly * r + 4.1665795894e-2f;
+  poly = poly * r + 1.6666665459e-1f;
+  poly = poly * r + 5.0000001201e-1f;
+  const vf e = poly * r * r + r + 1.f;
+  const vi bits = (n + 127) << 23;
+  vf two_n;
+  std::memcpy(&two_n, &bits, sizeof two_n);
+  return e * two_n;
+}
+
+// the horizontal sums of 8 vectors, as 8 floats at out
+static inline void hsum8(const vf* a, float* out) {
+#if EF_VEC == 8 && defined(__AVX2__)
+  const __m256 t0 = _mm256_hadd_ps((__m256)a[0], (__m256)a[1]), t1 = _mm256_hadd_ps((__m256)a[2], (__m256)a[3]);
+  const __m256 t2 = _mm256_hadd_ps((__m256)a[4], (__m256)a[5]), t3 = _mm256_hadd_ps((__m256)a[6], (__m256)a[7]);
+  const __m256 u0 = _mm256_hadd_ps(t0, t1), u1 = _mm256_hadd_ps(t2, t3);
+  _mm256_storeu_ps(out, _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31)));
+#else
+  for (int k = 0; k < 8; ++k) out[k] = hsum(a[k]);
+#endif
+}
+
+#ifndef EF_PREFETCH
+#define EF_PREFETCH 0
+#endif
 #ifndef EF_ROWS
 #define EF_ROWS 4
 #endif
@@ -94,6 +133,9 @@ static void dense_row(const float* x, int64_t in, const float* w, float* acc) {
   const int64_t step = U * EF_VEC, body = in - in % step;
   for (int64_t i = 0; i < body; i += step)
     for (int u = 0; u < U; ++u) {
+#if EF_PREFETCH
+      if (u == 0) __builtin_prefetch(w + i + EF_PREFETCH);
+#endif
       const vf wv = load(w + i + u * EF_VEC);
       for (int t = 0; t < N; ++t) a[u][t] += wv * load(x + t * in + i + u * EF_VEC);
     }
@@ -456,8 +498,14 @@ extern "C" void ef_add_rmsnorm(const float* x, float* residual, int64_t n, int64
 
 // gate <- act(gate) * up; act 0 = SiLU, 1 = GELU (tanh approximation)
 extern "C" void ef_gated_act(float* gate, const float* up, int64_t size, int act) {
-  #pragma omp parallel for schedule(static) if (size > 4096)
-  for (int64_t i = 0; i < size; ++i) {
+  const int64_t body = act == 0 ? size - size % EF_VEC : 0;
+  #pragma omp parallel for schedule(static) if (size > 16384)
+  for (int64_t i = 0; i < body; i += EF_VEC) {  // SiLU as vectors
+    const vf g = load(gate + i), a = g / (1.f + vexp(-g)) * load(up + i);
+    std::memcpy(gate + i, &a, sizeof a);
+  }
+  #pragma omp parallel for schedule(static) if (size - body > 4096)
+  for (int64_t i = body; i < size; ++i) {
     const float g = gate[i];
     float a;
     if (act == 0) a = g / (1.0f + std::exp(-g));
@@ -478,32 +526,52 @@ struct Partial { float top, denom; };
 static void attend_chunk(const float* q, int64_t heads, const float* keys, const float* vals, int64_t len,
                          int64_t dim, float scale, float* p, int64_t pstride, Partial* part, float* acc) {
   const int64_t chunks = dim / EF_VEC;
-  for (int64_t h = 0; h < heads; ++h) part[h] = Partial{-INFINITY, 0.f};
-  for (int64_t j = 0; j < len; ++j)
-    for (int64_t h = 0; h < heads; ++h) {
-      vf a{};
-      for (int64_t i = 0; i < chunks; ++i) a += load(q + h * dim + i * EF_VEC) * load(keys + j * dim + i * EF_VEC);
-      const float score = hsum(a) * scale;
-      p[h * pstride + j] = score;
-      part[h].top = score > part[h].top ? score : part[h].top;
-    }
   for (int64_t h = 0; h < heads; ++h) {
-    float denom = 0.f;
-    for (int64_t j = 0; j < len; ++j) {
-      p[h * pstride + j] = std::exp(p[h * pstride + j] - part[h].top);
-      denom += p[h * pstride + j];
-    }
-    part[h].denom = denom;
-  }
-  for (int64_t i = 0; i < heads * dim; ++i) acc[i] = 0.f;
-  for (int64_t j = 0; j < len; ++j)
-    for (int64_t i = 0; i < chunks; ++i) {
-      const vf v = load(vals + j * dim + i * EF_VEC);
-      for (int64_t h = 0; h < heads; ++h) {
-        vf sum = load(acc + h * dim + i * EF_VEC) + p[h * pstride + j] * v;
-        std::memcpy(acc + h * dim + i * EF_VEC, &sum, sizeof sum);
+    const float* qh = q + h * dim;
+    float* ph = p + h * pstride;
+    int64_t j = 0;
+    for (; j + 8 <= len; j += 8) {  // eight keys at a time: one transposed horizontal sum
+      vf a[8] = {};
+      for (int64_t i = 0; i < chunks; ++i) {
+        const vf qv = load(qh + i * EF_VEC);
+        for (int k = 0; k < 8; ++k) a[k] += qv * load(keys + (j + k) * dim + i * EF_VEC);
       }
+      hsum8(a, ph + j);
     }
+    for (; j < len; ++j) {
+      vf a{};
+      for (int64_t i = 0; i < chunks; ++i) a += load(qh + i * EF_VEC) * load(keys + j * dim + i * EF_VEC);
+      ph[j] = hsum(a);
+    }
+    float top = -INFINITY;
+    for (j = 0; j < len; ++j) {
+      ph[j] *= scale;
+      top = ph[j] > top ? ph[j] : top;
+    }
+    vf total{};
+    for (j = 0; j + EF_VEC <= len; j += EF_VEC) {
+      const vf e = vexp(load(ph + j) - top);
+      std::memcpy(ph + j, &e, sizeof e);
+      total += e;
+    }
+    float denom = hsum(total);
+    for (; j < len; ++j) {
+      ph[j] = std::exp(ph[j] - top);
+      denom += ph[j];
+    }
+    part[h] = Partial{top, denom};
+    // weighted values: this head's accumulators in registers, the chunk's values read from L1 per head
+    float* out = acc + h * dim;
+    for (int64_t i0 = 0; i0 < chunks; i0 += 8) {
+      const int64_t width = chunks - i0 < 8 ? chunks - i0 : 8;
+      vf o[8] = {};
+      for (j = 0; j < len; ++j) {
+        const float w = ph[j];
+        for (int64_t i = 0; i < width; ++i) o[i] += w * load(vals + j * dim + (i0 + i) * EF_VEC);
+      }
+      for (int64_t i = 0; i < width; ++i) std::memcpy(out + (i0 + i) * EF_VEC, &o[i], sizeof o[i]);
+    }
+  }
 }
 
 // q [B, hq, D] over the caches' columns first[b]..last(b); out [B, hq, D]; scratch: B * hq * capacity floats.
