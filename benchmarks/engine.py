@@ -261,8 +261,49 @@ def top1_agreement(model: Any, ids: torch.Tensor, tokens: list[int]) -> float:
     return sum(p == t for p, t in zip(predicted, tokens)) / len(tokens)
 
 
-def step_breakdown(model: Any, ids: torch.Tensor, mask: torch.Tensor, new_tokens: int, native: bool
-                   ) -> dict[str, float]:
+PREFILL_ROUNDS = 7
+
+
+def prefill_rounds(models: dict[str, Any], ids: torch.Tensor, mask: torch.Tensor, rounds: int
+                   ) -> dict[str, list[float]]:
+    """Seconds of one engine prefill of the prompt, per method and round (round-robin, the order reversing): a
+    prefill is one ~0.5 s call, so the ratios against float32 need more rounds than decoding gives them."""
+    from effinfer.plugins.system.engine.static import shared_engine
+
+    def timed(engine: Any) -> Callable[[], float]:
+        cache = engine.cache_for(1, ids.shape[1] + 1, name="prefill benchmark")
+
+        def call() -> float:
+            started = time.perf_counter()
+            engine.prefill(cache, ids, mask)
+            return time.perf_counter() - started
+        call()  # warm-up
+        return call
+
+    engines = {name: StaticEngine(kernels="torch").engine_for(model)[0] if name == "engine_torch" else
+               shared_engine(model) for name, model in models.items()}
+    return round_robin({name: timed(engine) for name, engine in engines.items()}, rounds)
+
+
+def without_program(model: Any, method: Method) -> Method:
+    """``method`` with the native step's one-call program off during each timed call: the per-call native loop."""
+    from effinfer.plugins.system.engine.static import shared_engine
+
+    setup, call = method
+    step = shared_engine(model).native_step()
+
+    def per_call() -> dict[str, Any]:
+        program, step.program = step.program, None
+        try:
+            return call()
+        finally:
+            step.program = program
+
+    return setup, per_call
+
+
+def step_breakdown(model: Any, ids: torch.Tensor, mask: torch.Tensor, new_tokens: int, native: bool,
+                   program: bool = True) -> dict[str, float]:
     """Milliseconds per decode step by kind of call (matmuls, attention, norms, ..., Python/dispatch) of one
     generation through the native step (after the timed rounds, so its timers do not touch them)."""
     from effinfer.plugins.system.engine.static import shared_engine
@@ -274,8 +315,11 @@ def step_breakdown(model: Any, ids: torch.Tensor, mask: torch.Tensor, new_tokens
     if step is None:
         return {"unavailable": 0.0}
     timings = step.profile()
-    StaticDecoding().generate(model, ids, mask, GenerationConfig(max_new_tokens=new_tokens), set())
-    step.breakdown = None
+    kept, step.program = step.program, step.program if program else None
+    try:
+        StaticDecoding().generate(model, ids, mask, GenerationConfig(max_new_tokens=new_tokens), set())
+    finally:
+        step.breakdown, step.program = None, kept
     steps, total = timings.pop("steps"), timings.pop("total")
     timings.pop("calls")
     per_step = {kind: 1e3 * seconds / steps for kind, seconds in timings.items()}
@@ -387,7 +431,8 @@ def main() -> None:
     model, tokenizer = load_model(DEFAULT_MODEL)
     ids, mask = prompt_ids(tokenizer)
     bandwidth_probe = ReadBandwidth()
-    models = {"engine_torch": model, "engine_native": model, **quantized_models(model, tokenizer)}
+    models = {"engine_torch": model, "engine_native_calls": model, "engine_native": model,
+              **quantized_models(model, tokenizer)}
     methods: dict[str, Method] = {
         "hf_generate": hf_generate_method(model, ids, mask, args.new_tokens, args.repeats),
         "hf_loop": strategy_method(PlainDecoding(), model, ids, mask, args.new_tokens),
@@ -396,6 +441,8 @@ def main() -> None:
     }
     for name in ("engine_native", *QUANTIZED):
         methods[name] = strategy_method(StaticDecoding(), models[name], ids, mask, args.new_tokens)
+    methods["engine_native_calls"] = without_program(model, strategy_method(StaticDecoding(), model, ids, mask,
+                                                                             args.new_tokens))
     compiled = StaticDecoding(StaticEngine(compile=True))
     if args.compiled and not args.quick:
         methods["engine_compiled"] = strategy_method(compiled, model, ids, mask, args.new_tokens)
@@ -407,6 +454,9 @@ def main() -> None:
     results = summarize_rounds(methods, calls, "hf_generate", [load, load_average()])
     if "engine_compiled" in results:
         results["engine_compiled"]["compile"] = compiled.engine.compile_report()
+    prefills = prefill_rounds(models, ids, mask, PREFILL_ROUNDS)
+    for name, seconds in prefills.items():
+        results[name]["prefill_s"], results[name]["prefill_s_all"] = statistics.median(seconds), seconds
     bandwidth = statistics.median(bandwidth_probe.readings)
     reference = results["hf_generate"]["tokens"]
     context = ids.shape[1] + args.new_tokens // 2
@@ -423,10 +473,12 @@ def main() -> None:
         if name in models:
             row["top1_agreement_with_fp32"] = statistics.mean(
                 top1_agreement(models[name], prompt, tokens) for prompt, tokens in references)
-            row["breakdown_ms"] = step_breakdown(models[name], ids, mask, args.new_tokens, name != "engine_torch")
+            row["breakdown_ms"] = step_breakdown(models[name], ids, mask, args.new_tokens, name != "engine_torch",
+                                                 program=name != "engine_native_calls")
         base = [c for c in results["engine_native"]["decode_tok_s_all"]]
         row["speedup_vs_engine_fp32"] = paired_ratios(row["decode_tok_s_all"], base).median
-        row["prefill_vs_fp32"] = paired_ratios(results["engine_native"]["prefill_s_all"], row["prefill_s_all"]).median
+        if name in prefills:
+            row["prefill_vs_fp32"] = paired_ratios(prefills["engine_native"], prefills[name]).median
     report = {"prompt_tokens": ids.shape[1], "new_tokens": args.new_tokens, "threads": args.threads,
               "repeats": args.repeats, "bandwidth_read_bytes_per_s": bandwidth,
               "bandwidth_readings": bandwidth_probe.readings,
@@ -448,7 +500,7 @@ FUSION_NODE = "system.inference_engine.graph_operator.graph_fusion"
 def fusion_markdown(report: dict[str, Any]) -> str:
     """The graph-fusion node's table: the torch step against the fused native step, from the engine run."""
     rows = report["results"]
-    torch_step, fused = rows.get("engine_torch"), rows.get("engine_native")
+    torch_step, calls, fused = rows.get("engine_torch"), rows.get("engine_native_calls"), rows.get("engine_native")
     if not torch_step or not fused:
         return ""
     lines = table_header("Graph-level fusion: the static engine's fused native decode step vs its torch step "
@@ -456,18 +508,25 @@ def fusion_markdown(report: dict[str, Any]) -> str:
                          f"; vector extensions: {report.get('cpu_flags', '?')}")
     lines += ["From the engine benchmark's run (`system.inference_engine` page: every method, peers, quantized steps). "
               "Torch step: per block ~20 torch ops (norm, 7 projections through `nn.Linear`, rotary, cache writes, "
-              "SDPA over the whole cache with a mask, activation, residuals). Fused step: per block 8 native calls "
-              "(residual + norm, Q/K/V in one matmul call, rotary + KV write + attention over the valid columns, output "
-              "projection, residual + norm, gate/up in one call, activation, down projection).", "",
+              "SDPA over the whole cache with a mask, activation, residuals). Fused native calls: per block 8 native "
+              "calls from Python (residual + norm, Q/K/V in one matmul call, rotary + KV write + attention over the "
+              "valid columns, output projection, residual + norm, gate/up in one call, activation, down projection). "
+              "One-call program (the default): the same kernels for every block in one native call per step "
+              "(`kernels/native_program.py`), then the output head.", "",
               "| step | decode tok/s | × torch step | roofline fraction | greedy tokens equal |", "|---|---|---|---|---|"]
-    for name, row in (("torch step", torch_step), ("fused native step", fused)):
+    steps = [("torch step", torch_step)] + ([("fused native calls", calls)] if calls else []) + \
+        [("one-call native program", fused)]
+    for name, row in steps:
         ratio = paired_ratios(row["decode_tok_s_all"], torch_step["decode_tok_s_all"])
         lines.append(f"| {name} | {row['decode_tok_s']:.1f} | {ratio.median:.2f} [{ratio.low:.2f}–{ratio.high:.2f}] "
                      f"| {row['roofline']['fraction']:.2f} | {agreement(row['tokens'], torch_step['tokens'])}/"
                      f"{report['new_tokens']} |")
     split = fused.get("breakdown_ms") or {}
     if split:
-        lines += ["", "Fused step, ms per step: " + ", ".join(f"{k} {v:.2f}" for k, v in split.items()) + "."]
+        lines += ["", "One-call program, ms per step: " + ", ".join(f"{k} {v:.2f}" for k, v in split.items()) + "."]
+    if calls and calls.get("breakdown_ms"):
+        lines += ["", "Fused native calls, ms per step: " + ", ".join(f"{k} {v:.2f}" for k, v in
+                                                                   calls["breakdown_ms"].items()) + "."]
     return "\n".join(lines) + "\n"
 
 
@@ -492,13 +551,17 @@ def markdown(report: dict[str, Any]) -> str:
         f"Float32 decode matmul picked by the autotune on this CPU: `{report.get('dense_decode_path', '?')}`.", "",
         "- `engine_torch`: the static engine's torch step (MKL/oneDNN through `nn.Linear`, SDPA);",
         "- `engine_native`: the same engine through effinfer's native CPU kernels (the default on a float32 CPU "
-        "model): fused Q/K/V and gate/up matmuls, residual + RMSNorm, rotary + KV write + attention in one call each;",
+        "model): fused Q/K/V and gate/up matmuls, residual + RMSNorm, rotary + KV write + split-KV attention, every "
+        "block of a step in one native call (the decode program);",
+        "- `engine_native_calls`: the same kernels called block by block from Python (the program off);",
         "- `engine_w8a16` / `engine_w4a16`: `rtn` int8 / int4 in groups of 64 / 32 with zero points "
         "(`execution=native`, output head quantized too), the packed codes read by the native matmul; "
         "top-1 agreement = share of steps whose argmax equals the float32 engine's greedy token when fed the "
         "float32 tokens (mean over 5 prompts: this one and one each of qa, code_edit, story, chat);",
         "- `llama_cpp_q4_1`: llama.cpp (`llama-cpp-python`) on the Q4_1 GGUF the model is converted from;",
-        "- prefill × fp32 = float32 native engine's prefill time ÷ this method's (≥ 1 is faster).", "",
+        f"- prefill s: the engine rows' from {PREFILL_ROUNDS} extra round-robin rounds of the engine's prefill alone (median), "
+        "the others' from their timed calls; prefill × fp32 = the float32 engine's prefill time ÷ this method's, "
+        "median of the per-round ratios (≥ 1 is faster).", "",
         "| method | decode tok/s | × HF generate | × engine fp32 | roofline fraction | prefill s | prefill × fp32 "
         "| top-1 agreement | tokens equal to HF generate | EOS at |", "|---|---|---|---|---|---|---|---|---|---|"]
     for name, row in rows.items():

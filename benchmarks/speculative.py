@@ -86,6 +86,8 @@ STRATEGIES: list[tuple[str, str, dict[str, Any]]] = [
     ("eagle", "eagle", {"train_prompts": 48, "train_new_tokens": 128, "epochs": 8}),
 ]
 
+#: prompt lookup's drafted tokens on a real target: its verification (7 + 1 tokens) is one native chain step
+PAIR_LOOKUP_DRAFTS = 7
 #: EAGLE's head on a larger target (fewer, shorter self-generated answers: set-up stays minutes)
 PAIR_EAGLE = {"train_prompts": 16, "train_new_tokens": 64, "epochs": 6}
 #: what ``--quick`` trains instead (checks the path, not the head)
@@ -97,7 +99,9 @@ def pair_strategies(draft: str | None, with_medusa: bool, eagle: dict[str, Any])
     rows: list[tuple[str, str, dict[str, Any]]] = []
     if draft is not None:
         rows.append((f"draft_model ({draft})", "draft_model", {"source": draft, "num_draft_tokens": 4}))
-    rows += [row for row in STRATEGIES if row[1] in ("prompt_lookup", "lookahead", "rest")]
+    # 7 drafted tokens: the chain plus the target's own token fit one native chain step (up to 8 tokens)
+    rows.append(("prompt_lookup", "prompt_lookup", {"num_draft_tokens": PAIR_LOOKUP_DRAFTS}))
+    rows += [row for row in STRATEGIES if row[1] in ("lookahead", "rest")]
     rows.append(("self_speculative", "self_speculative", {"skip_ratio": 0.4, "num_draft_tokens": 4}))
     if with_medusa:
         rows.append(("medusa", "medusa", {"train_prompts": 16, "train_new_tokens": 96, "epochs": 2}))

@@ -9,6 +9,10 @@ Graph-level fusion of a one-token step, with the same arithmetic as :func:`.forw
   window skipped, not masked) are one call;
 - the gated activation is one call.
 
+When every projection is a native group, all blocks of a step run as one native call
+(:class:`~effinfer.kernels.native_program.DecodeProgram`): the same kernels, with no Python between
+them; :meth:`NativeStep.chain` runs a drafted chain of up to 8 tokens the same way (verification).
+
 A projection that is not a plain float32 ``nn.Linear`` nor a :class:`QuantizedLinear` stored in
 the project's packed layout (a technique's own module) runs as the module itself, so
 model-level techniques stay honoured; :func:`native_problem` refuses what this step cannot run
