@@ -6,7 +6,8 @@
 1. Probes this CPU (``plugins/system/hardware/probe.py``): streaming read bandwidth, float32/bf16 GEMM
    FLOP/s, the cost of one dispatched op, and the effective bandwidth of each decode matmul kernel on
    SmolLM2's own matrix shapes, through the kernels the engine's native step calls (the float32 path the
-   autotune picked; the native packed int8 / int4 matmuls), grouped as the step groups them.
+   autotune picked; the native packed int8 / int4 matmuls), grouped as the step groups them and, where the
+   engine runs them so, as one native decode program call over copies of a layer.
 2. Measures greedy decoding of SmolLM2-135M fp32, rtn int8 and rtn int4 g32 (``execution=native``)
    through the static engine's native decode step, interleaved round by round, and counts the native
    calls one decode step makes.
@@ -38,6 +39,7 @@ from effinfer.core.compose import ComposedModel
 from effinfer.core.experiment import Experiment
 from effinfer.core.models import DEFAULT_MODEL, load_model
 from effinfer.kernels import PackedWeight, autotune, native
+from effinfer.kernels.native_program import BlockSpec, DecodeProgram, program_problem
 from effinfer.plugins.model.quantization.packing import quantize
 from effinfer.plugins.system.engine.static import shared_engine
 from effinfer.plugins.system.hardware import probe
@@ -85,8 +87,8 @@ def probe_cpu(shape: ModelShape, quick: bool) -> tuple[Hardware, dict]:
         layer_bytes = sum(STACKS[stack_name].weight_bytes(i, o) for group in layer_groups for i, o in group)
         # distinct copies of the layer, enough to stream from memory rather than hit the last-level cache
         copies = 1 if quick else min(shape.layers, max(1, -(-PROBE_STREAM_BYTES // int(layer_bytes))))
-        for groups, repeat in ((layer_groups * copies, shape.layers / copies), ([head], 1)):
-            call = _matmul_set(groups, stack_name)
+        for groups, repeat, blocks in ((layer_groups * copies, shape.layers / copies, shape), ([head], 1, None)):
+            call = _matmul_set(groups, stack_name, blocks)
             nbytes = sum(STACKS[stack_name].weight_bytes(i, o) for group in groups for i, o in group)
             total_seconds += repeat * nbytes / probe.matmul_bandwidth(call, nbytes)
             total_bytes += repeat * nbytes
@@ -99,9 +101,11 @@ def probe_cpu(shape: ModelShape, quick: bool) -> tuple[Hardware, dict]:
     return measured, figures
 
 
-def _matmul_set(groups: list[list[tuple[int, int]]], stack_name: str):
+def _matmul_set(groups: list[list[tuple[int, int]]], stack_name: str, blocks: ModelShape | None = None):
     """A call running one-token matmuls of the ``(in, out)`` shapes through ``stack_name``'s kernel, each group
-    (weights sharing one input) in one call as the native step does."""
+    (weights sharing one input) in one call as the native step does. ``blocks``: the groups are whole decoder
+    blocks (Q/K/V, O, gate/up, down) of this shape, run as the engine runs them: one native decode program call
+    (its norms and attention over a one-column cache cost next to nothing)."""
     weights = [[torch.randn(n_out, n_in) / n_in**0.5 for n_in, n_out in group] for group in groups]
     inputs = [torch.randn(1, group[0][0]) for group in groups]
     if stack_name == "fp32":
@@ -115,7 +119,21 @@ def _matmul_set(groups: list[list[tuple[int, int]]], stack_name: str):
         bits, group_size = (8, None) if stack_name.startswith("w8") else (4, 32)
         calls = [native.PackedGroup([PackedWeight.from_quantized(quantize(w, bits, group_size, bits == 8))
                                      for w in group], [None] * len(group)) for group in weights]
+    if blocks is not None and all(program_problem(call) is None for call in calls):
+        return _program_call(calls, blocks)
     return lambda: [call(x) for call, x in zip(calls, inputs)]
+
+
+def _program_call(calls: list, shape: ModelShape):
+    """The groups (four per block) as a native decode program over a one-column KV cache."""
+    norm = (torch.ones(shape.hidden), 1e-5, 0.0)
+    blocks = [BlockSpec(*calls[i:i + 4], norm, norm, 0, shape.head_dim ** -0.5) for i in range(0, len(calls), 4)]
+    program = DecodeProgram(blocks, norm, num_heads=shape.heads, num_kv_heads=shape.kv_heads,
+                            head_dim=shape.head_dim, activation="silu", sandwich=False)
+    keys, values = (torch.zeros(len(blocks), 1, shape.kv_heads, 1, shape.head_dim) for _ in range(2))
+    rope = [(torch.ones(1, shape.head_dim), torch.zeros(1, shape.head_dim))]
+    first = [torch.zeros(1, dtype=torch.int64)]
+    return lambda: program(torch.randn(1, shape.hidden), rope, first, keys, values, 0)
 
 
 def decode_run(model, ids: torch.Tensor, steps: int) -> float:

@@ -86,6 +86,8 @@ STRATEGIES: list[tuple[str, str, dict[str, Any]]] = [
     ("eagle", "eagle", {"train_prompts": 48, "train_new_tokens": 128, "epochs": 8}),
 ]
 
+#: the pair run's quantized draft: rtn int8 (groups of 64, zero points, output head too) on the native kernels
+INT8_DRAFT = "rtn:bits=8,group_size=64,symmetric=false,execution=native,skip_modules=[]"
 #: prompt lookup's drafted tokens on a real target: its verification (7 + 1 tokens) is one native chain step
 PAIR_LOOKUP_DRAFTS = 7
 #: EAGLE's head on a larger target (fewer, shorter self-generated answers: set-up stays minutes)
@@ -99,6 +101,9 @@ def pair_strategies(draft: str | None, with_medusa: bool, eagle: dict[str, Any])
     rows: list[tuple[str, str, dict[str, Any]]] = []
     if draft is not None:
         rows.append((f"draft_model ({draft})", "draft_model", {"source": draft, "num_draft_tokens": 4}))
+        # the same draft with its weights in int8 read by the native packed matmul: a cheaper draft step
+        rows.append((f"draft_model ({draft}, int8 native)", "draft_model",
+                     {"source": draft, "techniques": [INT8_DRAFT], "num_draft_tokens": 4}))
     # 7 drafted tokens: the chain plus the target's own token fit one native chain step (up to 8 tokens)
     rows.append(("prompt_lookup", "prompt_lookup", {"num_draft_tokens": PAIR_LOOKUP_DRAFTS}))
     rows += [row for row in STRATEGIES if row[1] in ("lookahead", "rest")]
