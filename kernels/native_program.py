@@ -84,6 +84,17 @@ def program_problem(group: object) -> str | None:
     return None
 
 
+def _check_block(index: int, block: BlockSpec, hidden: int, inter: int, q_width: int, kv_width: int) -> None:
+    """Every block must have the first block's sizes: the program's scratch buffers are sized by them."""
+    expected = {"qkv": (hidden, [q_width, kv_width, kv_width]), "o": (q_width, [hidden]),
+                "gate_up": (hidden, [inter, inter]), "down": (inter, [hidden])}
+    for name, (in_features, outs) in expected.items():
+        group = getattr(block, name)
+        if group.in_features != in_features or list(group.out) != outs:
+            raise ValueError(f"block {index}'s {name} is {group.in_features} → {list(group.out)}, not "
+                             f"{in_features} → {outs} as the program's buffers are sized")
+
+
 def _group(group: native.DenseGroup | native.PackedGroup) -> _Group:
     weights, biases = group.tensors
     described = _Group(count=len(weights), in_features=group.in_features)
@@ -113,7 +124,8 @@ class DecodeProgram:
     """Every decoder block of a model, run for ≤ :data:`native.MAX_TOKENS` rows of one token each per call.
 
     Holds the model's tensors through the groups it is given (build a new program when a weight is replaced)
-    and its own scratch buffers, so calls allocate nothing but their outputs.
+    and its own scratch buffers, so calls allocate nothing but their outputs; one thread drives a program at a
+    time (those buffers are shared by its calls).
     """
 
     def __init__(self, blocks: Sequence[BlockSpec], final_norm: Norm, *, num_heads: int, num_kv_heads: int,
@@ -122,17 +134,25 @@ class DecodeProgram:
             reason = next(filter(None, map(program_problem, (block.qkv, block.o, block.gate_up, block.down))), None)
             if reason:
                 raise ValueError(reason)
+        if head_dim % native.vector_width() or not 0 < head_dim <= native.MAX_HEAD_DIM or num_heads % num_kv_heads:
+            raise ValueError(f"head dim {head_dim} must be a multiple of {native.vector_width()} up to "
+                             f"{native.MAX_HEAD_DIM}, and {num_heads} query heads a multiple of {num_kv_heads}")
         self.blocks = list(blocks)
         self.hidden = blocks[0].qkv.in_features
         inter = blocks[0].down.in_features
+        for index, block in enumerate(blocks):
+            _check_block(index, block, self.hidden, inter, num_heads * head_dim, num_kv_heads * head_dim)
         rows = native.MAX_TOKENS
         widest = max(self.hidden, inter, num_heads * head_dim)
+
+        def buffer(*shape: int) -> torch.Tensor:
+            return torch.empty(*shape, dtype=torch.float32)
         self._buffers = {
-            "x": torch.empty(rows, self.hidden), "q": torch.empty(rows, num_heads * head_dim),
-            "k": torch.empty(rows, num_kv_heads * head_dim), "v": torch.empty(rows, num_kv_heads * head_dim),
-            "attn": torch.empty(rows, num_heads * head_dim), "o": torch.empty(rows, self.hidden),
-            "gate": torch.empty(rows, inter), "up": torch.empty(rows, inter), "down": torch.empty(rows, self.hidden),
-            "xsum": torch.empty(rows, widest), "xscale": torch.empty(rows), "xs": torch.empty(rows, widest)}
+            "x": buffer(rows, self.hidden), "q": buffer(rows, num_heads * head_dim),
+            "k": buffer(rows, num_kv_heads * head_dim), "v": buffer(rows, num_kv_heads * head_dim),
+            "attn": buffer(rows, num_heads * head_dim), "o": buffer(rows, self.hidden),
+            "gate": buffer(rows, inter), "up": buffer(rows, inter), "down": buffer(rows, self.hidden),
+            "xsum": buffer(rows, widest), "xscale": buffer(rows), "xs": buffer(rows, widest)}
         self._layers = (_Layer * len(blocks))(*[self._layer(block) for block in blocks])
         self._step = _Step(hidden=self.hidden, hq=num_heads, hkv=num_kv_heads, dim=head_dim, inter=inter,
                            act=native.ACTIVATIONS[activation], sandwich=int(sandwich), layers=self._layers,
@@ -142,9 +162,19 @@ class DecodeProgram:
                                                                   b.post_ffn_norm, b.q_norm, b.k_norm) if n]
         self.num_heads = num_heads
         self._all_layers = (ctypes.c_int64 * len(blocks))(*range(len(blocks)))
-        self._probs = torch.empty(0)
+        self._probs = torch.empty(0, dtype=torch.float32)
         self._function = native.library().ef_decode_step
         self._function.argtypes, self._function.restype = _SIGNATURE, None
+
+    def _order(self, layers: Sequence[int]) -> ctypes.Array:
+        """The blocks to run as C indices (negative ones count from the end, as in Python); out of range: refused
+        here, before the C side would read past its layers and write past the caches."""
+        count = len(self.blocks)
+        indices = [index + count if index < 0 else index for index in layers]
+        bad = [layer for layer, index in zip(layers, indices) if not 0 <= index < count]
+        if bad:
+            raise IndexError(f"layers {bad} out of range for {count} blocks")
+        return (ctypes.c_int64 * len(indices))(*indices)
 
     @staticmethod
     def _layer(block: BlockSpec) -> _Layer:
@@ -174,8 +204,8 @@ class DecodeProgram:
             raise ValueError(f"a program step takes 1..{native.MAX_TOKENS} contiguous rows of {self.hidden} floats "
                              f"and contiguous caches of {rows} row(s) with room for columns {slot}..{end - 1}")
         if self._probs.numel() < batch * self.num_heads * capacity:
-            self._probs = torch.empty(batch * self.num_heads * capacity)
-        order = self._all_layers if layers is None else (ctypes.c_int64 * len(layers))(*layers)
+            self._probs = torch.empty(batch * self.num_heads * capacity, dtype=torch.float32)
+        order = self._all_layers if layers is None else self._order(layers)
         out = torch.empty_like(hidden)
         self._function(ctypes.byref(self._step), order, len(order), batch, hidden.data_ptr(),
                        native._pointers([cos for cos, _ in rope]), native._pointers([sin for _, sin in rope]),

@@ -155,6 +155,9 @@ def test_the_one_call_program_equals_the_per_call_step(family, native_dense):
         timings = step.profile()
         logits = [engine.decode(cache, torch.tensor([4 + i])) for i in range(6)]
         logits += [engine.decode(cache, torch.tensor([7]), layers=[0, 2], start=cache.length)]
+        logits += [engine.decode(cache, torch.tensor([8]), layers=[-1], start=cache.length)]  # Python's last block
+        with pytest.raises(IndexError):  # refused before the C side reads past its blocks
+            engine.decode(cache, torch.tensor([7]), layers=[3], start=cache.length)
         step.breakdown = None
         assert {"norms", "matmuls", "attention", "activation", "output head"} <= set(timings)
         results[program] = logits

@@ -143,7 +143,7 @@ class NativeLayer:
 def weight_pointers(layout: DecoderLayout) -> tuple[int, ...]:
     """Where every projection's weight lives: a technique that replaces a weight after the step was built
     changes one of these, and the step is built again."""
-    modules = [*layout.layers, layout.norm, layout.lm_head]
+    modules = [*layout.layers, layout.norm, layout.lm_head, layout.rotary]  # rotary: the step's rope table
     return tuple(t.data_ptr() for m in modules for t in (*m.parameters(), *m.buffers()))
 
 
@@ -269,13 +269,13 @@ class NativeStep:
         types that depend on the sequence length (``dynamic``, ``longrope``), computed per call."""
         flat = positions.reshape(-1)
         if not self._static_rope:
-            hidden = torch.zeros(1, flat.numel(), self.layout.hidden_size)
+            hidden = torch.zeros(1, flat.numel(), self.layout.hidden_size, dtype=torch.float32)
             return {kind: (cos.reshape(flat.numel(), -1).contiguous(), sin.reshape(flat.numel(), -1).contiguous())
                     for kind, (cos, sin) in self.layout.rope(hidden, flat.view(1, -1)).items()}
         longest = int(flat.max()) + 1
         if longest > self._rope_length:
             self._rope_length = max(longest, 2 * self._rope_length, 256)
-            hidden = torch.zeros(1, self._rope_length, self.layout.hidden_size)
+            hidden = torch.zeros(1, 1, 1, dtype=torch.float32)  # the rotary module reads only its dtype and device
             self._rope_tables = {kind: (cos[0].contiguous(), sin[0].contiguous()) for kind, (cos, sin) in
                                  self.layout.rope(hidden, torch.arange(self._rope_length).view(1, -1)).items()}
         return {kind: (cos.index_select(0, flat), sin.index_select(0, flat))
