@@ -25,8 +25,9 @@ no table) checks the script in a few minutes.
     .venv/bin/python benchmarks/speculative.py --target qwen2.5-coder-1.5b-instruct \
         --draft qwen2.5-coder-0.5b-instruct
 
-runs the pair's rows (:data:`PAIR_STRATEGIES`: ``draft_model`` with the draft as its
-``source``, prompt_lookup, self_speculative, lookahead, rest, eagle; ``--with-medusa`` adds
+runs the pair's rows (:func:`pair_strategies`: ``draft_model`` with the draft as its
+``source``, in float32 and in rtn int8 on the native packed matmul, prompt_lookup with 7 drafted
+tokens (one native chain verification), self_speculative, lookahead, rest, eagle; ``--with-medusa`` adds
 Medusa, left out by default for its head-training cost on a 1.5B model), the HF peers
 (``assistant_model`` = the draft) and llama.cpp on the target's own GGUF, plain and with its
 prompt-lookup drafting (``LlamaPromptLookupDecoding``), into ``table5_qwen.md``. Its defaults
