@@ -91,9 +91,6 @@ static inline void hsum8(const vf* a, float* out) {
 #endif
 }
 
-#ifndef EF_PREFETCH
-#define EF_PREFETCH 0
-#endif
 #ifndef EF_ROWS
 #define EF_ROWS 4
 #endif
@@ -133,9 +130,6 @@ static void dense_row(const float* x, int64_t in, const float* w, float* acc) {
   const int64_t step = U * EF_VEC, body = in - in % step;
   for (int64_t i = 0; i < body; i += step)
     for (int u = 0; u < U; ++u) {
-#if EF_PREFETCH
-      if (u == 0) __builtin_prefetch(w + i + EF_PREFETCH);
-#endif
       const vf wv = load(w + i + u * EF_VEC);
       for (int t = 0; t < N; ++t) a[u][t] += wv * load(x + t * in + i + u * EF_VEC);
     }

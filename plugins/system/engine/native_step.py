@@ -198,7 +198,8 @@ class NativeStep:
         run = self._run
         layout = self.layout
         batch = tokens.shape[0]
-        hidden, rope, first = run("embedding + rotary tables", self._inputs, tokens, slot, pad)
+        hidden, rope, first = run("embedding + rotary tables", self._inputs, tokens.view(-1),
+                                  torch.full((batch,), slot), pad)
         if self.program is not None:
             return self._finish(self._run_program(hidden, rope, first, keys, values, slot, pad, layers), started)
         pending: torch.Tensor | None = None  # the last block's output, not yet added to `hidden`
@@ -234,23 +235,15 @@ class NativeStep:
         """Logits and final-norm hidden states (``1 × k × …``) of a chain of ``k ≤ 8`` tokens (``1 × k``) fed into a
         one-row cache from column ``start``, each attending causally (speculative verification). Needs
         :attr:`program`."""
-        layout, k = self.layout, tokens.shape[-1]
-        hidden = layout.embed(tokens.view(1, k)).view(k, -1).float().contiguous()
-        depth = torch.arange(k)
-        rope = self.rope((start - pad).view(1, 1) + depth)
-        full = pad.reshape(1).expand(k).contiguous()
-        first = {"full_attention": full}
-        if layout.sliding_window is not None:
-            first[SLIDING] = torch.maximum(full, start + depth - layout.sliding_window + 1).contiguous()
-        final = self.program(hidden, [rope[kind] for kind in self.kinds], [first.get(kind, full) for kind in self.kinds],
-                             keys, values, start, layers, chain=True)
+        k = tokens.shape[-1]
+        hidden, rope, first = self._inputs(tokens.view(-1), start + torch.arange(k), pad.reshape(1).expand(k))
+        final = self.program(hidden, *self._by_kind(rope, first), keys, values, start, layers, chain=True)
         return self.head(final)[0].view(1, k, -1), final.view(1, k, -1)
 
     def _run_program(self, hidden: torch.Tensor, rope: dict, first: dict, keys: torch.Tensor, values: torch.Tensor,
                      slot: int, pad: torch.Tensor, layers: Sequence[int] | None) -> torch.Tensor:
         timers = (ctypes.c_double * len(TIMED_KINDS))() if self.breakdown is not None else None
-        final = self.program(hidden, [rope[kind] for kind in self.kinds], [first.get(kind, pad) for kind in self.kinds],
-                             keys, values, slot, layers, timers)
+        final = self.program(hidden, *self._by_kind(rope, first), keys, values, slot, layers, timers)
         if timers is not None:
             for kind, seconds in zip(TIMED_KINDS, timers):
                 self.breakdown[kind] = self.breakdown.get(kind, 0.0) + seconds
@@ -268,29 +261,32 @@ class NativeStep:
         every position up to the longest seen (the model's own rotary module over ``arange``), except for rotary
         types that depend on the sequence length (``dynamic``, ``longrope``), computed per call."""
         flat = positions.reshape(-1)
+        probe = torch.zeros(1, 1, 1, dtype=torch.float32)  # the rotary module reads only its dtype and device
         if not self._static_rope:
-            hidden = torch.zeros(1, flat.numel(), self.layout.hidden_size, dtype=torch.float32)
-            return {kind: (cos.reshape(flat.numel(), -1).contiguous(), sin.reshape(flat.numel(), -1).contiguous())
-                    for kind, (cos, sin) in self.layout.rope(hidden, flat.view(1, -1)).items()}
+            return {kind: (cos[0].contiguous(), sin[0].contiguous())
+                    for kind, (cos, sin) in self.layout.rope(probe, flat.view(1, -1)).items()}
         longest = int(flat.max()) + 1
         if longest > self._rope_length:
             self._rope_length = max(longest, 2 * self._rope_length, 256)
-            hidden = torch.zeros(1, 1, 1, dtype=torch.float32)  # the rotary module reads only its dtype and device
             self._rope_tables = {kind: (cos[0].contiguous(), sin[0].contiguous()) for kind, (cos, sin) in
-                                 self.layout.rope(hidden, torch.arange(self._rope_length).view(1, -1)).items()}
+                                 self.layout.rope(probe, torch.arange(self._rope_length).view(1, -1)).items()}
         return {kind: (cos.index_select(0, flat), sin.index_select(0, flat))
                 for kind, (cos, sin) in self._rope_tables.items()}
 
-    def _inputs(self, tokens: torch.Tensor, slot: int, pad: torch.Tensor):
-        """The embedded tokens, the rotary tables per attention type and the first attended column per row."""
-        layout, batch = self.layout, tokens.shape[0]
-        hidden = layout.embed(tokens.view(batch, 1)).view(batch, -1).float().contiguous()
-        positions = (slot - pad).view(batch, 1)
-        rope = self.rope(positions)
+    def _inputs(self, tokens: torch.Tensor, columns: torch.Tensor, pad: torch.Tensor):
+        """For ``n`` tokens, their cache columns and their rows' left padding (each ``[n]``): the embedded tokens,
+        the rotary rows per attention kind and each token's first attended column per attention kind."""
+        layout, n = self.layout, tokens.numel()
+        hidden = layout.embed(tokens.view(1, n)).view(n, -1).float().contiguous()
         first = {"full_attention": pad.contiguous()}
-        if layout.sliding_window is not None:
-            first[SLIDING] = torch.clamp(pad, min=slot - layout.sliding_window + 1).contiguous()
-        return hidden, rope, first
+        if layout.sliding_window is not None:  # a query at column c sees keys after c - window
+            first[SLIDING] = torch.maximum(pad, columns - layout.sliding_window + 1).contiguous()
+        return hidden, self.rope(columns - pad), first
+
+    def _by_kind(self, rope: dict, first: dict) -> tuple[list, list]:
+        """Rotary tables and first columns in the program's kind order (full attention's columns for a kind
+        without its own)."""
+        return [rope[kind] for kind in self.kinds], [first.get(kind, first["full_attention"]) for kind in self.kinds]
 
     def _run(self, kind: str, function: Callable, *args):
         if self.breakdown is None:
