@@ -328,11 +328,12 @@ def step_breakdown(model: Any, ids: torch.Tensor, mask: torch.Tensor, new_tokens
     return per_step
 
 
-def dense_path(model: Any) -> str:
+def dense_path(model: Any, kind: str = "dense_path") -> str:
+    """The float32 matmul the autotune picked for the model's decode (``dense_path``) or prefill (``prefill_path``)."""
     from effinfer.plugins.system.engine.static import shared_engine
 
     step = shared_engine(model).native_step()
-    return step.dense_path if step is not None else f"torch ({shared_engine(model).native_reason})"
+    return getattr(step, kind) if step is not None else f"torch ({shared_engine(model).native_reason})"
 
 
 def simd_flags() -> str:
@@ -482,7 +483,8 @@ def main() -> None:
     report = {"prompt_tokens": ids.shape[1], "new_tokens": args.new_tokens, "threads": args.threads,
               "repeats": args.repeats, "bandwidth_read_bytes_per_s": bandwidth,
               "bandwidth_readings": bandwidth_probe.readings,
-              "dense_decode_path": dense_path(model), "cpu_flags": simd_flags(), "load_before": load_before,
+              "dense_decode_path": dense_path(model), "dense_prefill_path": dense_path(model, "prefill_path"),
+              "cpu_flags": simd_flags(), "load_before": load_before,
               "load_after": machine_load(), "torch": torch.__version__, "results": results,
               "command": "python benchmarks/engine.py " + " ".join(sys.argv[1:]), "machine": machine()}
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -548,7 +550,9 @@ def markdown(report: dict[str, Any]) -> str:
         "host's bandwidth drifts, so each call is divided by its own reading and the fraction is the median over "
         f"rounds; readings {min(readings) / 1e9:.1f}–{max(readings) / 1e9:.1f} GB/s, median "
         f"{report['bandwidth_read_bytes_per_s'] / 1e9:.1f}). "
-        f"Float32 decode matmul picked by the autotune on this CPU: `{report.get('dense_decode_path', '?')}`.", "",
+        f"Float32 matmul picked by the autotune on this CPU: `{report.get('dense_decode_path', '?')}` for decode, "
+        f"`{report.get('dense_prefill_path', '?')}` for the prefill (`native`: effinfer's blocked GEMM; a packed "
+        "weight's prefill always takes it, dequantizing inside the GEMM).", "",
         "- `engine_torch`: the static engine's torch step (MKL/oneDNN through `nn.Linear`, SDPA);",
         "- `engine_native`: the same engine through effinfer's native CPU kernels (the default on a float32 CPU "
         "model): fused Q/K/V and gate/up matmuls, residual + RMSNorm, rotary + KV write + split-KV attention, every "

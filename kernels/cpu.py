@@ -1,9 +1,9 @@
 """CPU implementations: bounded-memory, BLAS-backed versions of the operators.
 
 - :func:`dequant_matmul` runs the native packed matmul (:mod:`.native`) for up to 8 float32 tokens
-  (decode); from ``DENSE_ROWS`` tokens on (prefill) the weight is dequantized natively into one reused
-  buffer, then one BLAS GEMM; and otherwise (no compiler, other bit-widths) dequantizes blocks of output rows into
-  the activation dtype with one BLAS GEMM per block;
+  (decode) and the native blocked GEMM above that (prefill), which dequantizes the weight panel by panel
+  inside the GEMM; otherwise (no compiler, other bit-widths, gradients) it dequantizes in torch: the whole
+  weight into one BLAS GEMM from ``DENSE_ROWS`` tokens on, blocks of output rows below;
 - :func:`decode_attention` is flash-decoding on CPU: the cache is cut into splits of
   ``SPLIT`` positions, each split gives a partial output and its log-sum-exp, and the partials
   merge exactly (Dao et al., *Flash-Decoding for long-context inference*, 2023); each split is a
@@ -14,8 +14,6 @@
 from __future__ import annotations
 
 import math
-import threading
-
 import torch
 
 from effinfer.kernels import native, reference
@@ -37,10 +35,6 @@ def _dequantize_rows(weight: PackedWeight, rows: slice, dtype: torch.dtype) -> t
     return dense.view(n, weight.in_features).to(dtype)
 
 
-#: the largest dense weight the prefill path keeps a reused buffer for (bigger ones get a fresh one per call)
-SCRATCH_LIMIT = 16 * 2**20
-
-
 def _native_takes(x: torch.Tensor, weight: PackedWeight) -> bool:
     """The native kernels have no backward: they run only where no gradient flows through ``x``."""
     return (x.dtype == torch.float32 and x.device.type == "cpu" and x.numel() > 0
@@ -48,30 +42,14 @@ def _native_takes(x: torch.Tensor, weight: PackedWeight) -> bool:
             and native.problem() is None and native.packed_problem(weight) is None)
 
 
-_scratch = threading.local()  # one reused dense-weight buffer per thread
-
-
-def _native_dense_gemm(x: torch.Tensor, weight: PackedWeight) -> torch.Tensor:
-    """``x @ W.T`` for many float32 tokens: the weight dequantized natively into one reused buffer per thread (no
-    fresh allocation, so no page faults; weights above :data:`SCRATCH_LIMIT` get their own), then one BLAS GEMM."""
-    size = weight.out_features * weight.in_features
-    if size * 4 > SCRATCH_LIMIT:
-        return x @ native.dequantize(weight).t()
-    buffer = getattr(_scratch, "buffer", None)
-    if buffer is None or buffer.numel() < size:
-        buffer = _scratch.buffer = torch.empty(size, dtype=torch.float32)
-    dense = native.dequantize(weight, out=buffer[:size].view(weight.out_features, weight.in_features))
-    return x @ dense.t()
-
-
 def dequant_matmul(x: torch.Tensor, weight: PackedWeight) -> torch.Tensor:
     flat = x.reshape(-1, x.shape[-1])
     dtype = x.dtype if x.dtype in (torch.float32, torch.bfloat16) else torch.float32
-    if flat.shape[0] <= native.MAX_TOKENS and _native_takes(x, weight):
-        return native.dequant_matmul(x, weight)
-    if flat.shape[0] >= DENSE_ROWS and _native_takes(x, weight):
-        out = _native_dense_gemm(flat, weight)
-    elif flat.shape[0] >= DENSE_ROWS:
+    if _native_takes(x, weight):
+        if flat.shape[0] <= native.MAX_TOKENS:
+            return native.dequant_matmul(x, weight)
+        return native.gemm(x, weight)
+    if flat.shape[0] >= DENSE_ROWS:
         out = flat.to(dtype) @ _dequantize_rows(weight, slice(None), dtype).t()
     else:
         out = torch.cat([flat.to(dtype) @ _dequantize_rows(weight, slice(start, start + ROW_BLOCK), dtype).t()

@@ -30,8 +30,8 @@ import torch
 
 from effinfer.kernels.packed import PackedWeight, unpack_codes
 
-SOURCE = Path(__file__).parent / "csrc" / "cpu_decode.cpp"
-ABI_VERSION = 7
+SOURCES = (Path(__file__).parent / "csrc" / "cpu_decode.cpp", Path(__file__).parent / "csrc" / "cpu_gemm.cpp")
+ABI_VERSION = 8
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-ffp-contract=fast", "-shared", "-fPIC", "-std=c++17")
 #: most tokens one native matmul call takes (the C++ ``MAXN``)
 MAX_TOKENS = 8
@@ -51,6 +51,8 @@ _SIGNATURES = {
     "ef_linear_packed": (_P, _P, _P, _I, _I, ctypes.c_int, _I, _I, _PP, _PP, _PP, _P, _PP, _PP),
     "ef_packed_integer_path": (),
     "ef_dequantize": (_P, _P, _P, _I, _I, ctypes.c_int, _I, _P),
+    "ef_gemm_f32": (_P, _I, _I, _P, _I, _P, _P),
+    "ef_gemm_packed": (_P, _I, _I, _P, _P, _P, ctypes.c_int, _I, _I, _P, _P),
     "ef_add_rmsnorm": (_P, _P, _I, _I, _P, ctypes.c_float, ctypes.c_float, _P),
     "ef_gated_act": (_P, _P, _I, ctypes.c_int),
     "ef_decode_attention": (_P, _P, _P, _P, _P, _P, _P, _I, _I, _I, _I, _I, _I, _P, ctypes.c_float, _P, _P),
@@ -80,7 +82,8 @@ def _library_path(cxx: str) -> Path:
     from effinfer.data.cache import cache_dir
 
     version = subprocess.run([cxx, "--version"], capture_output=True, text=True).stdout.splitlines()[:1]
-    key = hashlib.sha256("\n".join([SOURCE.read_text(), cxx, *version, *FLAGS, cpu_identity()]).encode()).hexdigest()
+    texts = [source.read_text() for source in SOURCES]
+    key = hashlib.sha256("\n".join([*texts, cxx, *version, *FLAGS, cpu_identity()]).encode()).hexdigest()
     return cache_dir() / "kernels" / f"cpu_decode-{key[:16]}.so"
 
 
@@ -88,9 +91,10 @@ def _build(cxx: str, target: Path) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as scratch:
         built = Path(scratch) / target.name
-        result = subprocess.run([cxx, *FLAGS, str(SOURCE), "-o", str(built)], capture_output=True, text=True)
+        result = subprocess.run([cxx, *FLAGS, *map(str, SOURCES), "-o", str(built)], capture_output=True, text=True)
         if result.returncode != 0:
-            raise RuntimeError(f"{cxx} failed on {SOURCE.name}: {result.stderr.strip()[-2000:]}")
+            names = ", ".join(source.name for source in SOURCES)
+            raise RuntimeError(f"{cxx} failed on {names}: {result.stderr.strip()[-2000:]}")
         os.replace(built, target)  # atomic: a concurrent build of the same key writes the same bytes
 
 
@@ -277,6 +281,38 @@ def dequant_matmul(x: torch.Tensor, weight: PackedWeight) -> torch.Tensor:
     return PackedGroup([weight], [None])(x)[0]
 
 
+def gemm(x: torch.Tensor, weight: torch.Tensor | PackedWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``x @ W.T + b`` for any number of float32 tokens (prefill) through the native blocked GEMM
+    (``csrc/cpu_gemm.cpp``). ``weight`` is a float32 ``[out, in]`` tensor or a packed 4-/8-bit weight; a packed
+    one is dequantized panel by panel inside the GEMM, so no dense copy of it is ever written."""
+    packed = isinstance(weight, PackedWeight)
+    out_features, in_features = (weight.out_features, weight.in_features) if packed else tuple(weight.shape)
+    if x.shape[-1] != in_features:
+        raise ValueError(f"the input has {x.shape[-1]} features, the weight takes {in_features}")
+    _check_float32(x, *(() if packed else (weight,)), *(() if bias is None else (bias,)))
+    if bias is not None and bias.shape != (out_features,):
+        raise ValueError(f"the bias must be [{out_features}], got {list(bias.shape)}")
+    flat = x.reshape(-1, in_features).contiguous()
+    y = torch.empty(flat.shape[0], out_features, dtype=torch.float32)
+    if flat.shape[0] == 0:
+        return y.view(*x.shape[:-1], out_features)
+    bias = None if bias is None else bias.contiguous()  # held in locals: the C call reads their memory
+    bias_pointer = None if bias is None else bias.data_ptr()
+    if packed:
+        if weight.bits not in (4, 8) or in_features % 2 or weight.packed.device.type != "cpu":
+            raise ValueError(f"the native GEMM reads 4- and 8-bit CPU codes, not {weight.bits}-bit "
+                             f"on {weight.packed.device}")
+        codes, scales, group_bias = (t.contiguous() for t in (weight.packed, weight.scales, weight.bias))
+        library().ef_gemm_packed(flat.data_ptr(), flat.shape[0], in_features, codes.data_ptr(), scales.data_ptr(),
+                                 group_bias.data_ptr(), weight.bits, weight.group_size, out_features, bias_pointer,
+                                 y.data_ptr())
+    else:
+        dense = weight.contiguous()
+        library().ef_gemm_f32(flat.data_ptr(), flat.shape[0], in_features, dense.data_ptr(), out_features,
+                              bias_pointer, y.data_ptr())
+    return y.view(*x.shape[:-1], out_features)
+
+
 def dequantize(weight: PackedWeight, rows: slice = slice(None), out: torch.Tensor | None = None) -> torch.Tensor:
     """The dense float32 weight of output ``rows`` of a packed 4- or 8-bit one (for a prefill GEMM), written into
     ``out`` (``[rows, in]`` contiguous float32) when given."""
@@ -294,7 +330,10 @@ def dequantize(weight: PackedWeight, rows: slice = slice(None), out: torch.Tenso
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``x @ W.T + b`` for ≤ :data:`MAX_TOKENS` float32 tokens through the native dense matmul."""
+    """``x @ W.T + b`` for float32 tokens: the native dense matmul up to :data:`MAX_TOKENS` tokens, the blocked
+    GEMM (:func:`gemm`) above."""
+    if x.numel() // max(x.shape[-1], 1) > MAX_TOKENS:
+        return gemm(x, weight, bias)
     return DenseGroup([weight.contiguous()], [bias])(x)[0]
 
 

@@ -64,6 +64,43 @@ def test_packed_matmul_and_dequantize_equal_the_reference(n, bits, groups, group
     assert close(cpu.dequant_matmul(prefill, packed), reference.dequant_matmul(prefill, packed))
 
 
+@SETTINGS
+@given(tokens=st.integers(1, 40), in_features=st.integers(1, 600), out=st.integers(1, 70), bias=st.booleans(),
+       seed=st.integers(0, 2**16))
+def test_dense_gemm_equals_linear(tokens, in_features, out, bias, seed):
+    """Token counts around the 6-token panels, outputs around the 16/32-output panels, inputs across K blocks."""
+    generator = torch.Generator().manual_seed(seed)
+    x, weight = torch.randn(tokens, in_features, generator=generator), torch.randn(out, in_features, generator=generator)
+    b = torch.randn(out, generator=generator) if bias else None
+    assert close(native.gemm(x, weight, b), F.linear(x, weight, b))
+
+
+@SETTINGS
+@given(tokens=st.integers(native.MAX_TOKENS + 1, 40), bits=st.sampled_from([4, 8]), groups=st.integers(1, 5),
+       group=st.sampled_from([2, 12, 32, 64, 128]), out=st.integers(1, 40), zero=st.sampled_from(["symmetric", "float"]),
+       seed=st.integers(0, 2**16))
+def test_packed_gemm_dequantizes_inside_and_equals_the_reference(tokens, bits, groups, group, out, zero, seed):
+    """Groups that are not a multiple of 8 take the scalar packing; the rest the vector one (both checked)."""
+    generator = torch.Generator().manual_seed(seed)
+    weight = torch.randn(out, groups * group, generator=generator)
+    packed = PackedWeight.from_quantized(quantize(weight, bits, group, zero == "symmetric", float_zero=zero == "float"))
+    x = torch.randn(2, tokens, groups * group, generator=generator)
+    expected = reference.dequant_matmul(x, packed)
+    assert native.gemm(x, packed).shape == (2, tokens, out)
+    assert close(native.gemm(x, packed), expected)
+    if native.packed_problem(packed) is None:
+        assert close(cpu.dequant_matmul(x, packed), expected)          # the dispatcher's prefill pick
+
+
+def test_gemm_refuses_mismatched_inputs():
+    with pytest.raises(ValueError, match="the input has 5 features, the weight takes 4"):
+        native.gemm(torch.randn(3, 5), torch.randn(2, 4))
+    with pytest.raises(ValueError, match="bias must be"):
+        native.gemm(torch.randn(3, 4), torch.randn(2, 4), torch.randn(3))
+    with pytest.raises(ValueError, match="float32 CPU"):
+        native.gemm(torch.randn(3, 4, dtype=torch.float64), torch.randn(2, 4))
+
+
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
     return x * cos + torch.cat([-x[..., half:], x[..., :half]], -1) * sin
@@ -228,14 +265,19 @@ def test_autotune_measures_once_and_caches_its_choice(monkeypatch, tmp_path):
     assert set(real) == set(autotune.candidates()) and all(t > 0 for t in real.values())
     calls = []
     steady = {path: 1.0 + index / 10 for index, path in enumerate(autotune.candidates())}
-    monkeypatch.setattr(autotune, "measure", lambda w=None, rounds=3: calls.append(1) or steady)
+    monkeypatch.setattr(autotune, "measure", lambda w=None, rounds=3, tokens=1: calls.append(tokens) or steady)
     first = autotune.dense_decode_path(weights)
-    assert first == min(steady, key=steady.get) and autotune.dense_decode_path(weights) == first and len(calls) == 1
+    assert first == min(steady, key=steady.get) and autotune.dense_decode_path(weights) == first and calls == [1]
     stored = json.loads((tmp_path / "kernels" / "autotune.json").read_text())
     [entry] = stored.values()
     assert entry["path"] == first and entry["seconds_per_pass"] == steady
+    assert autotune.dense_prefill_path(weights) == first and autotune.dense_prefill_path(weights) == first
+    assert calls == [1, autotune.PREFILL_TOKENS] and len(json.loads((tmp_path / "kernels" / "autotune.json")
+                                                                   .read_text())) == 2  # its own entry
     monkeypatch.setenv(autotune.ENV, "mkl")
     assert autotune.dense_decode_path(weights) == "mkl"
+    monkeypatch.setenv(autotune.PREFILL_ENV, "onednn")
+    assert autotune.dense_prefill_path(weights) == "onednn"
 
 
 @pytest.mark.real_model
@@ -296,10 +338,30 @@ def test_short_forwards_use_the_native_matmuls_and_equal_the_torch_path(family, 
         assert close(native_out, torch_out)
 
 
+@pytest.mark.parametrize("family", TINY_FAMILIES)
+@pytest.mark.parametrize("prefill_path", ["native", "mkl"])
+def test_a_prefill_takes_the_autotuned_gemm_and_equals_the_torch_path(family, prefill_path, monkeypatch):
+    monkeypatch.setenv(autotune.ENV, "native")
+    monkeypatch.setenv(autotune.PREFILL_ENV, prefill_path)
+    model, _ = tiny_model(family, layers=2, seed=6)
+    prompt = torch.randint(3, model.config.vocab_size, (2, 13), generator=torch.Generator().manual_seed(7))
+    mask = torch.ones_like(prompt)
+    mask[1, :4] = 0  # left padding
+    gemms = []
+    original = native.gemm
+    monkeypatch.setattr(native, "gemm", lambda x, *a: gemms.append(x.shape[:-1].numel()) or original(x, *a))
+    outputs = {}
+    for kernels in ("auto", "torch"):
+        engine = Engine(model, kernels=kernels)
+        outputs[kernels] = engine.prefill(engine.cache_for(2, 16), prompt, mask).logits
+    assert close(outputs["auto"], outputs["torch"])
+    assert (set(gemms) == {26}) if prefill_path == "native" else not gemms  # 2 x 13 rows, each projection
+
+
 def test_autotune_does_not_store_a_measurement_taken_under_load(monkeypatch, tmp_path):
     monkeypatch.setenv("EFFINFER_CACHE", str(tmp_path))
     monkeypatch.delenv(autotune.ENV, raising=False)
     busy = {path: 1.0 for path in autotune.candidates()} | {"mkl": 0.1}  # 10x apart: the CPU was busy
-    monkeypatch.setattr(autotune, "measure", lambda weights=None, rounds=3: busy)
+    monkeypatch.setattr(autotune, "measure", lambda weights=None, rounds=3, tokens=1: busy)
     assert autotune.dense_decode_path([torch.randn(8, 8)]) == "mkl"
     assert not (tmp_path / "kernels" / "autotune.json").exists()

@@ -113,7 +113,7 @@ static inline void dispatch_tokens(int64_t n, F&& f) {
   }
 }
 
-extern "C" int ef_abi_version() { return 7; }
+extern "C" int ef_abi_version() { return 8; }
 extern "C" int ef_vector_width() { return EF_VEC; }
 
 // ---------------------------------------------------------------- dense float32

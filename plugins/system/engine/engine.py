@@ -104,7 +104,7 @@ class Engine:
         # a padding query sees only itself, so no row of the mask is empty (no NaN)
         mask = (causal[None] & cache.not_pad[:, None, :]) | (columns[None, None, :] == rows[None, :, None])
         hidden = decoder_forward(self.layout, input_ids, positions_from_mask(attention_mask), rows, mask,
-                                 cache.keys, cache.values, matmul=self.small_matmul(),
+                                 cache.keys, cache.values, matmul=self.prefill_matmul(),
                                  key_positions=columns[None, :] - cache.pad[:, None])
         cache.length = prompt
         if self._native is not None and self._native.pointers != weight_pointers(self.layout):
@@ -157,6 +157,12 @@ class Engine:
         ``native`` when the native step runs this model (same autotuned kernels), else ``library``."""
         return "native" if self.native_step() is not None and self.native_step().dense_path == "native" \
             else "library"
+
+    def prefill_matmul(self) -> str:
+        """How a prefill multiplies its prompt: ``native_gemm`` when the native step runs this model and the
+        autotune measured the native blocked GEMM fastest for a prompt here, else as :meth:`small_matmul`."""
+        step = self.native_step()
+        return "native_gemm" if step is not None and step.prefill_path == "native" else self.small_matmul()
 
     def decode_step(self, layers: Sequence[int] | None = None) -> CompiledStep:
         key = None if layers is None else tuple(layers)

@@ -21,7 +21,8 @@ one-row step as multiply-and-sum, so that Inductor generates its own memory-boun
 kernel instead of calling MKL's fp32 GEMV, which reaches only ~10 GB/s on the 2-core
 machines of this project (see ``DATA-SOURCES.md``); ``matmul="native"`` sends the plain
 float32 linears of calls up to 8 rows (speculative verification, short prompts) to
-effinfer's native CPU matmul instead.
+effinfer's native CPU matmul instead, and ``matmul="native_gemm"`` every call (a prefill: the
+native blocked GEMM above 8 rows), where the autotune found it the fastest.
 """
 
 from __future__ import annotations
@@ -122,13 +123,15 @@ class DecoderLayout:
 
 def project(module: nn.Module, x: torch.Tensor, matmul: str = "library") -> torch.Tensor:
     """``module(x)``; a plain ``nn.Linear`` of a small call as multiply-and-sum (``matmul="sum"``, for Inductor)
-    or through effinfer's native CPU matmul (``matmul="native"``: float32 CPU, up to 8 rows)."""
+    or through effinfer's native CPU matmul (``matmul="native"``: float32 CPU, up to 8 rows;
+    ``matmul="native_gemm"``: any number of rows)."""
     if type(module) is nn.Linear and matmul != "library":
         rows = x.shape[:-1].numel()
         if matmul == "sum" and rows <= FUSED_MAX_ROWS:
             y = (x.unsqueeze(-2) * module.weight).sum(-1)
             return y if module.bias is None else y + module.bias
-        if matmul == "native" and 1 <= rows <= native.MAX_TOKENS and x.device.type == "cpu" \
+        rows_taken = rows <= native.MAX_TOKENS if matmul == "native" else matmul == "native_gemm"
+        if rows_taken and rows >= 1 and x.device.type == "cpu" \
                 and x.dtype == module.weight.dtype == torch.float32 and not torch.is_grad_enabled():
             return native.linear(x, module.weight, module.bias)
     return module(x)

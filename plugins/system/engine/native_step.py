@@ -157,6 +157,8 @@ class NativeStep:
         dense += [layout.lm_head.weight] if is_dense(layout.lm_head) else []
         #: the float32 decode matmul measured fastest here on these weights (``mkl``, ``onednn`` or ``native``)
         self.dense_path = autotune.dense_decode_path(dense) if dense else "native"
+        #: the float32 matmul measured fastest here for a prompt's tokens (what the engine's prefill uses)
+        self.prefill_path = autotune.dense_prefill_path(dense) if dense else "native"
         self.blocks = [NativeLayer(layout, layer, self.dense_path) for layer in layout.layers]
         self.final_norm = norm_parameters(layout.norm)
         self.head = projection([layout.lm_head], self.dense_path)
