@@ -285,6 +285,43 @@ def prefill_rounds(models: dict[str, Any], ids: torch.Tensor, mask: torch.Tensor
     return round_robin({name: timed(engine) for name, engine in engines.items()}, rounds)
 
 
+#: windows of decode steps per engine for the paired roofline, and steps per window
+ROOFLINE_WINDOWS, WINDOW_STEPS = 24, 16
+
+
+def paired_roofline(models: dict[str, Any], ids: torch.Tensor, mask: torch.Tensor, probe: ReadBandwidth,
+                    windows: int = ROOFLINE_WINDOWS, steps: int = WINDOW_STEPS) -> dict[str, list[dict[str, float]]]:
+    """Roofline fraction of each window of ``steps`` greedy engine decode steps, divided by the read bandwidth
+    measured right before that window (the engines' windows interleave round-robin). A whole generation lasts
+    seconds, over which this host's bandwidth moves by up to a third; a ~0.3 s window sees the bandwidth of the
+    reading beside it. Per window: ``fraction``, ``tok_s`` and the ``bandwidth`` reading."""
+    from effinfer.plugins.system.engine.static import shared_engine
+
+    states = {}
+    with torch.inference_mode():
+        for name, model in models.items():
+            engine = shared_engine(model)
+            cache = engine.cache_for(1, ids.shape[1] + (windows + 1) * steps, name="paired roofline")
+            token = engine.prefill(cache, ids, mask).logits[:, -1].argmax(-1, keepdim=True)
+            for _ in range(steps):  # warm-up window
+                token = engine.decode(cache, token).argmax(-1, keepdim=True)
+            states[name] = [engine, cache, token]
+        windows_of: dict[str, list[dict[str, float]]] = {name: [] for name in models}
+        for _ in range(windows):
+            for name, state in states.items():
+                engine, cache, token = state
+                bandwidth = probe()
+                started = time.perf_counter()
+                for _ in range(steps):
+                    token = engine.decode(cache, token).argmax(-1, keepdim=True)
+                seconds = time.perf_counter() - started
+                state[2] = token
+                context = cache.length - steps // 2
+                fraction = roofline(models[name], context, steps / seconds, bandwidth)["fraction"]
+                windows_of[name].append({"fraction": fraction, "tok_s": steps / seconds, "bandwidth": bandwidth})
+    return windows_of
+
+
 def without_program(model: Any, method: Method) -> Method:
     """``method`` with the native step's one-call program off during each timed call: the per-call native loop."""
     from effinfer.plugins.system.engine.static import shared_engine
@@ -456,6 +493,8 @@ def main() -> None:
     if "engine_compiled" in results:
         results["engine_compiled"]["compile"] = compiled.engine.compile_report()
     prefills = prefill_rounds(models, ids, mask, PREFILL_ROUNDS)
+    paired = paired_roofline({name: models[name] for name in ("engine_native", *QUANTIZED)}, ids, mask,
+                             ReadBandwidth(), *((2, 4) if args.quick else ()))
     for name, seconds in prefills.items():
         results[name]["prefill_s"], results[name]["prefill_s_all"] = statistics.median(seconds), seconds
     bandwidth = statistics.median(bandwidth_probe.readings)
@@ -471,6 +510,9 @@ def main() -> None:
                          for c in calls[name]]
             row["roofline"]["fraction_per_round"] = per_round
             row["roofline"]["fraction"] = statistics.median(per_round)
+            if name in paired:
+                row["roofline"]["windows"] = paired[name]
+                row["roofline"]["fraction_paired"] = statistics.median(w["fraction"] for w in paired[name])
         if name in models:
             row["top1_agreement_with_fp32"] = statistics.mean(
                 top1_agreement(models[name], prompt, tokens) for prompt, tokens in references)
@@ -565,9 +607,13 @@ def markdown(report: dict[str, Any]) -> str:
         "- `llama_cpp_q4_1`: llama.cpp (`llama-cpp-python`) on the Q4_1 GGUF the model is converted from;",
         f"- prefill s: the engine rows' from {PREFILL_ROUNDS} extra round-robin rounds of the engine's prefill alone (median), "
         "the others' from their timed calls; prefill × fp32 = the float32 engine's prefill time ÷ this method's, "
-        "median of the per-round ratios (≥ 1 is faster).", "",
-        "| method | decode tok/s | × HF generate | × engine fp32 | roofline fraction | prefill s | prefill × fp32 "
-        "| top-1 agreement | tokens equal to HF generate | EOS at |", "|---|---|---|---|---|---|---|---|---|---|"]
+        "median of the per-round ratios (≥ 1 is faster);",
+        f"- roofline, paired windows: the engine rows' decode cut into {ROOFLINE_WINDOWS} windows of {WINDOW_STEPS} "
+        "greedy steps (the engines' windows round-robin), each divided by a bandwidth reading taken right before it, "
+        "median [min–max] over windows: a whole timed call lasts seconds, over which the bandwidth moves.", "",
+        "| method | decode tok/s | × HF generate | × engine fp32 | roofline fraction | roofline, paired windows "
+        "| prefill s | prefill × fp32 | top-1 agreement | tokens equal to HF generate | EOS at |",
+        "|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, row in rows.items():
         fraction = row.get("roofline", {}).get("fraction")
         spread = row.get("speedup_spread")
@@ -575,9 +621,12 @@ def markdown(report: dict[str, Any]) -> str:
         agree = row.get("top1_agreement_with_fp32")
         vs_fp32 = row.get("speedup_vs_engine_fp32")
         prefill = row.get("prefill_vs_fp32")
+        windows = [w["fraction"] for w in row.get("roofline", {}).get("windows", [])]
+        paired = "—" if not windows else \
+            f"{statistics.median(windows):.2f} [{min(windows):.2f}–{max(windows):.2f}]"
         lines.append(f"| {name} | {row['decode_tok_s']:.1f} | {speedup} | "
                      f"{'—' if vs_fp32 is None else f'{vs_fp32:.2f}'} | "
-                     f"{'—' if fraction is None else f'{fraction:.2f}'} | {row['prefill_s']:.3f} | "
+                     f"{'—' if fraction is None else f'{fraction:.2f}'} | {paired} | {row['prefill_s']:.3f} | "
                      f"{'—' if prefill is None else f'{prefill:.2f}'} | {'—' if agree is None else f'{agree:.3f}'} | "
                      f"{row['agrees_with_hf_tokens']}/{report['new_tokens']} | {eos_position(row['tokens'])} |")
     broken = {name: row["breakdown_ms"] for name, row in rows.items() if row.get("breakdown_ms")}

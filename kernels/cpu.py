@@ -21,7 +21,7 @@ from effinfer.kernels.packed import PackedWeight, unpack_codes
 
 #: output rows dequantized at once by the blocked GEMV (bounds the temporary to ~4 MB at K=1024)
 ROW_BLOCK = 1024
-#: at or above this many tokens the whole weight is dequantized once into one dense GEMM
+#: without the native kernels: at or above this many tokens the whole weight is dequantized into one GEMM
 DENSE_ROWS = 16
 #: cache positions per flash-decoding split
 SPLIT = 512

@@ -7,8 +7,8 @@ Every layer stores its weight really in low bit and says which execution path ru
                           ``kernel`` — PyTorch's packed int8/int4 CPU kernels (bf16 activations
                           around the call); ``native`` — effinfer's own kernels
                           (:func:`effinfer.kernels.dequant_matmul`: the packed codes read directly
-                          by the decode matmul, one float GEMM over the dequantized weight for a
-                          prefill; Triton on CUDA); ``dequant`` — packed codes dequantized to float on
+                          by the decode matmul, a blocked GEMM that dequantizes them panel by panel
+                          for a prefill; Triton on CUDA); ``dequant`` — packed codes dequantized to float on
                           every call (the reference path; any bit width); ``fake`` — the
                           dequantized float weight is stored (fake quantization: formats are
                           studied, nothing is saved in memory)
