@@ -23,7 +23,7 @@ import platform
 import shutil
 import subprocess
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -31,7 +31,7 @@ import torch
 from effinfer.kernels.packed import PackedWeight, unpack_codes
 
 SOURCES = (Path(__file__).parent / "csrc" / "cpu_decode.cpp", Path(__file__).parent / "csrc" / "cpu_gemm.cpp")
-ABI_VERSION = 8
+ABI_VERSION = 9
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-ffp-contract=fast", "-shared", "-fPIC", "-std=c++17")
 #: most tokens one native matmul call takes (the C++ ``MAXN``)
 MAX_TOKENS = 8
@@ -120,6 +120,7 @@ def _load() -> tuple[ctypes.CDLL | None, str | None]:
         function = getattr(library, name)
         function.argtypes, function.restype = arguments, None
     library.ef_packed_integer_path.restype = ctypes.c_int
+    library.ef_stream_read.argtypes, library.ef_stream_read.restype = (_P, _I), ctypes.c_double
     return library, None
 
 
@@ -279,6 +280,26 @@ def dequant_matmul(x: torch.Tensor, weight: PackedWeight) -> torch.Tensor:
     """``x @ W.T`` for ≤ :data:`MAX_TOKENS` float32 tokens through the native packed matmul (int16 activations
     on the integer path: see :func:`packed_error_bound`)."""
     return PackedGroup([weight], [None])(x)[0]
+
+
+def stream_read(buffer: torch.Tensor) -> float:
+    """The sum of a contiguous float32 CPU ``buffer``, every thread reading its share as four sequential streams far
+    apart: a read-bandwidth probe (see :func:`read_probes`)."""
+    _check_float32(buffer)
+    if not buffer.is_contiguous():
+        raise ValueError("stream_read reads a contiguous buffer")
+    return float(library().ef_stream_read(buffer.data_ptr(), buffer.numel()))
+
+
+def read_probes(buffer: torch.Tensor) -> dict[str, Callable[[], object]]:
+    """Ways to read all of ``buffer`` once: torch's ``sum`` (one stream per thread), and on CPU where these kernels
+    build :func:`stream_read` (four per thread). A read-bandwidth measurement keeps the fastest: on the AMD EPYC
+    machines several streams per core read 10-20 % faster than one, and the far-rows GEMV reads that way, so a
+    roofline from ``sum`` alone would sit below a kernel that beats it."""
+    probes: dict[str, Callable[[], object]] = {"torch sum": buffer.sum}
+    if buffer.device.type == "cpu" and buffer.dtype == torch.float32 and buffer.is_contiguous() and problem() is None:
+        probes["native 4 streams"] = lambda: stream_read(buffer)
+    return probes
 
 
 def gemm(x: torch.Tensor, weight: torch.Tensor | PackedWeight, bias: torch.Tensor | None = None) -> torch.Tensor:

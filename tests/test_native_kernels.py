@@ -92,6 +92,14 @@ def test_packed_gemm_dequantizes_inside_and_equals_the_reference(tokens, bits, g
         assert close(cpu.dequant_matmul(x, packed), expected)          # the dispatcher's prefill pick
 
 
+@SETTINGS
+@given(size=st.integers(1, 5000), seed=st.integers(0, 2**16))
+def test_the_four_stream_read_probe_sums_every_element(size, seed):
+    buffer = torch.rand(size, generator=torch.Generator().manual_seed(seed))
+    assert native.stream_read(buffer) == pytest.approx(float(buffer.double().sum()), rel=1e-5)
+    assert set(native.read_probes(buffer)) == {"torch sum", "native 4 streams"}
+
+
 def test_gemm_refuses_mismatched_inputs():
     with pytest.raises(ValueError, match="the input has 5 features, the weight takes 4"):
         native.gemm(torch.randn(3, 5), torch.randn(2, 4))

@@ -2,8 +2,9 @@
 
 Plain decoding reads every weight and the whole KV cache once per step, so on a
 memory-bound machine a step cannot take less than ``bytes_per_token / bandwidth``. The
-bandwidth is measured on this machine with torch (reduction over a large buffer = read
-bandwidth; copy = read + write), medians of several runs, and recorded in the environment.
+bandwidth is measured on this machine (read: the faster of torch's reduction over a large buffer
+and effinfer's four-streams-per-thread read, :func:`effinfer.kernels.native.read_probes`; copy =
+read + write), medians of several runs, and recorded in the environment.
 ``fraction`` = measured decode tokens/s ÷ roofline tokens/s: how close the decode loop is to
 the hardware limit (speculative decoding can exceed 1, since one weight pass yields
 several tokens).
@@ -16,6 +17,8 @@ import time
 from dataclasses import dataclass
 
 import torch
+
+from effinfer.kernels import native
 
 
 @dataclass(frozen=True)
@@ -33,7 +36,8 @@ class Bandwidth:
 
 
 def measure_bandwidth(buffer_mib: int = 256, repeats: int = 5, device: str = "cpu") -> Bandwidth:
-    """Read (``sum``) and copy bandwidth over a ``buffer_mib`` MiB fp32 buffer (one warm-up each)."""
+    """Read (the fastest of :func:`~effinfer.kernels.native.read_probes`) and copy bandwidth over a ``buffer_mib``
+    MiB fp32 buffer (one warm-up each)."""
     n = buffer_mib * 2**20 // 4
     source = torch.ones(n, dtype=torch.float32, device=device)
     target = torch.empty_like(source)
@@ -49,7 +53,7 @@ def measure_bandwidth(buffer_mib: int = 256, repeats: int = 5, device: str = "cp
             samples.append(time.perf_counter() - started)
         return statistics.median(samples)
 
-    read_s = timed(lambda: source.sum())
+    read_s = min(timed(read) for read in native.read_probes(source).values())
     copy_s = timed(lambda: target.copy_(source))
     nbytes = source.numel() * source.element_size()
     return Bandwidth(read=nbytes / read_s, copy=2 * nbytes / copy_s, buffer_bytes=nbytes,

@@ -12,6 +12,8 @@ from collections.abc import Callable
 
 import torch
 
+from effinfer.kernels import native
+
 
 def best_seconds(call: Callable[[], object], repeats: int = 5, inner: int = 1) -> float:
     """Median seconds of one ``call`` over ``repeats`` timed batches of ``inner`` calls, after a warm-up."""
@@ -26,9 +28,10 @@ def best_seconds(call: Callable[[], object], repeats: int = 5, inner: int = 1) -
 
 
 def read_bandwidth(mib: int = 256) -> float:
-    """Bytes/s of a reduction over a ``mib`` MiB float32 buffer (streaming read)."""
+    """Bytes/s of streaming reads of a ``mib`` MiB float32 buffer: the fastest of
+    :func:`effinfer.kernels.native.read_probes` (torch's reduction, effinfer's four-stream read)."""
     buffer = torch.ones(mib * 2**20 // 4)
-    return buffer.numel() * 4 / best_seconds(buffer.sum)
+    return buffer.numel() * 4 / min(best_seconds(read) for read in native.read_probes(buffer).values())
 
 
 def gemm_flops(n: int = 1024, dtype: torch.dtype = torch.float32) -> float:
