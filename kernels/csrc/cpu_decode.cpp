@@ -615,11 +615,25 @@ static const int MAX_GROUP_HEADS = 16;
 
 struct Partial { float top, denom; };
 
+// out[0 .. W * EF_VEC) = sum_j p[j] * vals[j * dim + 0 .. W * EF_VEC): W, a constant, keeps the sums in registers
+template <int W>
+static inline void weighted_values(const float* p, const float* vals, int64_t len, int64_t dim, float* out) {
+  vf o[W];
+  for (int i = 0; i < W; ++i) o[i] = vf{};
+  for (int64_t j = 0; j < len; ++j) {
+    const float w = p[j];
+    for (int i = 0; i < W; ++i) o[i] += w * load(vals + j * dim + i * EF_VEC);
+  }
+  for (int i = 0; i < W; ++i) std::memcpy(out + i * EF_VEC, &o[i], sizeof o[i]);
+}
+
 static void attend_chunk(const float* q, int64_t heads, const float* keys, const float* vals, int64_t len,
                          int64_t dim, float scale, float* p, int64_t pstride, Partial* part, float* acc) {
   const int64_t chunks = dim / EF_VEC;
+  alignas(64) float scaled[512];  // the query times the softmax scale (head dim <= 512, checked in Python)
   for (int64_t h = 0; h < heads; ++h) {
-    const float* qh = q + h * dim;
+    for (int64_t i = 0; i < dim; ++i) scaled[i] = q[h * dim + i] * scale;
+    const float* qh = scaled;
     float* ph = p + h * pstride;
     int64_t j = 0;
     for (; j + 8 <= len; j += 8) {  // eight keys at a time: one transposed horizontal sum
@@ -635,11 +649,14 @@ static void attend_chunk(const float* q, int64_t heads, const float* keys, const
       for (int64_t i = 0; i < chunks; ++i) a += load(qh + i * EF_VEC) * load(keys + j * dim + i * EF_VEC);
       ph[j] = hsum(a);
     }
-    float top = -INFINITY;
-    for (j = 0; j < len; ++j) {
-      ph[j] *= scale;
-      top = ph[j] > top ? ph[j] : top;
+    vf tops = vf{} - INFINITY;
+    for (j = 0; j + EF_VEC <= len; j += EF_VEC) {
+      const vf v = load(ph + j);
+      tops = v > tops ? v : tops;
     }
+    float top = -INFINITY;
+    for (int i = 0; i < EF_VEC; ++i) top = tops[i] > top ? tops[i] : top;
+    for (; j < len; ++j) top = ph[j] > top ? ph[j] : top;
     vf total{};
     for (j = 0; j + EF_VEC <= len; j += EF_VEC) {
       const vf e = vexp(load(ph + j) - top);
@@ -656,12 +673,10 @@ static void attend_chunk(const float* q, int64_t heads, const float* keys, const
     float* out = acc + h * dim;
     for (int64_t i0 = 0; i0 < chunks; i0 += 8) {
       const int64_t width = chunks - i0 < 8 ? chunks - i0 : 8;
-      vf o[8] = {};
-      for (j = 0; j < len; ++j) {
-        const float w = ph[j];
-        for (int64_t i = 0; i < width; ++i) o[i] += w * load(vals + j * dim + (i0 + i) * EF_VEC);
-      }
-      for (int64_t i = 0; i < width; ++i) std::memcpy(out + (i0 + i) * EF_VEC, &o[i], sizeof o[i]);
+      if (width == 8) weighted_values<8>(ph, vals + i0 * EF_VEC, len, dim, out + i0 * EF_VEC);
+      else if (width == 4) weighted_values<4>(ph, vals + i0 * EF_VEC, len, dim, out + i0 * EF_VEC);
+      else for (int64_t i = 0; i < width; ++i) weighted_values<1>(ph, vals + (i0 + i) * EF_VEC, len, dim,
+                                                                     out + (i0 + i) * EF_VEC);
     }
   }
 }
