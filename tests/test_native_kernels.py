@@ -100,6 +100,36 @@ def test_the_four_stream_read_probe_sums_every_element(size, seed):
     assert set(native.read_probes(buffer)) == {"torch sum", "native 4 streams"}
 
 
+def test_the_gemv_streams_benchmark_builds_and_measures_every_variant(tmp_path):
+    """benchmarks/gemv_streams.py on 8 MiB, one round: the C++ harness (which includes the kernels' source) builds
+    with the kernels' flags and reports a positive speed for every read pattern."""
+    import importlib.util
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "gemv_streams.py"
+    spec = importlib.util.spec_from_file_location("gemv_streams", script)
+    benchmark = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(benchmark)
+    rows = benchmark.run(benchmark.build(tmp_path), mib=8, rounds=1, threads=2)
+    assert len(rows) == 8 and all(row["gb_s"] > 0 for row in rows)
+    assert rows[0]["ratio"] == 1.0 and rows[-1]["variant"].startswith("ef_linear_f32")
+
+
+@pytest.mark.parametrize("bits,group", [(8, 64), (8, 32), (4, 32), (4, 64)])
+@pytest.mark.parametrize("outs", [[67], [40, 13, 13]])
+def test_one_token_packed_rows_read_far_apart_equal_the_reference(bits, group, outs):
+    """One token, many rows: the register tile over rows far apart (row i of each quarter of a thread's share, across
+    the weights of a fused group), the leftover rows one at a time: every output row lands in its place."""
+    generator = torch.Generator().manual_seed(bits * group + len(outs))
+    packed = [PackedWeight.from_quantized(quantize(torch.randn(o, 4 * group, generator=generator), bits, group,
+                                                   False)) for o in outs]
+    biases = [torch.randn(o, generator=generator) for o in outs]
+    x = torch.randn(1, 4 * group, generator=generator)
+    for y, weight, b in zip(native.PackedGroup(packed, biases)(x), packed, biases, strict=True):
+        expected = reference.dequant_matmul(x, weight) + b
+        assert (y - expected).abs().le(native.packed_error_bound(x, weight) * 1.01 + 1e-4).all()
+
+
 def test_gemm_refuses_mismatched_inputs():
     with pytest.raises(ValueError, match="the input has 5 features, the weight takes 4"):
         native.gemm(torch.randn(3, 5), torch.randn(2, 4))

@@ -6,10 +6,11 @@
 // kernels and torch's own ops share one thread pool (two pools would spin against each other).
 //
 // Every matrix-vector product streams its weight once with every token of the call (n <= 8)
-// multiplied against it while it is in registers: float32 weights one row at a time (one sequential
-// stream per thread, what the prefetchers follow best: measured ~10 % above 4-row tiles with software
-// prefetch on the AMD EPYC machine), packed weights four rows at a time (their codes are widened to
-// float in registers, so they are compute- rather than memory-bound).
+// multiplied against it while it is in registers. For one token (and, float32, up to four) each thread
+// reads several rows that lie far apart at once: separate sequential streams in different pages, every
+// input vector loaded once for all of them. One row at a time spends a tenth to a quarter of the stream
+// on loading the input, and adjacent rows read together interleave streams inside the same pages, which
+// the prefetchers follow worst of all (benchmarks/gemv_streams.py measures each pattern).
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -397,12 +398,13 @@ static void packed_tile_int(const int16_t* xq, const float* xscale, const float*
 #endif
 
 #if defined(__AVX2__)
-// The one-token decode case of packed_tile_int on a full tile with groups of at most INT_CHUNK inputs: each group's
+// The one-token decode case of packed_tile_int on ROWS rows (anywhere: one pointer each) with groups of at most
+// INT_CHUNK inputs: each group's
 // int32 sums are scaled straight into the float totals, so accumulators, totals, codes and the input stay within
 // the 16 vector registers (the general kernel keeps per-chunk partial sums too, and spills).
 template <int BITS>
 static void packed_tile_int_one(const int16_t* xq, const float* xscale, const float* xsum, int64_t in, int64_t group,
-                                const uint8_t* codes, int64_t stride, const float* scale, const float* gbias,
+                                const uint8_t* const* codes, const float* const* scale, const float* const* gbias,
                                 float* acc) {
   const int64_t groups = in / group;
   __m256 total[ROWS];
@@ -416,7 +418,7 @@ static void packed_tile_int_one(const int16_t* xq, const float* xscale, const fl
       for (int64_t i = g * group; i < (g + 1) * group; i += 16) {
         const __m256i xv = _mm256_loadu_si256((const __m256i*)(xq + i));
         for (int r = 0; r < ROWS; ++r) {
-          const __m256i w = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i*)(codes + r * stride + i)));
+          const __m256i w = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i*)(codes[r] + i)));
           a[r] = _mm256_add_epi32(a[r], _mm256_madd_epi16(w, xv));
         }
       }
@@ -425,7 +427,7 @@ static void packed_tile_int_one(const int16_t* xq, const float* xscale, const fl
         const __m256i xe = _mm256_loadu_si256((const __m256i*)(xq + i));
         const __m256i xo = _mm256_loadu_si256((const __m256i*)(xq + i + 16));
         for (int r = 0; r < ROWS; ++r) {
-          const __m128i b = _mm_loadu_si128((const __m128i*)(codes + r * stride + i / 2));
+          const __m128i b = _mm_loadu_si128((const __m128i*)(codes[r] + i / 2));
           const __m256i lo = _mm256_cvtepu8_epi16(_mm_and_si128(b, mask));
           const __m256i hi = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(b, 4), mask));
           a[r] = _mm256_add_epi32(a[r], _mm256_add_epi32(_mm256_madd_epi16(lo, xe), _mm256_madd_epi16(hi, xo)));
@@ -433,8 +435,8 @@ static void packed_tile_int_one(const int16_t* xq, const float* xscale, const fl
       }
     }
     for (int r = 0; r < ROWS; ++r) {
-      total[r] = _mm256_fmadd_ps(_mm256_set1_ps(scale[r * groups + g]), _mm256_cvtepi32_ps(a[r]), total[r]);
-      offset[r] += gbias[r * groups + g] * xsum[g];
+      total[r] = _mm256_fmadd_ps(_mm256_set1_ps(scale[r][g]), _mm256_cvtepi32_ps(a[r]), total[r]);
+      offset[r] += gbias[r][g] * xsum[g];
     }
   }
   for (int r = 0; r < ROWS; ++r) {
@@ -484,23 +486,68 @@ extern "C" void ef_packed_input(const float* x, int64_t n, int64_t in, int bits,
   }
 }
 
+#if defined(__AVX2__)
+// One token on the integer path with groups of at most INT_CHUNK inputs: the register-resident tile over ROWS rows
+// that lie far apart (row i of each of ROWS equal parts of a thread's share of all `count` weights' rows), so each
+// row is its own sequential stream; the rows left over take the general tile one at a time. Adjacent rows, read
+// together, interleave their streams inside the same pages (see dense_far).
+template <int BITS>
+static void linear_packed_far_one(const int16_t* xq, const float* xsum, const float* xscale, int64_t in,
+                                  int64_t group, int64_t count, const uint8_t* const* codes,
+                                  const float* const* scale, const float* const* gbias, const int64_t* out,
+                                  const float* const* bias, float* const* y) {
+  const int64_t stride = in * BITS / 8, groups = in / group;
+  int64_t first[16 + 1] = {0};
+  for (int64_t j = 0; j < count; ++j) first[j + 1] = first[j] + out[j];
+  const int64_t rows = first[count];
+  auto locate = [&](int64_t r, int64_t& j) { while (r >= first[j + 1]) ++j; return r - first[j]; };
+  auto store = [&](int64_t j, int64_t r, float value) { y[j][r] = value + (bias[j] ? bias[j][r] : 0.f); };
+  #pragma omp parallel
+  {
+    const int64_t threads = omp_get_num_threads(), id = omp_get_thread_num();
+    const int64_t lo = rows * id / threads, hi = rows * (id + 1) / threads, part = (hi - lo) / ROWS;
+    int64_t weight[ROWS] = {}, local[ROWS];
+    const uint8_t* row_codes[ROWS];
+    const float *row_scale[ROWS], *row_gbias[ROWS];
+    float acc[ROWS * MAXN];
+    for (int64_t i = 0; i < part; ++i) {
+      for (int r = 0; r < ROWS; ++r) {
+        local[r] = locate(lo + r * part + i, weight[r]);
+        row_codes[r] = codes[weight[r]] + local[r] * stride;
+        row_scale[r] = scale[weight[r]] + local[r] * groups;
+        row_gbias[r] = gbias[weight[r]] + local[r] * groups;
+      }
+      packed_tile_int_one<BITS>(xq, xscale, xsum, in, group, row_codes, row_scale, row_gbias, acc);
+      for (int r = 0; r < ROWS; ++r) store(weight[r], local[r], acc[r * MAXN]);
+    }
+    int64_t j = 0;
+    for (int64_t r = lo + ROWS * part; r < hi; ++r) {
+      const int64_t at = locate(r, j);
+      packed_tile_int<1, BITS>(xq, xscale, xsum, in, group, codes[j] + at * stride, stride, scale[j] + at * groups,
+                               gbias[j] + at * groups, 1, acc);
+      store(j, at, acc[0]);
+    }
+  }
+}
+#endif
+
 extern "C" void ef_linear_packed(const void* xs, const float* xsum, const float* xscale, int64_t n, int64_t in,
                                  int bits, int64_t group, int64_t count, const uint8_t* const* codes,
                                  const float* const* scale, const float* const* gbias, const int64_t* out,
                                  const float* const* bias, float* const* y) {
   const int64_t stride = in * bits / 8, groups = in / group;
+#if defined(__AVX2__)
+  if (n == 1 && group <= INT_CHUNK) {
+    if (bits == 8)
+      linear_packed_far_one<8>((const int16_t*)xs, xsum, xscale, in, group, count, codes, scale, gbias, out, bias, y);
+    else
+      linear_packed_far_one<4>((const int16_t*)xs, xsum, xscale, in, group, count, codes, scale, gbias, out, bias, y);
+    return;
+  }
+#endif
   for_each_tile(n, count, out, bias, y, [&](int64_t j, int64_t row, int64_t rows, float* acc) {
     dispatch_tokens(n, [&](auto N) {
 #if defined(__AVX2__)
-      if (N.value == 1 && rows == ROWS && group <= INT_CHUNK) {
-        if (bits == 8)
-          packed_tile_int_one<8>((const int16_t*)xs, xscale, xsum, in, group, codes[j] + row * stride, stride,
-                                 scale[j] + row * groups, gbias[j] + row * groups, acc);
-        else
-          packed_tile_int_one<4>((const int16_t*)xs, xscale, xsum, in, group, codes[j] + row * stride, stride,
-                                 scale[j] + row * groups, gbias[j] + row * groups, acc);
-        return;
-      }
       if (bits == 8)
         packed_tile_int<N.value, 8>((const int16_t*)xs, xscale, xsum, in, group, codes[j] + row * stride, stride,
                                     scale[j] + row * groups, gbias[j] + row * groups, rows, acc);
