@@ -193,9 +193,9 @@ static void dense_far(const float* x, int64_t in, const float* const* w, float (
     }
 }
 
-// The far-rows GEMV for up to FAR_TOKENS tokens (4 streams for 1-2 tokens, 2 for 3-4: S * N accumulators <= 8):
-// each thread takes a contiguous share of the rows of all `count` weights and walks S parts of it side by side.
-static const int FAR_TOKENS = 4;
+// The far-rows GEMV for up to 5 tokens (4 streams for 1-2 tokens, 2 for 3-5: S * N accumulators <= 10, with the
+// S weight vectors and the input in the 16 registers; 6 tokens measured no faster than one row at a time): each
+// thread takes a contiguous share of the rows of all `count` weights and walks S parts of it side by side.
 
 template <int S, int N>
 static void linear_f32_far(const float* x, int64_t in, int64_t count, const float* const* w, const int64_t* out,
@@ -238,6 +238,7 @@ extern "C" void ef_linear_f32(const float* x, int64_t n, int64_t in, int64_t cou
     case 2: return linear_f32_far<4, 2>(x, in, count, w, out, bias, y);
     case 3: return linear_f32_far<2, 3>(x, in, count, w, out, bias, y);
     case 4: return linear_f32_far<2, 4>(x, in, count, w, out, bias, y);
+    case 5: return linear_f32_far<2, 5>(x, in, count, w, out, bias, y);
   }
   for_each_tile(n, count, out, bias, y, [&](int64_t j, int64_t row, int64_t rows, float* acc) {
     for (int64_t r = 0; r < rows; ++r)
