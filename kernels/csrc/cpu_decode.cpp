@@ -411,7 +411,7 @@ static void packed_tile_int_one(const int16_t* xq, const float* xscale, const fl
   __m256 total[ROWS];
   float offset[ROWS] = {};
   for (int r = 0; r < ROWS; ++r) total[r] = _mm256_setzero_ps();
-  const __m128i mask = _mm_set1_epi8(15);
+  const __m256i low = _mm256_set1_epi16(15);
   for (int64_t g = 0; g < groups; ++g) {
     __m256i a[ROWS];
     for (int r = 0; r < ROWS; ++r) a[r] = _mm256_setzero_si256();
@@ -427,10 +427,9 @@ static void packed_tile_int_one(const int16_t* xq, const float* xscale, const fl
       for (int64_t i = g * group; i < (g + 1) * group; i += 32) {
         const __m256i xe = _mm256_loadu_si256((const __m256i*)(xq + i));
         const __m256i xo = _mm256_loadu_si256((const __m256i*)(xq + i + 16));
-        for (int r = 0; r < ROWS; ++r) {
-          const __m128i b = _mm_loadu_si128((const __m128i*)(codes[r] + i / 2));
-          const __m256i lo = _mm256_cvtepu8_epi16(_mm_and_si128(b, mask));
-          const __m256i hi = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(b, 4), mask));
+        for (int r = 0; r < ROWS; ++r) {  // 16 bytes widened once; each 16-bit lane splits into its two nibbles
+          const __m256i b = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i*)(codes[r] + i / 2)));
+          const __m256i lo = _mm256_and_si256(b, low), hi = _mm256_srli_epi16(b, 4);
           a[r] = _mm256_add_epi32(a[r], _mm256_add_epi32(_mm256_madd_epi16(lo, xe), _mm256_madd_epi16(hi, xo)));
         }
       }
