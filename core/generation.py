@@ -18,6 +18,7 @@ from torch import nn
 from transformers import DynamicCache
 
 from effinfer.core.errors import EffinferError
+from effinfer.kernels import greedy_tokens
 
 
 class GenerationConfig(BaseModel):
@@ -105,7 +106,7 @@ def select_tokens(logits: torch.Tensor, config: GenerationConfig,
                   generator: torch.Generator | None) -> torch.Tensor:
     """Greedy argmax, or a sample after temperature, top-k and top-p filtering."""
     if not config.do_sample:
-        return logits.argmax(dim=-1)
+        return greedy_tokens(logits)
     return torch.multinomial(sampling_probs(logits, config), 1, generator=generator).squeeze(-1)
 
 

@@ -31,7 +31,7 @@ import torch
 from effinfer.kernels.packed import PackedWeight, unpack_codes
 
 SOURCES = (Path(__file__).parent / "csrc" / "cpu_decode.cpp", Path(__file__).parent / "csrc" / "cpu_gemm.cpp")
-ABI_VERSION = 9
+ABI_VERSION = 10
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-ffp-contract=fast", "-shared", "-fPIC", "-std=c++17")
 #: most tokens one native matmul call takes (the C++ ``MAXN``)
 MAX_TOKENS = 8
@@ -56,6 +56,7 @@ _SIGNATURES = {
     "ef_add_rmsnorm": (_P, _P, _I, _I, _P, ctypes.c_float, ctypes.c_float, _P),
     "ef_gated_act": (_P, _P, _I, ctypes.c_int),
     "ef_decode_attention": (_P, _P, _P, _P, _P, _P, _P, _I, _I, _I, _I, _I, _I, _P, ctypes.c_float, _P, _P),
+    "ef_argmax_rows": (_P, _I, _I, _P),
 }
 
 
@@ -174,6 +175,21 @@ def _check_input(x: torch.Tensor, in_features: int) -> torch.Tensor:
 def _check_group_size(count: int) -> None:
     if not 1 <= count <= MAX_GROUP:
         raise ValueError(f"a group holds 1..{MAX_GROUP} weights, got {count}")
+
+
+def argmax(logits: torch.Tensor) -> torch.Tensor:
+    """``logits.argmax(-1)`` (int64, the first index of the largest; a NaN counts as largest) of float32 CPU rows.
+
+    torch's argmax scans a 49k-entry row of logits in 75-190 µs on the AMD EPYC machines of this project, about 1 %
+    of a decode step; this vector scan takes a few microseconds."""
+    _check_float32(logits)
+    if logits.dim() == 0 or logits.shape[-1] == 0:
+        raise ValueError(f"argmax over the last dimension of a tensor of shape {tuple(logits.shape)}")
+    flat = logits.dim() != 2
+    rows = (logits.reshape(-1, logits.shape[-1]) if flat else logits).contiguous()
+    out = torch.empty(rows.shape[0], dtype=torch.int64)
+    library().ef_argmax_rows(rows.data_ptr(), rows.shape[0], rows.shape[1], out.data_ptr())
+    return out.view(logits.shape[:-1]) if flat else out
 
 
 class DenseGroup:

@@ -20,8 +20,10 @@ from effinfer.kernels import native
 
 #: weights one program group holds (Q/K/V is the largest)
 GROUP_WEIGHTS = 3
-#: kinds of calls ``ef_decode_step`` times (the order of its timer slots)
-TIMED_KINDS = ("norms", "matmuls", "attention", "activation")
+#: kinds of calls ``ef_decode_step`` / ``ef_decode_tokens`` time (the order of their timer slots)
+TIMED_KINDS = ("norms", "matmuls", "attention", "activation", "embedding + rotary tables", "output head")
+#: attention kinds (rotary tables) a token step gathers for
+MAX_KINDS = 4
 DENSE_BITS = 32
 
 _P = ctypes.c_void_p
@@ -52,7 +54,14 @@ class _Step(ctypes.Structure):
                                           "xs")]]
 
 
+class _Inputs(ctypes.Structure):
+    _fields_ = [("embedding", _P), ("vocab", _I), ("embed_scale", _F), ("kinds", _I), ("cos", _P * MAX_KINDS),
+                ("sin", _P * MAX_KINDS), ("rope_rows", _I), ("window", _I * MAX_KINDS), ("head", _Group),
+                *[(name, _P) for name in ("hidden", "final", "cos_rows", "sin_rows", "first")]]
+
+
 _SIGNATURE = (ctypes.POINTER(_Step), _P, _I, _I, _P, _P, _P, _P, _P, _P, _I, _I, _I, _P, _P, _P)
+_TOKENS_SIGNATURE = (ctypes.POINTER(_Step), ctypes.POINTER(_Inputs), _P, _I, _I, _P, _P, _P, _P, _I, _I, _P, _P, _P)
 
 Norm = tuple[torch.Tensor, float, float]  # (weight, eps, offset) as native.add_rmsnorm takes them
 
@@ -161,10 +170,42 @@ class DecodeProgram:
         self._norms = [final_norm] + [n for b in blocks for n in (b.input_norm, b.post_attention_norm, b.pre_ffn_norm,
                                                                   b.post_ffn_norm, b.q_norm, b.k_norm) if n]
         self.num_heads = num_heads
+        self.head_dim = head_dim
         self._all_layers = (ctypes.c_int64 * len(blocks))(*range(len(blocks)))
         self._probs = torch.empty(0, dtype=torch.float32)
         self._function = native.library().ef_decode_step
         self._function.argtypes, self._function.restype = _SIGNATURE, None
+        self._tokens_function = native.library().ef_decode_tokens
+        self._tokens_function.argtypes, self._tokens_function.restype = _TOKENS_SIGNATURE, ctypes.c_int
+
+    def tokens(self, inputs: TokenInputs, tokens: torch.Tensor, pad: torch.Tensor, keys: torch.Tensor,
+               values: torch.Tensor, slot: int, layers: Sequence[int] | None = None,
+               timers: ctypes.Array | None = None) -> torch.Tensor:
+        """Logits ``[B, vocab]`` of a whole one-token step in one native call: ``tokens`` (int64, one per cache row)
+        embedded at column ``slot`` of rows left-padded by ``pad`` (int64 ``[B]``), the blocks ``layers`` (default
+        all), the final norm and the output head of ``inputs``."""
+        batch = tokens.numel()
+        capacity = keys.shape[3]
+        if not 1 <= batch <= native.MAX_TOKENS or tokens.dtype != torch.int64 or not tokens.is_contiguous() \
+                or pad.dtype != torch.int64 or pad.numel() != batch or not pad.is_contiguous() or not 0 <= slot \
+                or slot >= capacity or keys.shape[1] != batch or not keys.is_contiguous() \
+                or not values.is_contiguous():
+            raise ValueError(f"a token step takes 1..{native.MAX_TOKENS} int64 tokens, one per row of contiguous "
+                             f"caches with room for column {slot}, and int64 left padding per row")
+        if self._probs.numel() < batch * self.num_heads * capacity:
+            self._probs = torch.empty(batch * self.num_heads * capacity, dtype=torch.float32)
+        order = self._all_layers if layers is None else self._order(layers)
+        logits = torch.empty(batch, inputs.vocab)
+        status = self._tokens_function(ctypes.byref(self._step), ctypes.byref(inputs.struct), order, len(order), batch,
+                                       tokens.data_ptr(), pad.data_ptr(), keys.data_ptr(), values.data_ptr(), capacity,
+                                       slot, self._probs.data_ptr(), logits.data_ptr(), timers)
+        if status == 1:
+            raise IndexError(f"a token of {tokens.view(-1).tolist()} is outside the embedding's "
+                             f"{inputs.struct.vocab} rows")
+        if status == 2:
+            raise IndexError(f"position {slot} minus the padding {pad.tolist()} is past the rotary tables' "
+                             f"{inputs.rope_rows} rows")
+        return logits
 
     def _order(self, layers: Sequence[int]) -> ctypes.Array:
         """The blocks to run as C indices (negative ones count from the end, as in Python); out of range: refused
@@ -212,3 +253,43 @@ class DecodeProgram:
                        native._pointers(first), keys.data_ptr(), values.data_ptr(), capacity, slot, int(chain),
                        self._probs.data_ptr(), out.data_ptr(), timers)
         return out
+
+
+class TokenInputs:
+    """What a whole one-token step needs besides the blocks: the embedding table (times its scale), the rotary
+    tables per attention kind (rows = positions) with each kind's sliding window, and the output head. Lets
+    :meth:`DecodeProgram.tokens` gather the embedded tokens, rotary rows and first attended columns and run the
+    head in the same native call as the blocks: a dozen torch ops and a second call less per step."""
+
+    def __init__(self, program: DecodeProgram, embedding: torch.Tensor, embed_scale: float,
+                 head: native.DenseGroup | native.PackedGroup, windows: Sequence[int | None]) -> None:
+        problem = program_problem(head)
+        if problem or embedding.dtype != torch.float32 or not embedding.is_contiguous() or embedding.dim() != 2 \
+                or embedding.shape[1] != program.hidden or head.in_features != program.hidden \
+                or not 1 <= len(windows) <= MAX_KINDS:
+            raise ValueError(problem or "a token step takes a contiguous float32 [vocab, hidden] embedding, a head "
+                             f"over the hidden size and 1..{MAX_KINDS} attention kinds")
+        rows, dim = native.MAX_TOKENS, program.head_dim
+        self.vocab = head.out[0]
+        self._tensors = (embedding, head)  # the memory the C struct points at stays alive with it
+        self._buffers = [torch.empty(rows, program.hidden), torch.empty(rows, program.hidden),
+                         torch.empty(MAX_KINDS, rows, dim), torch.empty(MAX_KINDS, rows, dim),
+                         torch.empty(MAX_KINDS, rows, dtype=torch.int64)]
+        self._tables: Sequence[tuple[torch.Tensor, torch.Tensor]] = ()
+        self.struct = _Inputs(embedding=embedding.data_ptr(), vocab=embedding.shape[0], embed_scale=embed_scale,
+                              kinds=len(windows), head=_group(head),
+                              **dict(zip(("hidden", "final", "cos_rows", "sin_rows", "first"),
+                                         (b.data_ptr() for b in self._buffers))))
+        for kind, window in enumerate(windows):
+            self.struct.window[kind] = window or 0
+
+    def set_rope(self, tables: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """The rotary tables ``(cos, sin)`` (contiguous float32 ``[positions, head_dim]``) per attention kind."""
+        self._tables = tables
+        self.struct.rope_rows = min(cos.shape[0] for cos, _ in tables)
+        for kind, (cos, sin) in enumerate(tables):
+            self.struct.cos[kind], self.struct.sin[kind] = cos.data_ptr(), sin.data_ptr()
+
+    @property
+    def rope_rows(self) -> int:
+        return self.struct.rope_rows

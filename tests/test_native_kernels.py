@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 from effinfer.core.compose import ComposedModel
 from effinfer.core.experiment import Experiment
 from effinfer.core.testing import TINY_FAMILIES, tiny_model
-from effinfer.kernels import PackedWeight, autotune, cpu, native, reference
+from effinfer.kernels import PackedWeight, autotune, cpu, greedy_tokens, native, reference
 from effinfer.plugins.model.quantization.packing import quantize
 from effinfer.plugins.system.engine.engine import Engine
 from effinfer.plugins.system.engine.native_step import NativeStep
@@ -238,6 +238,55 @@ def test_the_one_call_program_equals_the_per_call_step(family, native_dense):
         results[program] = logits
     for a, b in zip(results[True], results[False], strict=True):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("family", TINY_FAMILIES)
+def test_a_whole_token_step_in_one_call_equals_the_step_with_python_inputs(family, native_dense):
+    """The token step gathers the embedded tokens (Gemma's scale included), rotary rows and first attended columns
+    (sliding windows, left padding) itself and runs the head in the same call: the same logits, bit for bit, as
+    the program fed from Python, also after its rotary tables grow; a bad token is refused, nothing written."""
+    model, _ = tiny_model(family, layers=3, seed=5)
+    ids = torch.randint(3, model.config.vocab_size, (2, 7), generator=torch.Generator().manual_seed(4))
+    mask = torch.ones_like(ids)
+    mask[1, :2] = 0
+    results = {}
+    for token_step in (True, False):
+        engine = Engine(model)
+        step = engine.native_step()
+        assert step.token_inputs is not None, step.token_reason
+        if not token_step:
+            step.token_inputs = None
+        cache = engine.cache_for(2, 40)
+        engine.prefill(cache, ids, mask)
+        logits = []
+        for i in range(12):
+            if i == 6:
+                step._grow_rope(step._rope_length + 1)  # new tables, new pointers
+            logits.append(engine.decode(cache, torch.tensor([5 + i, 9 + 2 * i])))
+        if token_step:
+            before = cache.keys.clone()
+            with pytest.raises(IndexError, match="outside the embedding"):
+                engine.decode(cache, torch.tensor([3, model.config.vocab_size]))
+            assert torch.equal(cache.keys, before) and cache.length == ids.shape[1] + 12
+        results[token_step] = logits
+    for a, b in zip(results[True], results[False], strict=True):
+        assert torch.equal(a, b)
+
+
+@SETTINGS
+@given(rows=st.integers(1, 3), cols=st.integers(1, 300), ties=st.booleans(), nan=st.booleans(),
+       seed=st.integers(0, 2**16))
+def test_greedy_tokens_equal_torch_argmax(rows, cols, ties, nan, seed):
+    """The native argmax keeps torch's rules: the first index of the largest, a NaN counting as largest."""
+    generator = torch.Generator().manual_seed(seed)
+    logits = torch.randn(rows, cols, generator=generator)
+    if ties:
+        logits = logits.round()  # many equal maxima
+    if nan:
+        logits.view(-1)[torch.randint(0, rows * cols, (2,), generator=generator)] = float("nan")
+    assert torch.equal(native.argmax(logits), logits.argmax(-1))
+    assert torch.equal(greedy_tokens(logits), logits.argmax(-1))
+    assert torch.equal(native.argmax(logits.view(1, rows, cols)), logits.view(1, rows, cols).argmax(-1))
 
 
 def test_native_step_over_a_left_padded_batch_equals_the_torch_step(native_dense):

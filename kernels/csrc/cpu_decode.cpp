@@ -114,7 +114,7 @@ static inline void dispatch_tokens(int64_t n, F&& f) {
   }
 }
 
-extern "C" int ef_abi_version() { return 9; }
+extern "C" int ef_abi_version() { return 10; }
 extern "C" int ef_vector_width() { return EF_VEC; }
 
 // ---------------------------------------------------------------- dense float32
@@ -867,7 +867,7 @@ struct EfStep {
   float *x, *q, *k, *v, *attn, *o, *gate, *up, *down, *xsum, *xscale;
   void* xs;
 };
-enum { T_NORMS, T_MATMULS, T_ATTENTION, T_ACTIVATION };
+enum { T_NORMS, T_MATMULS, T_ATTENTION, T_ACTIVATION, T_INPUTS, T_HEAD };
 
 static void run_group(const EfStep* s, const EfGroup& g, const float* x, int64_t n, float* y0, float* y1, float* y2) {
   float* const y[3] = {y0, y1, y2};
@@ -940,4 +940,111 @@ extern "C" void ef_decode_step(const EfStep* s, const int64_t* order, int64_t co
   }
   norm(s->final_norm, pending ? s->down : hidden, pending ? hidden : nullptr, n, s->hidden, out);
   lap(T_NORMS);
+}
+
+// ---------------------------------------------------------------- a whole one-token step in one call
+// What ef_decode_tokens gathers itself for n rows of one token each (instead of a dozen torch ops in Python): the
+// embedding rows (times the model's embedding scale), each row's rotary row and first attended column per attention
+// kind, and the output head after the final norm.
+static const int MAX_KINDS = 4;
+struct EfInputs {
+  const float* embedding;  // [vocab, hidden] float32
+  int64_t vocab;
+  float embed_scale;
+  int64_t kinds;
+  const float* cos[MAX_KINDS];  // per kind: [rope_rows, dim] (row p: position p)
+  const float* sin[MAX_KINDS];
+  int64_t rope_rows;
+  int64_t window[MAX_KINDS];  // per kind: its sliding window, 0 for full attention
+  EfGroup head;
+  // scratch for MAXN rows
+  float *hidden, *final, *cos_rows, *sin_rows;  // [MAXN, hidden] x2, [kinds, MAXN, dim] x2
+  int64_t* first;  // [kinds, MAXN]
+};
+
+// tokens [n], pad [n] (each row's left padding): every row's token at column `slot`. Returns 0, or 1 when a token is
+// outside the vocabulary, 2 when a position is past the rotary tables (nothing was run or written then).
+extern "C" int ef_decode_tokens(const EfStep* s, const EfInputs* in, const int64_t* order, int64_t count, int64_t n,
+                                const int64_t* tokens, const int64_t* pad, float* kcache, float* vcache,
+                                int64_t capacity, int64_t slot, float* probs, float* logits, double* timers) {
+  const double started = timers ? omp_get_wtime() : 0.0;
+  for (int64_t b = 0; b < n; ++b) {
+    if (tokens[b] < 0 || tokens[b] >= in->vocab) return 1;
+    if (slot - pad[b] < 0 || slot - pad[b] >= in->rope_rows) return 2;
+  }
+  const float* cos[MAX_KINDS];
+  const float* sin[MAX_KINDS];
+  const int64_t* first[MAX_KINDS];
+  for (int64_t b = 0; b < n; ++b) {
+    const float* row = in->embedding + tokens[b] * s->hidden;
+    for (int64_t i = 0; i < s->hidden; ++i) in->hidden[b * s->hidden + i] = row[i] * in->embed_scale;
+  }
+  for (int64_t k = 0; k < in->kinds; ++k) {
+    float* c = in->cos_rows + k * MAXN * s->dim;
+    float* sn = in->sin_rows + k * MAXN * s->dim;
+    int64_t* f = in->first + k * MAXN;
+    for (int64_t b = 0; b < n; ++b) {
+      const int64_t position = slot - pad[b];
+      std::memcpy(c + b * s->dim, in->cos[k] + position * s->dim, s->dim * sizeof(float));
+      std::memcpy(sn + b * s->dim, in->sin[k] + position * s->dim, s->dim * sizeof(float));
+      const int64_t windowed = in->window[k] ? slot - in->window[k] + 1 : 0;  // a query at column c sees keys after c - window
+      f[b] = pad[b] > windowed ? pad[b] : windowed;
+    }
+    cos[k] = c;
+    sin[k] = sn;
+    first[k] = f;
+  }
+  if (timers) timers[T_INPUTS] += omp_get_wtime() - started;
+  ef_decode_step(s, order, count, n, in->hidden, cos, sin, first, kcache, vcache, capacity, slot, 0, probs, in->final,
+                 timers);
+  const double head_started = timers ? omp_get_wtime() : 0.0;
+  run_group(s, in->head, in->final, n, logits, nullptr, nullptr);
+  if (timers) timers[T_HEAD] += omp_get_wtime() - head_started;
+  return 0;
+}
+
+// out[r] = the first index of the largest of x[r, 0..cols) (a NaN counts as largest, as torch.argmax has it):
+// one vector pass for the maximum and any NaN, then a vector scan for the first index holding it
+typedef int32_t vi __attribute__((vector_size(EF_VEC * 4)));
+static inline bool any(vi m) {
+#if EF_VEC == 8 && defined(__AVX2__)
+  return !_mm256_testz_si256((__m256i)m, (__m256i)m);
+#elif EF_VEC == 16 && defined(__AVX512F__)
+  return _mm512_test_epi32_mask((__m512i)m, (__m512i)m) != 0;
+#else
+  for (int k = 0; k < EF_VEC; ++k)
+    if (m[k]) return true;
+  return false;
+#endif
+}
+static int64_t first_where(const float* p, int64_t cols, bool nan, float m) {
+  int64_t i = 0;
+  for (; i + EF_VEC <= cols; i += EF_VEC) {
+    const vf v = load(p + i);
+    if (any(nan ? v != v : v == m)) break;
+  }
+  for (; i < cols; ++i)
+    if (nan ? p[i] != p[i] : p[i] == m) return i;
+  return 0;
+}
+extern "C" void ef_argmax_rows(const float* x, int64_t rows, int64_t cols, int64_t* out) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* p = x + r * cols;
+    vf top = vf{} - INFINITY;
+    vi nans = vi{};
+    int64_t i = 0;
+    for (; i + EF_VEC <= cols; i += EF_VEC) {
+      const vf v = load(p + i);
+      nans |= v != v;
+      top = v > top ? v : top;
+    }
+    float m = -INFINITY;
+    bool nan = any(nans);
+    for (int k = 0; k < EF_VEC; ++k) m = top[k] > m ? top[k] : m;
+    for (; i < cols; ++i) {
+      nan |= p[i] != p[i];
+      m = p[i] > m ? p[i] : m;
+    }
+    out[r] = first_where(p, cols, nan, m);
+  }
 }

@@ -71,21 +71,20 @@ def decode_loop(prefill: Callable[[], torch.Tensor], decode: Callable[[torch.Ten
                 input_ids: torch.Tensor, config: GenerationConfig, stop_ids: set[int]) -> GenerationResult:
     """Prefill, then one token selection, stop check and ``decode`` step per new token; timed apart."""
     generator = make_generator(config, input_ids.device)
-    stop = torch.tensor(sorted(stop_ids) or [-1], device=input_ids.device)
     started = time.perf_counter()
     logits = prefill()
     prefill_done = time.perf_counter()
-    chosen: list[torch.Tensor] = []
-    finished = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+    chosen: list[list[int]] = []  # per step, each row's token: the stop check stays in Python, off the torch path
+    finished = [False] * input_ids.shape[0]
     for step in range(config.max_new_tokens):
         tokens = select_tokens(logits, config, generator)
-        chosen.append(tokens)
-        finished |= torch.isin(tokens, stop)
-        if step == config.max_new_tokens - 1 or bool(finished.all()):
+        chosen.append(tokens.tolist())
+        finished = [done or token in stop_ids for done, token in zip(finished, chosen[-1])]
+        if step == config.max_new_tokens - 1 or all(finished):
             break
         logits = decode(tokens)
     done = time.perf_counter()
-    return GenerationResult(cut_at_stop(torch.stack(chosen, dim=1).tolist(), stop_ids),
+    return GenerationResult(cut_at_stop([list(row) for row in zip(*chosen)], stop_ids),
                             prefill_done - started, done - prefill_done, len(chosen) - 1)
 
 

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from effinfer.kernels import autotune, native
-from effinfer.kernels.native_program import TIMED_KINDS, BlockSpec, DecodeProgram, program_problem
+from effinfer.kernels.native_program import TIMED_KINDS, BlockSpec, DecodeProgram, TokenInputs, program_problem
 from effinfer.kernels.packed import PackedWeight
 from effinfer.plugins.system.engine.forward import SLIDING, DecoderLayout
 
@@ -39,6 +39,9 @@ GEMMA_NORMS = {"Gemma3RMSNorm"}
 PLAIN_NORMS = {"LlamaRMSNorm", "Qwen2RMSNorm", "MistralRMSNorm"} | GEMMA_NORMS
 #: gated MLPs whose forward is down(act(gate(x)) * up(x)) with the config's activation
 STOCK_MLPS = {"LlamaMLP", "Qwen2MLP", "MistralMLP", "Gemma3MLP"}
+#: embedding modules a whole-step native call gathers rows of: class name -> the attribute holding the factor its
+#: forward multiplies the rows by (``None``: no factor)
+EMBEDDING_SCALES = {"Embedding": None, "Gemma3TextScaledWordEmbedding": "embed_scale"}
 
 
 def packed_weight(module: nn.Module) -> PackedWeight | None:
@@ -143,7 +146,7 @@ class NativeLayer:
 def weight_pointers(layout: DecoderLayout) -> tuple[int, ...]:
     """Where every projection's weight lives: a technique that replaces a weight after the step was built
     changes one of these, and the step is built again."""
-    modules = [*layout.layers, layout.norm, layout.lm_head, layout.rotary]  # rotary: the step's rope table
+    modules = [layout.embed, *layout.layers, layout.norm, layout.lm_head, layout.rotary]  # rotary: its rope table
     return tuple(t.data_ptr() for m in modules for t in (*m.parameters(), *m.buffers()))
 
 
@@ -184,6 +187,30 @@ class NativeStep:
                                          sandwich=layout.sandwich_norms)
         except ValueError as error:
             self.program_reason = str(error)
+        #: the embedding, rotary tables and output head for whole steps in one native call (``None``: the step
+        #: gathers its inputs and runs the head from Python; :attr:`token_reason` says why)
+        self.token_inputs: TokenInputs | None = None
+        self.token_reason = self._token_problem()
+        if self.token_reason is None:
+            try:
+                self.token_inputs = TokenInputs(self.program, layout.embed.weight, self._embed_scale(),
+                                                self.head, [layout.sliding_window if kind == SLIDING else None
+                                                            for kind in self.kinds])
+            except ValueError as error:
+                self.token_reason = str(error)
+
+    def _token_problem(self) -> str | None:
+        if self.program is None:
+            return f"no program ({self.program_reason})"
+        if not self._static_rope:
+            return "the rotary tables depend on the sequence length"
+        if type(self.layout.embed).__name__ not in EMBEDDING_SCALES or self.layout.embed.max_norm is not None:
+            return f"the embedding is a {type(self.layout.embed).__name__}, not a plain or Gemma-scaled table"
+        return None
+
+    def _embed_scale(self) -> float:
+        attribute = EMBEDDING_SCALES[type(self.layout.embed).__name__]
+        return 1.0 if attribute is None else float(getattr(self.layout.embed, attribute).float())
 
     def profile(self) -> dict[str, float]:
         """Start timing each kind of call (matmuls, attention, norms, ...) per step; returns the dict that fills.
@@ -197,6 +224,15 @@ class NativeStep:
     def __call__(self, tokens: torch.Tensor, slot: int, keys: torch.Tensor, values: torch.Tensor,
                  pad: torch.Tensor, layers: Sequence[int] | None = None) -> torch.Tensor:
         started = time.perf_counter() if self.breakdown is not None else 0.0
+        inputs = self.token_inputs
+        if inputs is not None and tokens.dtype == pad.dtype == torch.int64 and self.program is not None:
+            if slot >= inputs.rope_rows:
+                self._grow_rope(slot + 1)
+            timers = (ctypes.c_double * len(TIMED_KINDS))() if self.breakdown is not None else None
+            logits = self.program.tokens(inputs, tokens, pad, keys, values, slot, layers, timers)
+            if timers is not None:
+                self._add_timers(timers, started)
+            return logits
         run = self._run
         layout = self.layout
         batch = tokens.shape[0]
@@ -247,9 +283,17 @@ class NativeStep:
         timers = (ctypes.c_double * len(TIMED_KINDS))() if self.breakdown is not None else None
         final = self.program(hidden, *self._by_kind(rope, first), keys, values, slot, layers, timers)
         if timers is not None:
-            for kind, seconds in zip(TIMED_KINDS, timers):
-                self.breakdown[kind] = self.breakdown.get(kind, 0.0) + seconds
+            self._add_timers(timers)
         return final
+
+    def _add_timers(self, timers: ctypes.Array, started: float | None = None) -> None:
+        """Add the native timers to :attr:`breakdown`; with ``started``, count a whole step (total and steps)."""
+        for kind, seconds in zip(TIMED_KINDS, timers):
+            if seconds:
+                self.breakdown[kind] = self.breakdown.get(kind, 0.0) + seconds
+        if started is not None:
+            self.breakdown["total"] = self.breakdown.get("total", 0.0) + time.perf_counter() - started
+            self.breakdown["steps"] = self.breakdown.get("steps", 0) + 1
 
     def _finish(self, final: torch.Tensor, started: float) -> torch.Tensor:
         logits = self._run("output head", self.head, final)[0]
@@ -269,11 +313,18 @@ class NativeStep:
                     for kind, (cos, sin) in self.layout.rope(probe, flat.view(1, -1)).items()}
         longest = int(flat.max()) + 1
         if longest > self._rope_length:
-            self._rope_length = max(longest, 2 * self._rope_length, 256)
-            self._rope_tables = {kind: (cos[0].contiguous(), sin[0].contiguous()) for kind, (cos, sin) in
-                                 self.layout.rope(probe, torch.arange(self._rope_length).view(1, -1)).items()}
+            self._grow_rope(longest)
         return {kind: (cos.index_select(0, flat), sin.index_select(0, flat))
                 for kind, (cos, sin) in self._rope_tables.items()}
+
+    def _grow_rope(self, longest: int) -> None:
+        """Rotary tables for every position below ``longest`` at least (doubling, so growth is rare)."""
+        probe = torch.zeros(1, 1, 1, dtype=torch.float32)  # the rotary module reads only its dtype and device
+        self._rope_length = max(longest, 2 * self._rope_length, 256)
+        self._rope_tables = {kind: (cos[0].contiguous(), sin[0].contiguous()) for kind, (cos, sin) in
+                             self.layout.rope(probe, torch.arange(self._rope_length).view(1, -1)).items()}
+        if self.token_inputs is not None:
+            self.token_inputs.set_rope([self._rope_tables[kind] for kind in self.kinds])
 
     def _inputs(self, tokens: torch.Tensor, columns: torch.Tensor, pad: torch.Tensor):
         """For ``n`` tokens, their cache columns and their rows' left padding (each ``[n]``): the embedded tokens,
