@@ -45,6 +45,7 @@ from effinfer.evaluation.metrics.timing import load_average
 from effinfer.evaluation.metrics.memory import weight_bytes
 from effinfer.evaluation.metrics.roofline import roofline as evaluator_roofline
 from effinfer.evaluation.metrics.timing import paired_ratios, round_robin
+from effinfer.kernels import greedy_tokens
 from effinfer.kernels.native import read_probes as native_read_probes
 from effinfer.plugins.system.engine import StaticDecoding, StaticEngine
 
@@ -310,7 +311,7 @@ def paired_roofline(models: dict[str, Any], ids: torch.Tensor, mask: torch.Tenso
             cache = engine.cache_for(1, ids.shape[1] + (windows + 1) * steps, name="paired roofline")
             token = engine.prefill(cache, ids, mask).logits[:, -1].argmax(-1, keepdim=True)
             for _ in range(steps):  # warm-up window
-                token = engine.decode(cache, token).argmax(-1, keepdim=True)
+                token = greedy_tokens(engine.decode(cache, token))
             states[name] = [engine, cache, token]
         windows_of: dict[str, list[dict[str, float]]] = {name: [] for name in models}
         for _ in range(windows):
@@ -319,7 +320,7 @@ def paired_roofline(models: dict[str, Any], ids: torch.Tensor, mask: torch.Tenso
                 bandwidth = probe()
                 started = time.perf_counter()
                 for _ in range(steps):
-                    token = engine.decode(cache, token).argmax(-1, keepdim=True)
+                    token = greedy_tokens(engine.decode(cache, token))
                 seconds = time.perf_counter() - started
                 state[2] = token
                 context = cache.length - steps // 2

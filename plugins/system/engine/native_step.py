@@ -287,13 +287,14 @@ class NativeStep:
         return final
 
     def _add_timers(self, timers: ctypes.Array, started: float | None = None) -> None:
-        """Add the native timers to :attr:`breakdown`; with ``started``, count a whole step (total and steps)."""
+        """Add the native timers to :attr:`breakdown`; with ``started``, count a whole step (total, steps, calls)."""
         for kind, seconds in zip(TIMED_KINDS, timers):
             if seconds:
                 self.breakdown[kind] = self.breakdown.get(kind, 0.0) + seconds
-        if started is not None:
+        if started is not None:  # a whole step in one native call
             self.breakdown["total"] = self.breakdown.get("total", 0.0) + time.perf_counter() - started
             self.breakdown["steps"] = self.breakdown.get("steps", 0) + 1
+            self.breakdown["calls"] = self.breakdown.get("calls", 0) + 1
 
     def _finish(self, final: torch.Tensor, started: float) -> torch.Tensor:
         logits = self._run("output head", self.head, final)[0]
