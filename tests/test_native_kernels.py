@@ -415,7 +415,11 @@ def test_short_forwards_use_the_native_matmuls_and_equal_the_torch_path(family, 
         engine = Engine(model, kernels=kernels)
         cache = engine.cache_for(1, 32)
         first = engine.prefill(cache, prompt, torch.ones_like(prompt)).logits
+        timings = engine.native_step().profile() if kernels == "auto" else {}
         chain = engine.forward(cache, draft)  # a chain of 6: the native program's causal chain step
+        if kernels == "auto":  # the chain feeds the step profile as one step
+            engine.native_step().breakdown = None
+            assert timings["steps"] == 1 and timings["matmuls"] > 0 and timings["attention"] > 0
         tree = engine.forward(cache, draft, parents=[-1, 0, 0, 1, 2, 2]).logits  # a tree: the torch forward
         results[kernels] = (first, chain.logits, chain.hidden, tree, engine.small_matmul())
     assert chains == [(1, 6)]  # gemma3: its 8-token window cuts into the chain's keys (positions 5..10)

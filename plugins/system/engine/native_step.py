@@ -216,7 +216,7 @@ class NativeStep:
         """Start timing each kind of call (matmuls, attention, norms, ...) per step; returns the dict that fills.
 
         The part of ``total`` no kind accounts for is Python and torch dispatch between the calls; ``calls``
-        counts the timed calls and ``steps`` the steps.
+        counts the timed calls and ``steps`` the steps (a verified chain of drafted tokens counts as one).
         """
         self.breakdown = {}
         return self.breakdown
@@ -273,10 +273,16 @@ class NativeStep:
         """Logits and final-norm hidden states (``1 × k × …``) of a chain of ``k ≤ 8`` tokens (``1 × k``) fed into a
         one-row cache from column ``start``, each attending causally (speculative verification). Needs
         :attr:`program`."""
+        started = time.perf_counter() if self.breakdown is not None else 0.0
         k = tokens.shape[-1]
-        hidden, rope, first = self._inputs(tokens.view(-1), start + torch.arange(k), pad.reshape(1).expand(k))
-        final = self.program(hidden, *self._by_kind(rope, first), keys, values, start, layers, chain=True)
-        return self.head(final)[0].view(1, k, -1), final.view(1, k, -1)
+        hidden, rope, first = self._run("embedding + rotary tables", self._inputs, tokens.view(-1),
+                                        start + torch.arange(k), pad.reshape(1).expand(k))
+        timers = (ctypes.c_double * len(TIMED_KINDS))() if self.breakdown is not None else None
+        final = self.program(hidden, *self._by_kind(rope, first), keys, values, start, layers, timers, chain=True)
+        if timers is not None:
+            self._add_timers(timers)
+        logits = self._finish(final, started)  # a chain counts as one step of the profile
+        return logits.view(1, k, -1), final.view(1, k, -1)
 
     def _run_program(self, hidden: torch.Tensor, rope: dict, first: dict, keys: torch.Tensor, values: torch.Tensor,
                      slot: int, pad: torch.Tensor, layers: Sequence[int] | None) -> torch.Tensor:
