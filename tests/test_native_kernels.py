@@ -115,16 +115,18 @@ def test_the_gemv_streams_benchmark_builds_and_measures_every_variant(tmp_path):
     assert rows[0]["ratio"] == 1.0 and rows[-1]["variant"].startswith("ef_linear_f32")
 
 
-@pytest.mark.parametrize("bits,group", [(8, 64), (8, 32), (4, 32), (4, 64)])
+@pytest.mark.parametrize("bits,group,groups", [(8, 64, 4), (8, 32, 4), (4, 32, 4), (4, 64, 4),
+                                               (8, 576, 1), (8, 1536, 1), (4, 160, 3)])  # per channel, 64+64+32
 @pytest.mark.parametrize("outs", [[67], [40, 13, 13]])
-def test_one_token_packed_rows_read_far_apart_equal_the_reference(bits, group, outs):
+def test_one_token_packed_rows_read_far_apart_equal_the_reference(bits, group, groups, outs):
     """One token, many rows: the register tile over rows far apart (row i of each quarter of a thread's share, across
-    the weights of a fused group), the leftover rows one at a time: every output row lands in its place."""
+    the weights of a fused group), the leftover rows one at a time: every output row lands in its place. Groups above
+    64 inputs (per-channel ones too) run as chunks of 64 whose int32 sums never overflow."""
     generator = torch.Generator().manual_seed(bits * group + len(outs))
-    packed = [PackedWeight.from_quantized(quantize(torch.randn(o, 4 * group, generator=generator), bits, group,
+    packed = [PackedWeight.from_quantized(quantize(torch.randn(o, groups * group, generator=generator), bits, group,
                                                    False)) for o in outs]
     biases = [torch.randn(o, generator=generator) for o in outs]
-    x = torch.randn(1, 4 * group, generator=generator)
+    x = torch.randn(1, groups * group, generator=generator)
     for y, weight, b in zip(native.PackedGroup(packed, biases)(x), packed, biases, strict=True):
         expected = reference.dequant_matmul(x, weight) + b
         assert (y - expected).abs().le(native.packed_error_bound(x, weight) * 1.01 + 1e-4).all()

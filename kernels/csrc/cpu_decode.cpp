@@ -399,11 +399,11 @@ static void packed_tile_int(const int16_t* xq, const float* xscale, const float*
 #endif
 
 #if defined(__AVX2__)
-// The one-token decode case of packed_tile_int on ROWS rows (anywhere: one pointer each) with groups of at most
-// INT_CHUNK inputs: each group's
-// int32 sums are scaled straight into the float totals, so accumulators, totals, codes and the input stay within
-// the 16 vector registers (the general kernel keeps per-chunk partial sums too, and spills).
-template <int BITS>
+// The one-token decode case of packed_tile_int on ROWS rows (anywhere: one pointer each): the int32 sums of each
+// chunk of at most INT_CHUNK inputs are scaled by their group's scale straight into the float totals, so
+// accumulators, totals, codes and the input stay within the 16 vector registers (the general kernel keeps
+// per-group partial sums too, and spills). Any group size: a per-channel group is INT_CHUNK-input chunks.
+template <int BITS, bool CHUNKED>
 static void packed_tile_int_one(const int16_t* xq, const float* xscale, const float* xsum, int64_t in, int64_t group,
                                 const uint8_t* const* codes, const float* const* scale, const float* const* gbias,
                                 float* acc) {
@@ -412,11 +412,12 @@ static void packed_tile_int_one(const int16_t* xq, const float* xscale, const fl
   float offset[ROWS] = {};
   for (int r = 0; r < ROWS; ++r) total[r] = _mm256_setzero_ps();
   const __m256i low = _mm256_set1_epi16(15);
-  for (int64_t g = 0; g < groups; ++g) {
+  // int32 sums of inputs [from, to) into a[r], then scaled by group g's scale into the totals
+  auto add_chunk = [&](int64_t g, int64_t from, int64_t to) {
     __m256i a[ROWS];
     for (int r = 0; r < ROWS; ++r) a[r] = _mm256_setzero_si256();
     if (BITS == 8) {
-      for (int64_t i = g * group; i < (g + 1) * group; i += 16) {
+      for (int64_t i = from; i < to; i += 16) {
         const __m256i xv = _mm256_loadu_si256((const __m256i*)(xq + i));
         for (int r = 0; r < ROWS; ++r) {
           const __m256i w = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i*)(codes[r] + i)));
@@ -424,7 +425,7 @@ static void packed_tile_int_one(const int16_t* xq, const float* xscale, const fl
         }
       }
     } else {
-      for (int64_t i = g * group; i < (g + 1) * group; i += 32) {
+      for (int64_t i = from; i < to; i += 32) {
         const __m256i xe = _mm256_loadu_si256((const __m256i*)(xq + i));
         const __m256i xo = _mm256_loadu_si256((const __m256i*)(xq + i + 16));
         for (int r = 0; r < ROWS; ++r) {  // 16 bytes widened once; each 16-bit lane splits into its two nibbles
@@ -434,10 +435,17 @@ static void packed_tile_int_one(const int16_t* xq, const float* xscale, const fl
         }
       }
     }
-    for (int r = 0; r < ROWS; ++r) {
+    for (int r = 0; r < ROWS; ++r)
       total[r] = _mm256_fmadd_ps(_mm256_set1_ps(scale[r][g]), _mm256_cvtepi32_ps(a[r]), total[r]);
-      offset[r] += gbias[r][g] * xsum[g];
+  };
+  for (int64_t g = 0; g < groups; ++g) {
+    if constexpr (CHUNKED) {  // a group above INT_CHUNK inputs (per channel, say): its chunks' sums one by one
+      for (int64_t c = g * group; c < (g + 1) * group; c += INT_CHUNK)
+        add_chunk(g, c, c + INT_CHUNK < (g + 1) * group ? c + INT_CHUNK : (g + 1) * group);
+    } else {
+      add_chunk(g, g * group, (g + 1) * group);
     }
+    for (int r = 0; r < ROWS; ++r) offset[r] += gbias[r][g] * xsum[g];
   }
   for (int r = 0; r < ROWS; ++r) {
     __m128 q = _mm_add_ps(_mm256_castps256_ps128(total[r]), _mm256_extractf128_ps(total[r], 1));
@@ -487,11 +495,11 @@ extern "C" void ef_packed_input(const float* x, int64_t n, int64_t in, int bits,
 }
 
 #if defined(__AVX2__)
-// One token on the integer path with groups of at most INT_CHUNK inputs: the register-resident tile over ROWS rows
+// One token on the integer path: the register-resident tile over ROWS rows
 // that lie far apart (row i of each of ROWS equal parts of a thread's share of all `count` weights' rows), so each
 // row is its own sequential stream; the rows left over take the general tile one at a time. Adjacent rows, read
 // together, interleave their streams inside the same pages (see dense_far).
-template <int BITS>
+template <int BITS, bool CHUNKED>
 static void linear_packed_far_one(const int16_t* xq, const float* xsum, const float* xscale, int64_t in,
                                   int64_t group, int64_t count, const uint8_t* const* codes,
                                   const float* const* scale, const float* const* gbias, const int64_t* out,
@@ -517,7 +525,7 @@ static void linear_packed_far_one(const int16_t* xq, const float* xsum, const fl
         row_scale[r] = scale[weight[r]] + local[r] * groups;
         row_gbias[r] = gbias[weight[r]] + local[r] * groups;
       }
-      packed_tile_int_one<BITS>(xq, xscale, xsum, in, group, row_codes, row_scale, row_gbias, acc);
+      packed_tile_int_one<BITS, CHUNKED>(xq, xscale, xsum, in, group, row_codes, row_scale, row_gbias, acc);
       for (int r = 0; r < ROWS; ++r) store(weight[r], local[r], acc[r * MAXN]);
     }
     int64_t j = 0;
@@ -537,11 +545,16 @@ extern "C" void ef_linear_packed(const void* xs, const float* xsum, const float*
                                  const float* const* bias, float* const* y) {
   const int64_t stride = in * bits / 8, groups = in / group;
 #if defined(__AVX2__)
-  if (n == 1 && group <= INT_CHUNK) {
-    if (bits == 8)
-      linear_packed_far_one<8>((const int16_t*)xs, xsum, xscale, in, group, count, codes, scale, gbias, out, bias, y);
+  if (n == 1) {  // one instantiation per case, so each keeps its tile inlined
+    const int16_t* xq = (const int16_t*)xs;
+    if (bits == 8 && group > INT_CHUNK)
+      linear_packed_far_one<8, true>(xq, xsum, xscale, in, group, count, codes, scale, gbias, out, bias, y);
+    else if (bits == 8)
+      linear_packed_far_one<8, false>(xq, xsum, xscale, in, group, count, codes, scale, gbias, out, bias, y);
+    else if (group > INT_CHUNK)
+      linear_packed_far_one<4, true>(xq, xsum, xscale, in, group, count, codes, scale, gbias, out, bias, y);
     else
-      linear_packed_far_one<4>((const int16_t*)xs, xsum, xscale, in, group, count, codes, scale, gbias, out, bias, y);
+      linear_packed_far_one<4, false>(xq, xsum, xscale, in, group, count, codes, scale, gbias, out, bias, y);
     return;
   }
 #endif
