@@ -54,9 +54,6 @@ FORMATS = {  # stack name → rtn spec (None: the model as loaded); decoded by t
     "w8a16_native": "rtn:bits=8,group_size=null,symmetric=true,execution=native,skip_modules=[]",
     "w4a16_g32_native": "rtn:bits=4,group_size=32,symmetric=false,execution=native,skip_modules=[]",
 }
-#: MiB of the read-bandwidth probe, in the CPU probe and before each validation round (the same probe, so the
-#: round's reading can rescale the probed figures)
-READING_MIB = 256
 #: bytes of distinct weights a matmul probe streams (well past the last-level cache, like a real decode step)
 PROBE_STREAM_BYTES = 192 * 2**20
 #: model shapes for the catalogue table (Llama-2-7B: Touvron et al., arXiv:2307.09288, its config.json)
@@ -74,7 +71,8 @@ def cpu_name() -> str:
 def probe_cpu(shape: ModelShape, quick: bool) -> tuple[Hardware, dict]:
     """This CPU as a catalogue entry: stream bandwidth, GEMM peaks, op cost, and per-kernel GEMV bandwidth."""
     torch.manual_seed(0)
-    figures = {"read_bandwidth": probe.read_bandwidth(8 if quick else READING_MIB), "fp32_gemm_flops": probe.gemm_flops(128 if quick else 1024),
+    mib = 8 if quick else 256
+    figures = {"read_bandwidth": probe.read_bandwidth(mib), "fp32_gemm_flops": probe.gemm_flops(128 if quick else 1024),
                "bf16_gemm_flops": probe.gemm_flops(128 if quick else 1024, torch.bfloat16),
                "op_overhead_s": probe.native_call_overhead(200 if quick else 2000),
                "torch_op_overhead_s": probe.op_overhead(200 if quick else 2000)}
@@ -176,19 +174,16 @@ def build(source: str, stack: ExitStack) -> tuple[dict, ModelShape]:
     return models, shape
 
 
-def validate(models: dict, shape: ModelShape, hardware: Hardware, prompt: int, steps: int, rounds: int,
-             reading_mib: int = READING_MIB) -> list[dict]:
+def validate(models: dict, shape: ModelShape, hardware: Hardware, prompt: int, steps: int, rounds: int) -> list[dict]:
     generator = torch.Generator().manual_seed(0)
     ids = torch.randint(100, shape.vocab, (1, prompt), generator=generator)
     ops = {name: count_ops(model, ids) for name, model in models.items()}
     for model in models.values():
         decode_run(model, ids, 2)
     samples: dict[str, list[float]] = {name: [] for name in models}
-    readings: dict[str, list[float]] = {name: [] for name in models}
     order = list(models)
     for r in range(rounds):
         for name in (order if r % 2 == 0 else order[::-1]):
-            readings[name].append(probe.read_bandwidth(reading_mib))
             samples[name].append(decode_run(models[name], ids, steps))
     ideal_cpu = replace(hardware, name="this CPU (ideal roofline)", matmul_bandwidth={}, op_overhead=0.0)
     rows = []
@@ -197,29 +192,14 @@ def validate(models: dict, shape: ModelShape, hardware: Hardware, prompt: int, s
         measured = statistics.median(samples[name])
         ideal = decode(shape, STACKS[name], ideal_cpu, context)
         probed = decode(shape, STACKS[name], hardware, context, dispatched_ops=ops[name])
-        # each round's prediction with the probed bandwidths scaled to the reading taken right before that round
-        ratios = sorted(decode(shape, STACKS[name], drifted(hardware, reading), context,
-                               dispatched_ops=ops[name]).seconds / sample
-                        for reading, sample in zip(readings[name], samples[name]))
         rows.append({"stack": name, "measured_s": measured, "measured_tok_s": 1 / measured, "samples_s": samples[name],
-                     "bandwidth_readings": readings[name], "ideal_s": ideal.seconds, "probed_s": probed.seconds,
-                     "probed_breakdown_s": probed.by_kind, "dispatched_ops": ops[name],
-                     "ideal_ratio": ideal.seconds / measured, "probed_ratio_static": probed.seconds / measured,
-                     "probed_ratio": statistics.median(ratios), "probed_ratio_range": [ratios[0], ratios[-1]]})
+                     "ideal_s": ideal.seconds, "probed_s": probed.seconds, "probed_breakdown_s": probed.by_kind,
+                     "dispatched_ops": ops[name], "ideal_ratio": ideal.seconds / measured,
+                     "probed_ratio": probed.seconds / measured})
         print(f"{name}: measured {measured * 1e3:.1f} ms/token; ideal roofline {ideal.seconds * 1e3:.1f} ms "
               f"({ideal.seconds / measured:.2f}×); probed model {probed.seconds * 1e3:.1f} ms "
-              f"({probed.seconds / measured:.2f}× at the probes' bandwidth, {statistics.median(ratios):.2f}× "
-              f"[{ratios[0]:.2f}–{ratios[-1]:.2f}] at each round's reading), {ops[name]} ops/step", flush=True)
+              f"({probed.seconds / measured:.2f}×), {ops[name]} ops/step", flush=True)
     return rows
-
-
-def drifted(hardware: Hardware, bandwidth: float) -> Hardware:
-    """``hardware`` with its read bandwidth and every probed kernel bandwidth scaled to a later ``bandwidth`` reading
-    (same probe): this host's bandwidth moves by up to a third within minutes, and the kernels were probed minutes
-    before the decoding they predict."""
-    factor = bandwidth / hardware.bandwidth
-    return replace(hardware, bandwidth=bandwidth,
-                   matmul_bandwidth={stack: b * factor for stack, b in hardware.matmul_bandwidth.items()})
 
 
 def catalogue_rows(cpu: Hardware, shapes: dict[str, ModelShape], context: int) -> list[dict]:
@@ -261,21 +241,15 @@ def markdown(meta: dict, cpu: Hardware, figures: dict, validation: list[dict], c
         f"the static engine's native step), median of {meta['rounds']} interleaved rounds", "",
         "### Validation on this CPU (decode, batch 1)", "",
         "| stack | measured ms/token | tok/s | ideal roofline ms | ideal ÷ measured | probed model ms | "
-        "probed ÷ measured | at probe time | calls/step | probed breakdown (ms) |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+        "probed ÷ measured | calls/step | probed breakdown (ms) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for row in validation:
         breakdown = ", ".join(f"{k} {v * 1e3:.1f}" for k, v in row["probed_breakdown_s"].items())
         lines.append(f"| {row['stack']} | {row['measured_s'] * 1e3:.1f} | {row['measured_tok_s']:.1f} | "
                      f"{row['ideal_s'] * 1e3:.1f} | {row['ideal_ratio']:.2f} | {row['probed_s'] * 1e3:.1f} | "
-                     f"**{row['probed_ratio']:.2f}** [{row['probed_ratio_range'][0]:.2f}–"
-                     f"{row['probed_ratio_range'][1]:.2f}] | {row['probed_ratio_static']:.2f} | "
-                     f"{row['dispatched_ops']} | {breakdown} |")
-    lines += ["", "Within ±30% means probed ÷ measured in 0.70–1.30. *probed ÷ measured*: the median over rounds "
-              "of each round's prediction ÷ its measurement, the prediction's probed bandwidths scaled by the read "
-              "bandwidth measured right before that round ÷ the one measured with the probes (this host's bandwidth "
-              "drifts by up to a third within minutes) [min–max over rounds]; *at probe time*: the prediction at the "
-              "probes' own bandwidth ÷ the median measurement. The ideal roofline is the floor the hardware "
+                     f"**{row['probed_ratio']:.2f}** | {row['dispatched_ops']} | {breakdown} |")
+    lines += ["", "Within ±30% means probed ÷ measured in 0.70–1.30. The ideal roofline is the floor the hardware "
               "allows; the gap between it and the measurement is the kernels' bandwidth shortfall plus dispatch.", "",
               markdown_catalogue(catalogue, meta["context"])]
     return "\n".join(lines)
@@ -365,8 +339,7 @@ def main(argv: list[str] | None = None) -> None:
         else:
             models, source_shape = build(args.model, stack)
         cpu, figures = probe_cpu(source_shape, args.quick)
-        validation = validate(models, source_shape, cpu, args.prompt, args.steps, args.rounds,
-                              8 if args.quick else READING_MIB)
+        validation = validate(models, source_shape, cpu, args.prompt, args.steps, args.rounds)
     shapes = {args.model if not args.quick else "tiny": source_shape}
     if not args.quick:
         qwen = Path.home() / ".cache/effinfer/models/qwen2.5-coder-1.5b-instruct/config.json"
