@@ -45,7 +45,7 @@ from effinfer.evaluation.metrics.timing import load_average
 from effinfer.evaluation.metrics.memory import weight_bytes
 from effinfer.evaluation.metrics.roofline import roofline as evaluator_roofline
 from effinfer.evaluation.metrics.timing import paired_ratios, round_robin
-from effinfer.kernels import greedy_tokens
+from effinfer.kernels import greedy_tokens, hugepages
 from effinfer.kernels.native import read_probes as native_read_probes
 from effinfer.plugins.system.engine import StaticDecoding, StaticEngine
 
@@ -222,7 +222,7 @@ class ReadBandwidth:
     effinfer's four-stream read: ``native.read_probes``) the median of 3 reads, and the fastest probe counts."""
 
     def __init__(self, mib: int = 256) -> None:
-        self.buffer = torch.ones(mib * 2**20 // 4)
+        self.buffer = hugepages.ones(mib * 2**20 // 4)  # huge pages where the weights are in them too
         self.probes = native_read_probes(self.buffer)
         self.readings: list[float] = []
         self.by_probe: dict[str, list[float]] = {name: [] for name in self.probes}

@@ -458,3 +458,39 @@ def test_autotune_does_not_store_a_measurement_taken_under_load(monkeypatch, tmp
     monkeypatch.setattr(autotune, "measure", lambda weights=None, rounds=3, tokens=1: busy)
     assert autotune.dense_decode_path([torch.randn(8, 8)]) == "mkl"
     assert not (tmp_path / "kernels" / "autotune.json").exists()
+
+
+def test_weights_move_into_huge_pages_unchanged_and_tied_weights_stay_tied(monkeypatch):
+    """hugepages.relocate: float32 parameters copied into one 2 MiB-aligned huge-page arena, values and ties kept,
+    each moved once; small ones left where they are; nothing moved where huge pages are off."""
+    from effinfer.kernels import hugepages
+
+    model, _ = tiny_model("llama", layers=2, seed=7)
+    model.lm_head.weight = model.model.embed_tokens.weight  # tied, as SmolLM2
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    large = [p for p in model.parameters() if p.numel() * 4 >= hugepages.SMALLEST]
+    if hugepages.problem() is not None:
+        assert hugepages.relocate(model.parameters()) == 0
+        return
+    assert hugepages.buffer(100).data_ptr() % hugepages.HUGE_PAGE == 0
+    moved = hugepages.relocate([*model.parameters(), *model.parameters()])
+    assert moved >= sum(p.numel() * 4 for p in large) and large
+    assert hugepages.relocate(model.parameters()) == 0  # each parameter once
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+    for name, p in model.named_parameters():
+        assert torch.equal(p, before[name])
+    monkeypatch.setenv(hugepages.ENV, "0")
+    assert "EFFINFER_HUGE_PAGES=0" in hugepages.problem()
+    assert hugepages.relocate(tiny_model("llama", layers=1, seed=8)[0].parameters()) == 0
+
+
+def test_huge_pages_are_refused_where_the_kernel_never_gives_them(monkeypatch, tmp_path):
+    from effinfer.kernels import hugepages
+
+    setting = tmp_path / "enabled"
+    setting.write_text("always madvise [never]\n")
+    monkeypatch.setattr(hugepages, "THP_SETTING", setting)
+    assert "never" in hugepages.problem()
+    assert hugepages.buffer(64).numel() == 64  # ordinary memory then
+    setting.write_text("always [madvise] never\n")
+    assert hugepages.problem() is None or "Linux" in hugepages.problem()

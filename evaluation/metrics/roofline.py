@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from effinfer.kernels import native
+from effinfer.kernels import hugepages, native
 
 
 @dataclass(frozen=True)
@@ -39,7 +39,8 @@ def measure_bandwidth(buffer_mib: int = 256, repeats: int = 5, device: str = "cp
     """Read (the fastest of :func:`~effinfer.kernels.native.read_probes`) and copy bandwidth over a ``buffer_mib``
     MiB fp32 buffer (one warm-up each)."""
     n = buffer_mib * 2**20 // 4
-    source = torch.ones(n, dtype=torch.float32, device=device)
+    # on CPU in huge pages, as the native decode step keeps its weights
+    source = hugepages.ones(n) if device == "cpu" else torch.ones(n, dtype=torch.float32, device=device)
     target = torch.empty_like(source)
 
     def timed(op) -> float:

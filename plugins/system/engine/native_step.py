@@ -28,7 +28,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
-from effinfer.kernels import autotune, native
+from effinfer.kernels import autotune, hugepages, native
 from effinfer.kernels.native_program import TIMED_KINDS, BlockSpec, DecodeProgram, TokenInputs, program_problem
 from effinfer.kernels.packed import PackedWeight
 from effinfer.plugins.system.engine.forward import SLIDING, DecoderLayout
@@ -155,6 +155,12 @@ class NativeStep:
 
     def __init__(self, layout: DecoderLayout, model: nn.Module) -> None:
         self.layout = layout
+        #: bytes of the model's weights (float32 or packed codes and scales) moved into huge pages for this step
+        #: (0: none moved now; ``hugepages.problem()`` says why where none can be): a step streams every weight,
+        #: and in 4 KiB pages that is a page-table walk every 4 KiB
+        modules = (layout.embed, *layout.layers, layout.norm, layout.lm_head)
+        self.huge_page_bytes = hugepages.relocate([*(p for m in modules for p in m.parameters()),
+                                                   *(b for m in modules for b in m.buffers())])
         self.pointers = weight_pointers(layout)
         dense = [m.weight for layer in layout.layers for m in layer.modules() if is_dense(m)]
         dense += [layout.lm_head.weight] if is_dense(layout.lm_head) else []

@@ -12,7 +12,7 @@ from collections.abc import Callable
 
 import torch
 
-from effinfer.kernels import native
+from effinfer.kernels import hugepages, native
 
 
 def best_seconds(call: Callable[[], object], repeats: int = 5, inner: int = 1) -> float:
@@ -30,7 +30,7 @@ def best_seconds(call: Callable[[], object], repeats: int = 5, inner: int = 1) -
 def read_bandwidth(mib: int = 256) -> float:
     """Bytes/s of streaming reads of a ``mib`` MiB float32 buffer: the fastest of
     :func:`effinfer.kernels.native.read_probes` (torch's reduction, effinfer's four-stream read)."""
-    buffer = torch.ones(mib * 2**20 // 4)
+    buffer = hugepages.ones(mib * 2**20 // 4)  # as the engine's weights
     return buffer.numel() * 4 / min(best_seconds(read) for read in native.read_probes(buffer).values())
 
 
