@@ -48,8 +48,8 @@ def run(binary: Path, mib: int, rounds: int, threads: int) -> list[dict[str, flo
                             check=True).stdout
     rows = []
     for line in output.strip().splitlines():
-        name, gbs, ratio, low, high = line.split("\t")
-        rows.append({"variant": name, "gb_s": float(gbs), "ratio": float(ratio), "low": float(low),
+        name, pages, gbs, ratio, low, high = line.split("\t")
+        rows.append({"variant": name, "pages": pages, "gb_s": float(gbs), "ratio": float(ratio), "low": float(low),
                      "high": float(high)})
     return rows
 
@@ -58,13 +58,19 @@ def markdown(rows: list[dict[str, float | str]], args: argparse.Namespace, load:
     lines = table_header("One-token float32 GEMV: how fast each read pattern streams the weights",
                          "python benchmarks/gemv_streams.py " + " ".join(sys.argv[1:]), args.threads,
                          f"; vector extensions: {simd_flags()}; machine load before `{load[0]}`, after `{load[1]}`")
-    lines += [f"{args.mib} MiB of rows of 576 floats, {args.rounds} rounds; in each round every variant reads the whole "
-              "buffer once, in the order listed. ratio = the variant's GB/s ÷ the one-stream sum's in the same round, "
-              "median [min–max]. `x` is the input vector; the far-apart rows are row *i* of each of the S equal parts "
-              "of a thread's share.", "",
-              "| read pattern | GB/s (median) | × one-stream sum |", "|---|---|---|"]
+    lines += [f"{args.mib} MiB of rows of 576 floats, twice: in 4 KiB pages and in transparent huge pages (2 MiB, "
+              f"`MADV_HUGEPAGE`, as the engine keeps its weights); {args.rounds} rounds; in each round every variant "
+              "reads each buffer once, in the order listed. ratio = the variant's GB/s ÷ the one-stream sum's over the "
+              "same pages in the same round, median [min–max]. `x` is the input vector; the far-apart rows are row *i* "
+              "of each of the S equal parts of a thread's share.", "",
+              "| read pattern | GB/s, 4 KiB pages | × one-stream sum | GB/s, huge pages | × one-stream sum |",
+              "|---|---|---|---|---|"]
+    by_variant: dict[str, dict[str, dict]] = {}
     for row in rows:
-        lines.append(f"| {row['variant']} | {row['gb_s']:.1f} | {row['ratio']:.2f} [{row['low']:.2f}–{row['high']:.2f}] |")
+        by_variant.setdefault(str(row["variant"]), {})[str(row["pages"])] = row
+    for variant, pages in by_variant.items():
+        cells = [f"{r['gb_s']:.1f} | {r['ratio']:.2f} [{r['low']:.2f}–{r['high']:.2f}]" for r in pages.values()]
+        lines.append(f"| {variant} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 

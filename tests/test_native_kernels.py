@@ -111,8 +111,11 @@ def test_the_gemv_streams_benchmark_builds_and_measures_every_variant(tmp_path):
     benchmark = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(benchmark)
     rows = benchmark.run(benchmark.build(tmp_path), mib=8, rounds=1, threads=2)
-    assert len(rows) == 8 and all(row["gb_s"] > 0 for row in rows)
-    assert rows[0]["ratio"] == 1.0 and rows[-1]["variant"].startswith("ef_linear_f32")
+    assert len(rows) == 16 and all(row["gb_s"] > 0 for row in rows)  # 8 patterns over 4 KiB and huge pages
+    assert [row["pages"] for row in rows] == ["4 KiB"] * 8 + ["huge"] * 8
+    assert rows[0]["ratio"] == rows[8]["ratio"] == 1.0 and rows[-1]["variant"].startswith("ef_linear_f32")
+    assert "| GB/s, huge pages |" in benchmark.markdown(rows, type("Args", (), {"mib": 8, "rounds": 1, "threads": 2}),
+                                                         ("-", "-"))
 
 
 @pytest.mark.parametrize("bits,group,groups", [(8, 64, 4), (8, 32, 4), (4, 32, 4), (4, 64, 4),

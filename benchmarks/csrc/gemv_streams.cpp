@@ -9,6 +9,7 @@
 #include <functional>
 #include <string>
 #include <utility>
+#include <sys/mman.h>
 
 namespace {
 
@@ -68,37 +69,60 @@ void far_rows(const float* x, const float* w, int64_t rows, float* y) {
 
 }  // namespace
 
+// n floats, first touched by the threads that read them; huge: 2 MiB-aligned and advised MADV_HUGEPAGE (transparent
+// huge pages, as effinfer.kernels.hugepages gives the engine's weights)
+float* weights(int64_t n, bool huge) {
+  const size_t page = 2 << 20, bytes = (n * 4 + page - 1) / page * page;
+  float* w = static_cast<float*>(std::aligned_alloc(page, bytes));
+  if (huge) madvise(w, bytes, MADV_HUGEPAGE);
+  #pragma omp parallel for schedule(static)
+  for (int64_t i = 0; i < n; ++i) w[i] = float(i % 7) * 0.1f;
+  return w;
+}
+
 int main(int argc, char** argv) {
   const int64_t mib = argc > 1 ? std::atoll(argv[1]) : 256, rounds = argc > 2 ? std::atoll(argv[2]) : 15;
   const int64_t rows = mib * 1024 * 1024 / 4 / (64 * IN) * 64, n = rows * IN;
-  std::vector<float> w(n), x(IN, 0.5f), y(rows);
-  #pragma omp parallel for schedule(static)  // first touch by the threads that read it
-  for (int64_t i = 0; i < n; ++i) w[i] = float(i % 7) * 0.1f;
-  const float* wp = w.data();
+  std::vector<float> x(IN, 0.5f), y(rows);
   const int64_t out = rows;
   const float* none = nullptr;
   float* yp = y.data();
   volatile double sink = 0.0;
-  std::vector<std::pair<std::string, std::function<void()>>> variants = {
-      {"one stream per thread: vector sum", [&] { sink = one_stream_sum(wp, n); }},
-      {"four streams per thread: ef_stream_read (the probe)", [&] { sink = ef_stream_read(wp, n); }},
-      {"GEMV, one row at a time (dense_row)", [&] {
+  auto variants_over = [&](const float* wp) {
+    return std::vector<std::pair<std::string, std::function<void()>>>{
+      {"one stream per thread: vector sum", [=, &sink] { sink = one_stream_sum(wp, n); }},
+      {"four streams per thread: ef_stream_read (the probe)", [=, &sink] { sink = ef_stream_read(wp, n); }},
+      {"GEMV, one row at a time (dense_row)", [=, &x] {
          #pragma omp parallel for schedule(static)
          for (int64_t r = 0; r < rows; ++r) dense_row<1>(x.data(), IN, wp + r * IN, yp + r);
        }},
-      {"dot product, x in a register (bound)", [&] {
+      {"dot product, x in a register (bound)", [=, &x] {
          const vf xr = load(x.data());
          #pragma omp parallel for schedule(static)
          for (int64_t r = 0; r < rows; ++r) yp[r] = row_times_register(wp + r * IN, xr);
        }},
-      {"GEMV, two adjacent rows at once", [&] {
+      {"GEMV, two adjacent rows at once", [=, &x] {
          #pragma omp parallel for schedule(static)
          for (int64_t r = 0; r < rows; r += 2) adjacent_pair(x.data(), wp + r * IN, yp + r);
        }},
-      {"GEMV, two far-apart rows at once", [&] { far_rows<2>(x.data(), wp, rows, yp); }},
-      {"GEMV, four far-apart rows at once", [&] { far_rows<4>(x.data(), wp, rows, yp); }},
-      {"ef_linear_f32 (what the engine runs)", [&] { ef_linear_f32(x.data(), 1, IN, 1, &wp, &out, &none, &yp); }},
+      {"GEMV, two far-apart rows at once", [=, &x] { far_rows<2>(x.data(), wp, rows, yp); }},
+      {"GEMV, four far-apart rows at once", [=, &x] { far_rows<4>(x.data(), wp, rows, yp); }},
+      {"ef_linear_f32 (what the engine runs)", [=, &x, &out, &none] {
+         float* ys = yp;
+         ef_linear_f32(x.data(), 1, IN, 1, &wp, &out, &none, &ys);
+       }},
+    };
   };
+  // every variant over 4 KiB pages and over huge pages, interleaved in each round
+  const std::vector<std::pair<std::string, float*>> buffers = {{"4 KiB", weights(n, false)}, {"huge", weights(n, true)}};
+  std::vector<std::pair<std::string, std::function<void()>>> variants;
+  std::vector<std::string> pages;
+  for (const auto& [name, w] : buffers)
+    for (auto& v : variants_over(w)) {
+      variants.push_back(v);
+      pages.push_back(name);
+    }
+  const size_t per_buffer = variants.size() / buffers.size();
   std::vector<std::vector<double>> speed(variants.size()), ratio(variants.size());
   for (auto& v : variants) v.second();  // warm-up: page faults, thread start
   for (int64_t round = 0; round < rounds; ++round)
@@ -106,13 +130,13 @@ int main(int argc, char** argv) {
       const double started = omp_get_wtime();
       variants[v].second();
       speed[v].push_back(n * 4.0 / (omp_get_wtime() - started) / 1e9);
-      ratio[v].push_back(speed[v].back() / speed[0].back());
+      ratio[v].push_back(speed[v].back() / speed[v - v % per_buffer].back());  // the same pages' one-stream sum
     }
   for (size_t v = 0; v < variants.size(); ++v) {
     std::sort(speed[v].begin(), speed[v].end());
     std::sort(ratio[v].begin(), ratio[v].end());
-    std::printf("%s\t%.2f\t%.3f\t%.3f\t%.3f\n", variants[v].first.c_str(), speed[v][speed[v].size() / 2],
-                ratio[v][ratio[v].size() / 2], ratio[v].front(), ratio[v].back());
+    std::printf("%s\t%s\t%.2f\t%.3f\t%.3f\t%.3f\n", variants[v].first.c_str(), pages[v].c_str(),
+                speed[v][speed[v].size() / 2], ratio[v][ratio[v].size() / 2], ratio[v].front(), ratio[v].back());
   }
   return sink == 12345.0;
 }
