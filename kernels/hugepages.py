@@ -75,6 +75,11 @@ def relocate(tensors: Iterable[torch.Tensor]) -> int:
     a moved tensor's old ``.data`` before no longer alias it."""
     if problem() is not None:
         return 0
+    with torch.inference_mode(False):  # the engine builds its step lazily, often in inference mode; the weights must
+        return _relocate(tensors)       # stay ordinary tensors (a technique may train heads on them later)
+
+
+def _relocate(tensors: Iterable[torch.Tensor]) -> int:
     chosen: dict[int, torch.Tensor] = {}
     for tensor in tensors:
         if tensor.device.type == "cpu" and tensor.is_contiguous() and tensor.nbytes >= SMALLEST \

@@ -497,3 +497,19 @@ def test_huge_pages_are_refused_where_the_kernel_never_gives_them(monkeypatch, t
     assert hugepages.buffer(64).numel() == 64  # ordinary memory then
     setting.write_text("always [madvise] never\n")
     assert hugepages.problem() is None or "Linux" in hugepages.problem()
+
+
+def test_a_step_built_in_inference_mode_leaves_the_weights_trainable():
+    """The engine builds its native step lazily, often inside torch.inference_mode(); the weights it moves into
+    huge pages must stay ordinary tensors, since a technique may train on the model afterwards (exit heads, Medusa,
+    EAGLE)."""
+    model, _ = tiny_model("qwen2", layers=2, seed=9)
+    engine = Engine(model)
+    with torch.inference_mode():
+        cache = engine.cache_for(1, 8)
+        engine.prefill(cache, torch.tensor([[5, 6, 7]]), torch.ones(1, 3, dtype=torch.long))
+        engine.decode(cache, torch.tensor([8]))
+    assert engine.native_step() is not None
+    assert not any(p.is_inference() for p in model.parameters())
+    model(torch.tensor([[5, 6, 7]])).logits.sum().backward()
+    assert model.lm_head.weight.grad is not None
