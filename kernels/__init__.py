@@ -38,7 +38,8 @@ from effinfer.kernels.dispatch import BACKENDS, backend_for, triton_kernels, tri
 from effinfer.kernels.packed import PackedWeight
 
 __all__ = ["BACKENDS", "OPERATORS", "PackedWeight", "add_rmsnorm", "backend_for", "decode_attention",
-           "dequant_matmul", "greedy_tokens", "implementation", "paged_decode_attention", "rotary_kv_write", "triton_problem"]
+           "dequant_matmul", "greedy_tokens", "implementation", "paged_decode_attention", "rotary_kv_write",
+           "triton_problem"]
 
 
 @dataclass(frozen=True)

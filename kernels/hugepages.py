@@ -3,10 +3,10 @@
 A decode step streams every weight once: ~540 MB for SmolLM2-135M in float32, which in 4 KiB pages
 is ~130,000 TLB misses per step, each a page-table walk beside the weight stream. In 2 MiB pages it
 is a few hundred. Measured on the AMD EPYC machines of this project (same process, interleaved
-16-step windows): the float32 native decode step 1.07× faster with its weights in huge pages, the
-one-token GEMV at ~0.99 instead of ~0.95 of a four-stream read; the four-stream read itself gains
-~2 % (torch's ``sum`` ~8 %), so the read-bandwidth probes read huge-page buffers too, and the
-roofline stays the fastest read this machine offers.
+16-step windows): the float32 native decode step 1.074× and 1.036× faster in two runs with its
+weights in huge pages. Every read gains, the probe's too (``benchmarks/gemv_streams.py``: the
+four-stream read 33.4 → 36.2 GB/s, the engine's GEMV 29.6 → 31.6), so the read-bandwidth probes
+read huge-page buffers as well, and the roofline stays the fastest read this machine offers.
 
 Linux gives an anonymous mapping huge pages when ``/sys/kernel/mm/transparent_hugepage/enabled`` is
 ``always``, or ``madvise`` and the mapping was advised ``MADV_HUGEPAGE`` — what :func:`buffer`

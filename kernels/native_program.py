@@ -192,8 +192,7 @@ class DecodeProgram:
                 or not values.is_contiguous():
             raise ValueError(f"a token step takes 1..{native.MAX_TOKENS} int64 tokens, one per row of contiguous "
                              f"caches with room for column {slot}, and int64 left padding per row")
-        if self._probs.numel() < batch * self.num_heads * capacity:
-            self._probs = torch.empty(batch * self.num_heads * capacity, dtype=torch.float32)
+        self._grow_probs(batch * self.num_heads * capacity)
         order = self._all_layers if layers is None else self._order(layers)
         logits = torch.empty(batch, inputs.vocab)
         status = self._tokens_function(ctypes.byref(self._step), ctypes.byref(inputs.struct), order, len(order), batch,
@@ -206,6 +205,11 @@ class DecodeProgram:
             raise IndexError(f"position {slot} minus the padding {pad.tolist()} is past the rotary tables' "
                              f"{inputs.rope_rows} rows")
         return logits
+
+    def _grow_probs(self, floats: int) -> None:
+        """The attention's probability scratch, grown to ``floats`` when smaller (kept between calls)."""
+        if self._probs.numel() < floats:
+            self._probs = torch.empty(floats, dtype=torch.float32)
 
     def _order(self, layers: Sequence[int]) -> ctypes.Array:
         """The blocks to run as C indices (negative ones count from the end, as in Python); out of range: refused
@@ -244,8 +248,7 @@ class DecodeProgram:
                 or not values.is_contiguous():
             raise ValueError(f"a program step takes 1..{native.MAX_TOKENS} contiguous rows of {self.hidden} floats "
                              f"and contiguous caches of {rows} row(s) with room for columns {slot}..{end - 1}")
-        if self._probs.numel() < batch * self.num_heads * capacity:
-            self._probs = torch.empty(batch * self.num_heads * capacity, dtype=torch.float32)
+        self._grow_probs(batch * self.num_heads * capacity)
         order = self._all_layers if layers is None else self._order(layers)
         out = torch.empty_like(hidden)
         self._function(ctypes.byref(self._step), order, len(order), batch, hidden.data_ptr(),

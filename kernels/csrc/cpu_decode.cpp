@@ -1000,7 +1000,8 @@ extern "C" int ef_decode_tokens(const EfStep* s, const EfInputs* in, const int64
       const int64_t position = slot - pad[b];
       std::memcpy(c + b * s->dim, in->cos[k] + position * s->dim, s->dim * sizeof(float));
       std::memcpy(sn + b * s->dim, in->sin[k] + position * s->dim, s->dim * sizeof(float));
-      const int64_t windowed = in->window[k] ? slot - in->window[k] + 1 : 0;  // a query at column c sees keys after c - window
+      // a query at column c sees the keys after c - window
+      const int64_t windowed = in->window[k] ? slot - in->window[k] + 1 : 0;
       f[b] = pad[b] > windowed ? pad[b] : windowed;
     }
     cos[k] = c;
