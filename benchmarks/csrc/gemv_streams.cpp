@@ -57,12 +57,12 @@ void far_rows(const float* x, const float* w, int64_t rows, float* y) {
   {
     const int64_t threads = omp_get_num_threads(), id = omp_get_thread_num();
     const int64_t lo = rows * id / threads, hi = rows * (id + 1) / threads, part = (hi - lo) / S;
-    float acc[S][MAXN];
-    const float* at[S];
+    float sums[1][S];
+    RowCursor at[S];
     for (int64_t i = 0; i < part; ++i) {
-      for (int k = 0; k < S; ++k) at[k] = w + (lo + k * part + i) * IN;
-      dense_far<S, 1>(x, IN, at, acc);
-      for (int k = 0; k < S; ++k) y[lo + k * part + i] = acc[k][0];
+      for (int k = 0; k < S; ++k) at[k] = RowCursor{0, lo + k * part + i, w + (lo + k * part + i) * IN};
+      dense_far<S, 1>(x, IN, at, sums);
+      for (int k = 0; k < S; ++k) y[lo + k * part + i] = sums[0][k];
     }
   }
 }

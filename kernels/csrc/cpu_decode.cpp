@@ -171,62 +171,103 @@ static void for_each_tile(int64_t n, int64_t count, const int64_t* out, const fl
 // streams inside the same pages, which the prefetchers follow worse still. Measured on the AMD EPYC machine (256 MiB
 // of rows of 576, 2 threads, ratio to a one-stream vector sum over memory): 4 far rows 1.06, 2 far rows 1.00-1.02,
 // one row at a time 0.71-0.78, two adjacent rows 0.61; a four-stream read 1.10.
+// Each stream keeps a cursor (weight, row, address) that steps one row at a time, and the S sums of a token are
+// reduced together; with one token each stream gives a whole 64-byte line per iteration. Against a search for each
+// row's weight, one scalar reduction per row and half a line per iteration (Dec 7, SmolLM2's 121 float32 matmuls
+// in huge pages, 2 threads, 1000 interleaved rounds): 1.04x; in a decode step's profile the matmuls took 0.92x and
+// the output head 0.91x as long.
+struct RowCursor {
+  int64_t weight, row;
+  const float* at;
+};
+
+// sums[k] = the sum of the lanes of a[k], for k < S
+template <int S>
+static inline void hsums(const vf* a, float* sums) {
+#if EF_VEC == 8 && defined(__AVX2__)
+  if constexpr (S == 4) {
+    const __m256 t0 = _mm256_hadd_ps((__m256)a[0], (__m256)a[1]), t1 = _mm256_hadd_ps((__m256)a[2], (__m256)a[3]);
+    const __m256 u = _mm256_hadd_ps(t0, t1);
+    _mm_storeu_ps(sums, _mm_add_ps(_mm256_castps256_ps128(u), _mm256_extractf128_ps(u, 1)));
+    return;
+  }
+#endif
+  for (int k = 0; k < S; ++k) sums[k] = hsum(a[k]);
+}
+
+// U vectors of each stream per iteration: for one token a whole 64-byte line of each (AVX2: two vectors, ~2 % faster
+// than one); more tokens keep one (their N * S accumulators fill the registers).
 template <int S, int N>
-static void dense_far(const float* x, int64_t in, const float* const* w, float (*acc)[MAXN]) {
-  vf a[S][N];
-  for (int k = 0; k < S; ++k)
-    for (int t = 0; t < N; ++t) a[k][t] = vf{};
-  const int64_t body = in - in % EF_VEC;
-  for (int64_t i = 0; i < body; i += EF_VEC) {
+static void dense_far(const float* x, int64_t in, const RowCursor* c, float (*sums)[S]) {
+  constexpr int U = N == 1 && EF_VEC < 16 ? 16 / EF_VEC : 1;
+  vf a[N][U][S];
+  for (int t = 0; t < N; ++t)
+    for (int u = 0; u < U; ++u)
+      for (int k = 0; k < S; ++k) a[t][u][k] = vf{};
+  auto accumulate = [&](int64_t i, int u) {
     vf v[S];
-    for (int k = 0; k < S; ++k) v[k] = load(w[k] + i);
+    for (int k = 0; k < S; ++k) v[k] = load(c[k].at + i);
     for (int t = 0; t < N; ++t) {
       const vf xv = load(x + t * in + i);
-      for (int k = 0; k < S; ++k) a[k][t] += v[k] * xv;
+      for (int k = 0; k < S; ++k) a[t][u][k] += v[k] * xv;
     }
+  };
+  int64_t i = 0;
+  for (; i + U * EF_VEC <= in; i += U * EF_VEC)
+    for (int u = 0; u < U; ++u) accumulate(i + u * EF_VEC, u);
+  for (; i + EF_VEC <= in; i += EF_VEC) accumulate(i, 0);
+  for (int t = 0; t < N; ++t) {
+    for (int u = 1; u < U; ++u)
+      for (int k = 0; k < S; ++k) a[t][0][k] += a[t][u][k];
+    hsums<S>(a[t][0], sums[t]);
+    for (int64_t j = i; j < in; ++j)
+      for (int k = 0; k < S; ++k) sums[t][k] += c[k].at[j] * x[t * in + j];
   }
-  for (int k = 0; k < S; ++k)
-    for (int t = 0; t < N; ++t) {
-      float r = hsum(a[k][t]);
-      for (int64_t i = body; i < in; ++i) r += w[k][i] * x[t * in + i];
-      acc[k][t] = r;
-    }
 }
 
 // The far-rows GEMV for up to 5 tokens (4 streams for 1-2 tokens, 2 for 3-5: S * N accumulators <= 10, with the
 // S weight vectors and the input in the 16 registers; 6 tokens measured no faster than one row at a time): each
 // thread takes a contiguous share of the rows of all `count` weights and walks S parts of it side by side.
-
 template <int S, int N>
 static void linear_f32_far(const float* x, int64_t in, int64_t count, const float* const* w, const int64_t* out,
                            const float* const* bias, float* const* y) {
   int64_t first[16 + 1] = {0};  // first global row of each weight
   for (int64_t j = 0; j < count; ++j) first[j + 1] = first[j] + out[j];
   const int64_t rows = first[count];
-  auto locate = [&](int64_t r, int64_t& j) { while (r >= first[j + 1]) ++j; return r - first[j]; };
+  auto cursor_at = [&](int64_t r) {
+    int64_t j = 0;
+    while (r >= first[j + 1]) ++j;
+    return RowCursor{j, r - first[j], w[j] + (r - first[j]) * in};
+  };
+  auto store = [&](const RowCursor& c, int64_t t, float value) {
+    y[c.weight][t * out[c.weight] + c.row] = value + (bias[c.weight] ? bias[c.weight][c.row] : 0.f);
+  };
+  auto advance = [&](RowCursor& c) {
+    c.at += in;
+    if (++c.row == out[c.weight]) c = RowCursor{c.weight + 1, 0, c.weight + 1 < count ? w[c.weight + 1] : nullptr};
+  };
   #pragma omp parallel
   {
     const int64_t threads = omp_get_num_threads(), id = omp_get_thread_num();
     const int64_t lo = rows * id / threads, hi = rows * (id + 1) / threads, part = (hi - lo) / S;
-    int64_t weight[S] = {}, row[S];
-    const float* rows_w[S];
-    float acc[S][MAXN];
-    auto store = [&](int64_t j, int64_t r, const float* a) {
-      for (int64_t t = 0; t < N; ++t) y[j][t * out[j] + r] = a[t] + (bias[j] ? bias[j][r] : 0.f);
-    };
+    RowCursor c[S];
+    for (int k = 0; k < S; ++k) c[k] = cursor_at(lo + k * part);
+    float sums[N][S];
     for (int64_t i = 0; i < part; ++i) {
+      dense_far<S, N>(x, in, c, sums);
       for (int k = 0; k < S; ++k) {
-        row[k] = locate(lo + k * part + i, weight[k]);
-        rows_w[k] = w[weight[k]] + row[k] * in;
+        for (int t = 0; t < N; ++t) store(c[k], t, sums[t][k]);
+        advance(c[k]);
       }
-      dense_far<S, N>(x, in, rows_w, acc);
-      for (int k = 0; k < S; ++k) store(weight[k], row[k], acc[k]);
     }
-    int64_t j = 0;
-    for (int64_t r = lo + S * part; r < hi; ++r) {  // the share's last (hi - lo) % S rows, one at a time
-      const int64_t local = locate(r, j);
-      dense_row<N>(x, in, w[j] + local * in, acc[0]);
-      store(j, local, acc[0]);
+    if (lo + S * part < hi) {  // the share's last (hi - lo) % S rows, one at a time
+      RowCursor last = cursor_at(lo + S * part);
+      float acc[MAXN];
+      for (int64_t r = lo + S * part; r < hi; ++r) {
+        dense_row<N>(x, in, last.at, acc);
+        for (int t = 0; t < N; ++t) store(last, t, acc[t]);
+        advance(last);
+      }
     }
   }
 }
@@ -636,15 +677,27 @@ extern "C" void ef_add_rmsnorm(const float* x, float* residual, int64_t n, int64
   for (int64_t t = 0; t < n; ++t) {
     float* h = residual ? residual + t * dim : nullptr;
     const float* src = x + t * dim;
-    double ss = 0.0;
-    for (int64_t i = 0; i < dim; ++i) {
+    // the sum of squares in two vector sums (one scalar double chain took ~2.5 us per row of 576 here)
+    vf sq[2] = {};
+    int64_t i = 0;
+    for (; i + 2 * EF_VEC <= dim; i += 2 * EF_VEC)
+      for (int u = 0; u < 2; ++u) {
+        vf v = load(src + i + u * EF_VEC);
+        if (h) {
+          v += load(h + i + u * EF_VEC);
+          std::memcpy(h + i + u * EF_VEC, &v, sizeof v);
+        }
+        sq[u] += v * v;
+      }
+    double ss = hsum(sq[0] + sq[1]);
+    for (; i < dim; ++i) {
       const float v = h ? h[i] + src[i] : src[i];
       if (h) h[i] = v;
       ss += (double)v * v;
     }
     const float rstd = 1.0f / std::sqrt((float)(ss / dim) + eps);
     const float* v = h ? h : src;
-    for (int64_t i = 0; i < dim; ++i) out[t * dim + i] = v[i] * rstd * (weight[i] + offset);
+    for (i = 0; i < dim; ++i) out[t * dim + i] = v[i] * rstd * (weight[i] + offset);
   }
 }
 
@@ -675,7 +728,46 @@ static const int MAX_GROUP_HEADS = 16;
 
 struct Partial { float top, denom; };
 
-// out[0 .. W * EF_VEC) = sum_j p[j] * vals[j * dim + 0 .. W * EF_VEC): W, a constant, keeps the sums in registers
+// The scores of a KV head's group are computed for G <= 3 query heads at a time, so every key vector is loaded once
+// for all G of them and a block of KB keys has G * KB independent sums (one head at a time: 8 sums of 8 dependent
+// FMAs, ~4 ns per key and head here, three times the loop's FMA bound; G = 3 took the attention 0.96x as long with
+// the keys cold, as in a decode step, and 0.78-0.91x warm at 2k-8k keys).
+static const int MAX_TOGETHER = 3;
+
+// p_g[j] = qs_g . key_j for G heads (qs: G rows of dim floats), KB keys per block
+template <int G>
+static void group_scores(const float* qs, const float* keys, int64_t len, int64_t dim, float* const* p) {
+  constexpr int KB = G == 1 ? 8 : 4;
+  const int64_t chunks = dim / EF_VEC;
+  int64_t j = 0;
+  for (; j + KB <= len; j += KB) {
+    vf a[G][KB];
+    for (int g = 0; g < G; ++g)
+      for (int k = 0; k < KB; ++k) a[g][k] = vf{};
+    for (int64_t i = 0; i < chunks; ++i) {
+      vf qv[G];
+      for (int g = 0; g < G; ++g) qv[g] = load(qs + g * dim + i * EF_VEC);
+      for (int k = 0; k < KB; ++k) {
+        const vf kv = load(keys + (j + k) * dim + i * EF_VEC);
+        for (int g = 0; g < G; ++g) a[g][k] += qv[g] * kv;
+      }
+    }
+    for (int g = 0; g < G; ++g) {
+      if constexpr (KB == 8) hsum8(a[g], p[g] + j);
+      else hsums<KB>(a[g], p[g] + j);
+    }
+  }
+  for (; j < len; ++j)
+    for (int g = 0; g < G; ++g) {
+      vf a{};
+      for (int64_t i = 0; i < chunks; ++i) a += load(qs + g * dim + i * EF_VEC) * load(keys + j * dim + i * EF_VEC);
+      p[g][j] = hsum(a);
+    }
+}
+
+// out[0 .. W * EF_VEC) = sum_j p[j] * vals[j * dim + 0 .. W * EF_VEC): W, a constant, keeps the sums in registers.
+// One head at a time: G heads at once would need G * 8 sums for a row of 64 floats, so the rows would be read in
+// parts, which took the attention 1.18x as long with the values cold (as in a decode step).
 template <int W>
 static inline void weighted_values(const float* p, const float* vals, int64_t len, int64_t dim, float* out) {
   vf o[W];
@@ -687,57 +779,64 @@ static inline void weighted_values(const float* p, const float* vals, int64_t le
   for (int i = 0; i < W; ++i) std::memcpy(out + i * EF_VEC, &o[i], sizeof o[i]);
 }
 
-static void attend_chunk(const float* q, int64_t heads, const float* keys, const float* vals, int64_t len,
-                         int64_t dim, float scale, float* p, int64_t pstride, Partial* part, float* acc) {
+// p[0..len) <- exp(p - max p); returns (max, sum of the exponentials)
+static Partial softmax_numerators(float* p, int64_t len) {
+  vf tops = vf{} - INFINITY;
+  int64_t j = 0;
+  for (; j + EF_VEC <= len; j += EF_VEC) {
+    const vf v = load(p + j);
+    tops = v > tops ? v : tops;
+  }
+  float top = -INFINITY;
+  for (int i = 0; i < EF_VEC; ++i) top = tops[i] > top ? tops[i] : top;
+  for (; j < len; ++j) top = p[j] > top ? p[j] : top;
+  vf total{};
+  for (j = 0; j + EF_VEC <= len; j += EF_VEC) {
+    const vf e = vexp(load(p + j) - top);
+    std::memcpy(p + j, &e, sizeof e);
+    total += e;
+  }
+  float denom = hsum(total);
+  for (; j < len; ++j) {
+    p[j] = std::exp(p[j] - top);
+    denom += p[j];
+  }
+  return Partial{top, denom};
+}
+
+// G heads' scores, softmax numerators and weighted values over one chunk of keys
+template <int G>
+static void attend_heads(const float* q, const float* keys, const float* vals, int64_t len, int64_t dim, float scale,
+                         float* p, int64_t pstride, Partial* part, float* acc) {
+  alignas(64) float scaled[MAX_TOGETHER * 512];  // the queries times the softmax scale (head dim <= 512)
+  for (int64_t i = 0; i < G * dim; ++i) scaled[i] = q[i] * scale;
+  float* ph[G];
+  for (int g = 0; g < G; ++g) ph[g] = p + g * pstride;
+  group_scores<G>(scaled, keys, len, dim, ph);
   const int64_t chunks = dim / EF_VEC;
-  alignas(64) float scaled[512];  // the query times the softmax scale (head dim <= 512, checked in Python)
-  for (int64_t h = 0; h < heads; ++h) {
-    for (int64_t i = 0; i < dim; ++i) scaled[i] = q[h * dim + i] * scale;
-    const float* qh = scaled;
-    float* ph = p + h * pstride;
-    int64_t j = 0;
-    for (; j + 8 <= len; j += 8) {  // eight keys at a time: one transposed horizontal sum
-      vf a[8] = {};
-      for (int64_t i = 0; i < chunks; ++i) {
-        const vf qv = load(qh + i * EF_VEC);
-        for (int k = 0; k < 8; ++k) a[k] += qv * load(keys + (j + k) * dim + i * EF_VEC);
-      }
-      hsum8(a, ph + j);
-    }
-    for (; j < len; ++j) {
-      vf a{};
-      for (int64_t i = 0; i < chunks; ++i) a += load(qh + i * EF_VEC) * load(keys + j * dim + i * EF_VEC);
-      ph[j] = hsum(a);
-    }
-    vf tops = vf{} - INFINITY;
-    for (j = 0; j + EF_VEC <= len; j += EF_VEC) {
-      const vf v = load(ph + j);
-      tops = v > tops ? v : tops;
-    }
-    float top = -INFINITY;
-    for (int i = 0; i < EF_VEC; ++i) top = tops[i] > top ? tops[i] : top;
-    for (; j < len; ++j) top = ph[j] > top ? ph[j] : top;
-    vf total{};
-    for (j = 0; j + EF_VEC <= len; j += EF_VEC) {
-      const vf e = vexp(load(ph + j) - top);
-      std::memcpy(ph + j, &e, sizeof e);
-      total += e;
-    }
-    float denom = hsum(total);
-    for (; j < len; ++j) {
-      ph[j] = std::exp(ph[j] - top);
-      denom += ph[j];
-    }
-    part[h] = Partial{top, denom};
-    // weighted values: this head's accumulators in registers, the chunk's values read from L1 per head
-    float* out = acc + h * dim;
+  for (int g = 0; g < G; ++g) {
+    part[g] = softmax_numerators(ph[g], len);
+    float* out = acc + g * dim;
     for (int64_t i0 = 0; i0 < chunks; i0 += 8) {
       const int64_t width = chunks - i0 < 8 ? chunks - i0 : 8;
-      if (width == 8) weighted_values<8>(ph, vals + i0 * EF_VEC, len, dim, out + i0 * EF_VEC);
-      else if (width == 4) weighted_values<4>(ph, vals + i0 * EF_VEC, len, dim, out + i0 * EF_VEC);
-      else for (int64_t i = 0; i < width; ++i) weighted_values<1>(ph, vals + (i0 + i) * EF_VEC, len, dim,
+      if (width == 8) weighted_values<8>(ph[g], vals + i0 * EF_VEC, len, dim, out + i0 * EF_VEC);
+      else if (width == 4) weighted_values<4>(ph[g], vals + i0 * EF_VEC, len, dim, out + i0 * EF_VEC);
+      else for (int64_t i = 0; i < width; ++i) weighted_values<1>(ph[g], vals + (i0 + i) * EF_VEC, len, dim,
                                                                      out + (i0 + i) * EF_VEC);
     }
+  }
+}
+
+static void attend_chunk(const float* q, int64_t heads, const float* keys, const float* vals, int64_t len,
+                         int64_t dim, float scale, float* p, int64_t pstride, Partial* part, float* acc) {
+  for (int64_t h = 0; h < heads;) {
+    const int64_t together = heads - h < MAX_TOGETHER ? heads - h : MAX_TOGETHER;
+    const float* qh = q + h * dim;
+    float* ph = p + h * pstride;
+    if (together == 3) attend_heads<3>(qh, keys, vals, len, dim, scale, ph, pstride, part + h, acc + h * dim);
+    else if (together == 2) attend_heads<2>(qh, keys, vals, len, dim, scale, ph, pstride, part + h, acc + h * dim);
+    else attend_heads<1>(qh, keys, vals, len, dim, scale, ph, pstride, part + h, acc + h * dim);
+    h += together;
   }
 }
 
