@@ -138,11 +138,13 @@ def problem() -> str | None:
     return _load()[1]
 
 
+@functools.cache  # a ctypes call per packed matmul otherwise (checked on every call)
 def vector_width() -> int:
     """Float32 lanes of the built kernels' vectors (8 with AVX2, 16 with AVX-512)."""
     return int(library().ef_vector_width())
 
 
+@functools.cache
 def packed_integer_path() -> bool:
     """Whether the packed matmuls multiply in integers (AVX2: int16 activations with a per-token scale, codes
     widened to int16) rather than widening codes to float32."""

@@ -155,8 +155,13 @@ class QuantizedLinear(PackedLayer):
         """The weight as the kernels read it (``native`` mode: shares this layer's buffers)."""
         if self.mode != "native":
             return effinfer_kernels.PackedWeight.from_quantized(self.quantized_weight())
-        return effinfer_kernels.PackedWeight(self.packed, self.kernel_scales, self.kernel_bias, self.bits,
-                                             self.group_size, self.in_features)
+        parts = (self.packed, self.kernel_scales, self.kernel_bias)
+        cached = self.__dict__.get("_packed_weight")
+        # kept while the buffers are the same tensors (building one per call cost a prefill ~1 %)
+        if cached is None or any(a is not b for a, b in zip(parts, (cached.packed, cached.scales, cached.bias))):
+            cached = effinfer_kernels.PackedWeight(*parts, self.bits, self.group_size, self.in_features)
+            self.__dict__["_packed_weight"] = cached
+        return cached
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.mode == "native" and x.dtype == torch.float32:
