@@ -78,7 +78,10 @@ def test_sparsegpt_gives_the_exact_pattern_and_its_update_lowers_the_error(rows,
         assert all(int((pruned[:, b:b + 16] == 0).sum()) == rows * 8 for b in range(0, cols, 16))
     zeroed = weight * (pruned != 0)  # the same mask without SparseGPT's update of the kept weights
     error = (x @ (weight - pruned).t()).pow(2).sum()
-    assert error <= (x @ (weight - zeroed).t()).pow(2).sum() * 1.0001
+    # the update is greedy (a column's compensation partly lands on columns pruned later), so on tiny layers it can
+    # lose: over 3,636 cases (seeds 0-100, rows 2/3/6/12, every block count and pattern) it raised the error in 38,
+    # by at most 2.0 % (median ratio 0.96), while the update with its sign flipped exceeds 1.05 in 96 % of them
+    assert error <= (x @ (weight - zeroed).t()).pow(2).sum() * 1.05
 
 
 def test_bitmask_round_trips_and_formats_count_their_bytes():
