@@ -244,7 +244,10 @@ static void linear_f32_far(const float* x, int64_t in, int64_t count, const floa
   };
   auto advance = [&](RowCursor& c) {
     c.at += in;
-    if (++c.row == out[c.weight]) c = RowCursor{c.weight + 1, 0, c.weight + 1 < count ? w[c.weight + 1] : nullptr};
+    if (++c.row < out[c.weight]) return;
+    int64_t next = c.weight + 1;
+    while (next < count && out[next] == 0) ++next;  // a weight may have no rows
+    c = RowCursor{next, 0, next < count ? w[next] : nullptr};
   };
   #pragma omp parallel
   {
