@@ -251,8 +251,21 @@ def markdown(meta: dict, cpu: Hardware, figures: dict, validation: list[dict], c
                      f"**{row['probed_ratio']:.2f}** | {row['dispatched_ops']} | {breakdown} |")
     lines += ["", "Within ±30% means probed ÷ measured in 0.70–1.30. The ideal roofline is the floor the hardware "
               "allows; the gap between it and the measurement is the kernels' bandwidth shortfall plus dispatch.", "",
-              markdown_catalogue(catalogue, meta["context"])]
+              markdown_catalogue(catalogue, meta["context"]), *cpu_bf16_note(figures)]
     return "\n".join(lines)
+
+
+def cpu_bf16_note(figures: dict) -> list[str]:
+    """A note under the catalogue when this CPU's bf16 GEMM is far slower than its fp32 one (no native bf16): the
+    16-bit-activation stacks' "this CPU" cells then predict what torch's bf16 matmuls would take, not effinfer's
+    native W8A16 / W4A16, which compute in float32 (the validation table)."""
+    bf16, fp32 = figures["bf16_gemm_flops"], figures["fp32_gemm_flops"]
+    if bf16 >= fp32 / 4:
+        return []
+    return [f"On this CPU bf16 GEMMs run at {bf16 / 1e9:.0f} GFLOP/s against {fp32 / 1e9:.0f} fp32 (no native bf16), so "
+            "the bf16, w8a16 and w4a16 cells of its rows, whose activations are 16-bit, are what torch's bf16 "
+            "matmuls would take; effinfer's native W8A16 / W4A16 kernels compute in float32 (validation table "
+            "above).", ""]
 
 
 def catalogue_only(args: argparse.Namespace) -> None:
