@@ -133,3 +133,14 @@ def test_int4_dense_path_equals_the_packed_weight(zero):
         assert torch.equal(layer.dense_weight(), reference)
     long = torch.randn(8, 128)
     assert torch.allclose(layer(long), long @ layer.dense_weight().t(), atol=1e-5)
+
+
+def test_a_native_layer_reads_the_buffers_it_holds_now():
+    torch.manual_seed(0)
+    weight, x = torch.randn(32, 64), torch.randn(3, 64)
+    layer = QuantizedLinear(quantize(weight, 8, 32, False), None, "native")
+    before = layer(x)
+    assert layer.packed_weight() is layer.packed_weight()  # kept between calls
+    layer.kernel_scales = layer.kernel_scales * 2  # a new tensor (as a technique or .to() may give it)
+    assert layer.packed_weight().scales is layer.kernel_scales
+    assert not torch.allclose(layer(x), before)
