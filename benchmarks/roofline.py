@@ -1,6 +1,6 @@
 """The analytical roofline model (system › hardware accelerator) checked against measured CPU decoding.
 
-    flock -x /tmp/effinfer-cpu.lock .venv/bin/python benchmarks/roofline.py      # ~3 min
+    flock -x /tmp/effinfer-cpu.lock .venv/bin/python benchmarks/roofline.py      # ~2 min
     .venv/bin/python benchmarks/roofline.py --quick                              # tiny model, seconds
 
 1. Probes this CPU (``plugins/system/hardware/probe.py``): streaming read bandwidth, float32/bf16 GEMM
@@ -29,6 +29,7 @@ import json
 import platform
 import statistics
 import time
+from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -68,37 +69,50 @@ def cpu_name() -> str:
     return platform.processor() or "unknown CPU"
 
 
-def probe_cpu(shape: ModelShape, quick: bool) -> tuple[Hardware, dict]:
-    """This CPU as a catalogue entry: stream bandwidth, GEMM peaks, op cost, and per-kernel GEMV bandwidth."""
+def probe_cpu(shape: ModelShape, quick: bool) -> tuple[Hardware, dict, dict[str, Callable[[], float]]]:
+    """This CPU as a catalogue entry (stream bandwidth, GEMM peaks, op cost, per-kernel GEMV bandwidth), its
+    figures, and the bandwidth probes to repeat beside each validation round (``"read"`` and one per stack)."""
     torch.manual_seed(0)
-    mib = 8 if quick else 256
-    figures = {"read_bandwidth": probe.read_bandwidth(mib), "fp32_gemm_flops": probe.gemm_flops(128 if quick else 1024),
+    repeat = {"read": probe.read_bandwidth_probe(8 if quick else 256, repeats=3)} | gemv_probes(shape, quick)
+    figures = {"read_bandwidth": repeat["read"](),
+               "fp32_gemm_flops": probe.gemm_flops(128 if quick else 1024),
                "bf16_gemm_flops": probe.gemm_flops(128 if quick else 1024, torch.bfloat16),
                "op_overhead_s": probe.native_call_overhead(200 if quick else 2000),
-               "torch_op_overhead_s": probe.op_overhead(200 if quick else 2000)}
-    # one layer's projections, and the output head, timed separately and weighted as the model has them
-    head = [(shape.hidden, shape.vocab)]
-    gemv = {}
-    layer = shape.matrices()
-    layer_groups = [[layer["q_proj"], layer["k_proj"], layer["v_proj"]], [layer["o_proj"]],
-                    [layer["gate_proj"], layer["up_proj"]], [layer["down_proj"]]]
-    for stack_name in ("fp32",) if quick else tuple(FORMATS):
-        total_bytes = total_seconds = 0.0
-        layer_bytes = sum(STACKS[stack_name].weight_bytes(i, o) for group in layer_groups for i, o in group)
-        # distinct copies of the layer, enough to stream from memory rather than hit the last-level cache
-        copies = 1 if quick else min(shape.layers, max(1, -(-PROBE_STREAM_BYTES // int(layer_bytes))))
-        for groups, repeat, blocks in ((layer_groups * copies, shape.layers / copies, shape), ([head], 1, None)):
-            call = _matmul_set(groups, stack_name, blocks)
-            nbytes = sum(STACKS[stack_name].weight_bytes(i, o) for group in groups for i, o in group)
-            total_seconds += repeat * nbytes / probe.matmul_bandwidth(call, nbytes)
-            total_bytes += repeat * nbytes
-        gemv[stack_name] = total_bytes / total_seconds
-    figures["gemv_bandwidth"] = gemv
+               "torch_op_overhead_s": probe.op_overhead(200 if quick else 2000),
+               "gemv_bandwidth": {stack_name: bandwidth() for stack_name, bandwidth in repeat.items()
+                                  if stack_name != "read"}}
     flops = {"fp32": figures["fp32_gemm_flops"], "bf16": figures["bf16_gemm_flops"], "int8": figures["bf16_gemm_flops"]}
     name = f"{cpu_name()}, {torch.get_num_threads()} threads"
     measured = Hardware(f"this CPU (probed kernels): {name}", figures["read_bandwidth"], flops,
-                        "probed in this run: benchmarks/roofline.py", "measured", gemv, figures["op_overhead_s"])
-    return measured, figures
+                        "probed in this run: benchmarks/roofline.py", "measured", figures["gemv_bandwidth"],
+                        figures["op_overhead_s"])
+    return measured, figures, repeat
+
+
+def gemv_probes(shape: ModelShape, quick: bool) -> dict[str, Callable[[], float]]:
+    """Per stack, a call that times its kernel's one-token matmuls on this shape's matrices (one layer's
+    projections, grouped as the step groups them, and the output head, weighted as the model has them) and returns
+    their effective bytes/s. The weights are built once."""
+    head = [(shape.hidden, shape.vocab)]
+    layer = shape.matrices()
+    layer_groups = [[layer["q_proj"], layer["k_proj"], layer["v_proj"]], [layer["o_proj"]],
+                    [layer["gate_proj"], layer["up_proj"]], [layer["down_proj"]]]
+    probes = {}
+    for stack_name in ("fp32",) if quick else tuple(FORMATS):
+        layer_bytes = sum(STACKS[stack_name].weight_bytes(i, o) for group in layer_groups for i, o in group)
+        # distinct copies of the layer, enough to stream from memory rather than hit the last-level cache
+        copies = 1 if quick else min(shape.layers, max(1, -(-PROBE_STREAM_BYTES // int(layer_bytes))))
+        parts = []  # (call, bytes per call, calls per decode step)
+        for groups, repeat, blocks in ((layer_groups * copies, shape.layers / copies, shape), ([head], 1, None)):
+            nbytes = sum(STACKS[stack_name].weight_bytes(i, o) for group in groups for i, o in group)
+            parts.append((_matmul_set(groups, stack_name, blocks), nbytes, repeat))
+
+        def bandwidth(parts: list = parts) -> float:
+            seconds = sum(repeat * nbytes / probe.matmul_bandwidth(call, nbytes) for call, nbytes, repeat in parts)
+            return sum(repeat * nbytes for _, nbytes, repeat in parts) / seconds
+
+        probes[stack_name] = bandwidth
+    return probes
 
 
 def _matmul_set(groups: list[list[tuple[int, int]]], stack_name: str, blocks: ModelShape | None = None):
@@ -174,32 +188,61 @@ def build(source: str, stack: ExitStack) -> tuple[dict, ModelShape]:
     return models, shape
 
 
-def validate(models: dict, shape: ModelShape, hardware: Hardware, prompt: int, steps: int, rounds: int) -> list[dict]:
+def validate(models: dict, shape: ModelShape, hardware: Hardware, probes: dict[str, Callable[[], float]], prompt: int,
+             steps: int, rounds: int) -> list[dict]:
+    """Predicted ÷ measured decode per stack, paired round by round: each round probes the read bandwidth and the
+    stack's matmul bandwidth right before timing its decode, and predicts that round from those readings (this
+    host's bandwidth drifts by a third within minutes, so probes taken once, before all rounds, can sit in another
+    spell than the decoding). A stack's ratio is the median of its rounds'."""
     generator = torch.Generator().manual_seed(0)
     ids = torch.randint(100, shape.vocab, (1, prompt), generator=generator)
     ops = {name: count_ops(model, ids) for name, model in models.items()}
     for model in models.values():
         decode_run(model, ids, 2)
-    samples: dict[str, list[float]] = {name: [] for name in models}
+    context = prompt + steps // 2
+    paired: dict[str, list[dict]] = {name: [] for name in models}
     order = list(models)
     for r in range(rounds):
         for name in (order if r % 2 == 0 else order[::-1]):
-            samples[name].append(decode_run(models[name], ids, steps))
-    ideal_cpu = replace(hardware, name="this CPU (ideal roofline)", matmul_bandwidth={}, op_overhead=0.0)
-    rows = []
-    context = prompt + steps // 2
-    for name in models:
-        measured = statistics.median(samples[name])
-        ideal = decode(shape, STACKS[name], ideal_cpu, context)
-        probed = decode(shape, STACKS[name], hardware, context, dispatched_ops=ops[name])
-        rows.append({"stack": name, "measured_s": measured, "measured_tok_s": 1 / measured, "samples_s": samples[name],
-                     "ideal_s": ideal.seconds, "probed_s": probed.seconds, "probed_breakdown_s": probed.by_kind,
-                     "dispatched_ops": ops[name], "ideal_ratio": ideal.seconds / measured,
-                     "probed_ratio": probed.seconds / measured})
-        print(f"{name}: measured {measured * 1e3:.1f} ms/token; ideal roofline {ideal.seconds * 1e3:.1f} ms "
-              f"({ideal.seconds / measured:.2f}×); probed model {probed.seconds * 1e3:.1f} ms "
-              f"({probed.seconds / measured:.2f}×), {ops[name]} ops/step", flush=True)
-    return rows
+            read, gemv = probes["read"](), probes[name]()
+            measured = decode_run(models[name], ids, steps)
+            here = replace(hardware, bandwidth=read, matmul_bandwidth={name: gemv})
+            ideal = decode(shape, STACKS[name], replace(here, matmul_bandwidth={}, op_overhead=0.0), context)
+            probed = decode(shape, STACKS[name], here, context, dispatched_ops=ops[name])
+            paired[name].append({"measured_s": measured, "read_bandwidth": read, "gemv_bandwidth": gemv,
+                                 "ideal_s": ideal.seconds, "probed_s": probed.seconds,
+                                 "probed_breakdown_s": probed.by_kind})
+    return [validation_row(name, paired[name], ops[name]) for name in models]
+
+
+def with_paired_readings(cpu: Hardware, validation: list[dict]) -> Hardware:
+    """``cpu`` with the medians of the validation rounds' bandwidth readings (for its catalogue rows)."""
+    reads = [r["read_bandwidth"] for row in validation for r in row["rounds"]]
+    gemv = {row["stack"]: statistics.median(r["gemv_bandwidth"] for r in row["rounds"]) for row in validation}
+    return replace(cpu, bandwidth=statistics.median(reads), matmul_bandwidth=cpu.matmul_bandwidth | gemv)
+
+
+def validation_row(name: str, rounds: list[dict], dispatched_ops: int) -> dict:
+    """A stack's validation from its paired rounds: medians, and the round at the median probed ratio for the
+    breakdown."""
+    for r in rounds:
+        r["ideal_ratio"], r["probed_ratio"] = r["ideal_s"] / r["measured_s"], r["probed_s"] / r["measured_s"]
+    middle = sorted(rounds, key=lambda r: r["probed_ratio"])[(len(rounds) - 1) // 2]
+    measured = statistics.median(r["measured_s"] for r in rounds)
+    row = {"stack": name, "measured_s": measured, "measured_tok_s": 1 / measured,
+           "samples_s": [r["measured_s"] for r in rounds],
+           "ideal_s": statistics.median(r["ideal_s"] for r in rounds),
+           "probed_s": statistics.median(r["probed_s"] for r in rounds),
+           "probed_breakdown_s": middle["probed_breakdown_s"], "dispatched_ops": dispatched_ops,
+           "ideal_ratio": statistics.median(r["ideal_ratio"] for r in rounds),
+           "probed_ratio": statistics.median(r["probed_ratio"] for r in rounds),
+           "probed_ratio_range": [min(r["probed_ratio"] for r in rounds), max(r["probed_ratio"] for r in rounds)],
+           "rounds": rounds}
+    print(f"{name}: measured {measured * 1e3:.1f} ms/token; ideal roofline {row['ideal_s'] * 1e3:.1f} ms "
+          f"({row['ideal_ratio']:.2f}×); probed model {row['probed_s'] * 1e3:.1f} ms ({row['probed_ratio']:.2f}× "
+          f"[{row['probed_ratio_range'][0]:.2f}–{row['probed_ratio_range'][1]:.2f}]), {dispatched_ops} ops/step",
+          flush=True)
+    return row
 
 
 def catalogue_rows(cpu: Hardware, shapes: dict[str, ModelShape], context: int) -> list[dict]:
@@ -231,28 +274,45 @@ def markdown(meta: dict, cpu: Hardware, figures: dict, validation: list[dict], c
         "adds the counted native calls of one decode step × the probed cost of one call.", "",
         f"- command: `{meta['command']}`",
         f"- date: {meta['date']}; machine: {meta['cpu']}, torch {torch.__version__}, {meta['threads']} threads",
-        f"- probes: read bandwidth {figures['read_bandwidth'] / GB:.1f} GB/s; GEMM {figures['fp32_gemm_flops'] / 1e9:.0f} "
-        f"GFLOP/s fp32, {figures['bf16_gemm_flops'] / 1e9:.0f} GFLOP/s bf16; one native call "
-        f"{figures['op_overhead_s'] * 1e6:.1f} µs (one torch op {figures.get('torch_op_overhead_s', 0) * 1e6:.1f} µs); one-token matmul bandwidth: " + ", ".join(
-            f"{k} {v / GB:.1f} GB/s" for k, v in figures["gemv_bandwidth"].items())
-        + f" (distinct copies of one layer's projections, ≥ {PROBE_STREAM_BYTES // 2**20} MiB so they stream from "
-        f"memory, weighted × {meta['layers']} layers, + the output head)",
+        f"- probes: GEMM {figures['fp32_gemm_flops'] / 1e9:.0f} GFLOP/s fp32, "
+        f"{figures['bf16_gemm_flops'] / 1e9:.0f} GFLOP/s bf16; "
+        f"one native call {figures['op_overhead_s'] * 1e6:.1f} µs "
+        f"(one torch op {figures.get('torch_op_overhead_s', 0) * 1e6:.1f} µs); read bandwidth and one-token matmul "
+        "bandwidth probed right before every validation round (medians [range] of those readings): "
+        + "; ".join(paired_readings(validation))
+        + " (matmuls: distinct copies of one layer's projections, "
+        f"≥ {PROBE_STREAM_BYTES // 2**20} MiB so they stream "
+        f"from memory, weighted × {meta['layers']} layers, + the output head)",
         f"- decode: {meta['model']}, prompt {meta['prompt']} random tokens, {meta['steps']} greedy steps ("
-        f"the static engine's native step), median of {meta['rounds']} interleaved rounds", "",
+        f"the static engine's native step) per round, {meta['rounds']} interleaved rounds; each round is predicted "
+        "from the probes taken just before it, and a stack's ratios are the medians over its rounds", "",
         "### Validation on this CPU (decode, batch 1)", "",
         "| stack | measured ms/token | tok/s | ideal roofline ms | ideal ÷ measured | probed model ms | "
-        "probed ÷ measured | calls/step | probed breakdown (ms) |",
+        "probed ÷ measured [rounds' range] | calls/step | probed breakdown (ms) |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for row in validation:
         breakdown = ", ".join(f"{k} {v * 1e3:.1f}" for k, v in row["probed_breakdown_s"].items())
+        low, high = row["probed_ratio_range"]
         lines.append(f"| {row['stack']} | {row['measured_s'] * 1e3:.1f} | {row['measured_tok_s']:.1f} | "
                      f"{row['ideal_s'] * 1e3:.1f} | {row['ideal_ratio']:.2f} | {row['probed_s'] * 1e3:.1f} | "
-                     f"**{row['probed_ratio']:.2f}** | {row['dispatched_ops']} | {breakdown} |")
+                     f"**{row['probed_ratio']:.2f}** [{low:.2f}–{high:.2f}] | {row['dispatched_ops']} | "
+                     f"{breakdown} |")
     lines += ["", "Within ±30% means probed ÷ measured in 0.70–1.30. The ideal roofline is the floor the hardware "
               "allows; the gap between it and the measurement is the kernels' bandwidth shortfall plus dispatch.", "",
               markdown_catalogue(catalogue, meta["context"]), *cpu_bf16_note(figures)]
     return "\n".join(lines)
+
+
+def paired_readings(validation: list[dict]) -> list[str]:
+    """The validation rounds' probe readings, in GB/s: the read bandwidth over all rounds, then each stack's
+    matmul bandwidth."""
+    def summary(values: list[float]) -> str:
+        return f"{statistics.median(values) / GB:.1f} [{min(values) / GB:.1f}–{max(values) / GB:.1f}] GB/s"
+
+    reads = [r["read_bandwidth"] for row in validation for r in row["rounds"]]
+    matmuls = [f"{row['stack']} matmuls {summary([r['gemv_bandwidth'] for r in row['rounds']])}" for row in validation]
+    return [f"read {summary(reads)}"] + matmuls
 
 
 def cpu_bf16_note(figures: dict) -> list[str]:
@@ -330,7 +390,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--model", default=DEFAULT_MODEL)
     parser.add_argument("--prompt", type=int, default=128)
     parser.add_argument("--steps", type=int, default=48)
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--context", type=int, default=1024, help="context of the catalogue's predictions")
     parser.add_argument("--quick", action="store_true", help="tiny model, 4 steps: checks the script (no table)")
     parser.add_argument("--catalogue-only", action="store_true",
@@ -351,8 +411,9 @@ def main(argv: list[str] | None = None) -> None:
             args.prompt, args.steps, args.rounds = 8, 4, 1
         else:
             models, source_shape = build(args.model, stack)
-        cpu, figures = probe_cpu(source_shape, args.quick)
-        validation = validate(models, source_shape, cpu, args.prompt, args.steps, args.rounds)
+        cpu, figures, probes = probe_cpu(source_shape, args.quick)
+        validation = validate(models, source_shape, cpu, probes, args.prompt, args.steps, args.rounds)
+        cpu = with_paired_readings(cpu, validation)
     shapes = {args.model if not args.quick else "tiny": source_shape}
     if not args.quick:
         qwen = Path.home() / ".cache/effinfer/models/qwen2.5-coder-1.5b-instruct/config.json"

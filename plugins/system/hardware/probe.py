@@ -30,8 +30,15 @@ def best_seconds(call: Callable[[], object], repeats: int = 5, inner: int = 1) -
 def read_bandwidth(mib: int = 256) -> float:
     """Bytes/s of streaming reads of a ``mib`` MiB float32 buffer: the fastest of
     :func:`effinfer.kernels.native.read_probes` (torch's reduction, effinfer's four-stream read)."""
+    return read_bandwidth_probe(mib)()
+
+
+def read_bandwidth_probe(mib: int = 256, repeats: int = 5) -> Callable[[], float]:
+    """:func:`read_bandwidth` as a call to repeat: the buffer is allocated once, each call reads it again (to pair
+    readings with measurements taken beside them on a host whose bandwidth drifts)."""
     buffer = hugepages.ones(mib * 2**20 // 4)  # as the engine's weights
-    return buffer.numel() * 4 / min(best_seconds(read) for read in native.read_probes(buffer).values())
+    reads = native.read_probes(buffer)
+    return lambda: buffer.numel() * 4 / min(best_seconds(read, repeats=repeats) for read in reads.values())
 
 
 def gemm_flops(n: int = 1024, dtype: torch.dtype = torch.float32) -> float:
