@@ -238,12 +238,17 @@ def rate(rows: list[GenerationResult]) -> float:
     return tokens / seconds if seconds > 0 else float("nan")
 
 
+def per_prompt_ratios(results: list[GenerationResult], base: list[GenerationResult]) -> list[float]:
+    return [rate([r]) / rate([b]) for r, b in zip(results, base)]
+
+
 def paired_speedup(results: list[GenerationResult], base: list[GenerationResult], reference: float | None,
                    tolerance: float) -> dict[str, Any]:
     """Speed-up over the baseline run next to it; per-prompt spread; drift of that baseline."""
     per_prompt = paired_ratios([rate([r]) for r in results], [rate([b]) for b in base])
     adjacent = rate(base)
     out = {"speedup_vs_engine_plain": rate(results) / adjacent, "speedup_spread": [per_prompt.low, per_prompt.high],
+           "speedup_spread_kind": per_prompt.spread, "per_prompt_speedups": per_prompt_ratios(results, base),
            "baseline_decode_tok_s": adjacent}
     if reference and abs(adjacent / reference - 1) > tolerance:
         out["drift"] = f"adjacent baseline {adjacent:.1f} vs first {reference:.1f} tok/s ({adjacent / reference - 1:+.0%})"
@@ -441,7 +446,8 @@ def table5(report: dict[str, Any]) -> str:
         f"Greedy decoding of {base.get('prompts', len(base['outputs']))} prompts of the versioned prompt set "
         "(summarize, qa, code_edit, story, chat), batch 1, all methods in one process on the same prompts. Speed-up = "
         + ("decode tok/s ÷ the engine's plain greedy decode tok/s measured right next to it (prompt by prompt, the "
-           "order alternating) [min–max of the per-prompt ratios]; ⚠ = that adjacent baseline moved more than "
+           "order alternating) [inter-quartile range of the per-prompt ratios; min–max under 4 prompts]; ⚠ = that "
+           "adjacent baseline moved more than "
            f"{report.get('drift_tolerance', 0.1):.0%} from the first one ({base['decode_tok_s']:.1f} tok/s): the "
            "machine's load changed, re-run the row with `--only`. "
            if any("speedup_spread" in r for r in rows.values()) else
