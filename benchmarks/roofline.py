@@ -13,7 +13,10 @@
    calls one decode step makes.
 3. Predicts the same decode step with the roofline model twice: *ideal* (bytes ÷ stream bandwidth,
    FLOPs ÷ GEMM peak) and *probed* (each matmul at its kernel's probed bandwidth + the counted calls ×
-   the probed cost of one native call), and reports predicted ÷ measured.
+   the probed cost of one native call), and reports predicted ÷ measured. The read bandwidth and the
+   stack's matmul bandwidth are probed again right before every round's decode, and each round is
+   predicted from its own readings (this host's bandwidth drifts within minutes): the median ratio over
+   the rounds, with their range.
 4. Tabulates predicted decode and prefill on the hardware catalogue (this CPU, A100, H100, H200, the
    survey's FPGA designs) for SmolLM2-135M, Qwen2.5-Coder-1.5B and Llama-2-7B under several stacks.
 

@@ -95,14 +95,33 @@ def test_every_catalogue_entry_cites_its_figures():
 
 
 def test_the_benchmark_runs_quick(tmp_path, capsys):
-    spec = importlib.util.spec_from_file_location("roofline_benchmark", ROOT / "benchmarks/roofline.py")
-    benchmark = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(benchmark)
+    benchmark = load_benchmark()
     out = tmp_path / "roofline.json"
     benchmark.main(["--quick", "--out", str(out)])
     data = json.loads(out.with_name("roofline_quick.json").read_text())
     assert data["validation"][0]["stack"] == "fp32" and data["validation"][0]["measured_s"] > 0
+    assert len(data["validation"][0]["rounds"]) == 1 and data["validation"][0]["rounds"][0]["gemv_bandwidth"] > 0
     assert "Predicted decode" in capsys.readouterr().out
+
+
+def load_benchmark():
+    spec = importlib.util.spec_from_file_location("roofline_benchmark", ROOT / "benchmarks/roofline.py")
+    benchmark = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(benchmark)
+    return benchmark
+
+
+def test_each_validation_round_is_judged_by_its_own_probes():
+    benchmark = load_benchmark()
+    # three rounds whose own predicted ÷ measured ratios are 1.0, 0.5 and 2.0
+    rounds = [{"measured_s": m, "probed_s": p, "ideal_s": p / 2, "read_bandwidth": b, "gemv_bandwidth": b / 2,
+               "probed_breakdown_s": {"matmul": p}} for m, p, b in ((1.0, 1.0, 30e9), (2.0, 1.0, 20e9),
+                                                                    (1.0, 2.0, 40e9))]
+    row = benchmark.validation_row("fp32", rounds, dispatched_ops=1)
+    assert row["probed_ratio"] == 1.0 and row["probed_ratio_range"] == [0.5, 2.0]
+    assert row["measured_s"] == 1.0 and row["probed_breakdown_s"] == {"matmul": 1.0}
+    cpu = benchmark.with_paired_readings(A100, [row])
+    assert cpu.bandwidth == 30e9 and cpu.matmul_bandwidth == {"fp32": 15e9}
 
 
 def test_stack_from_techniques_reads_the_configs():
