@@ -73,22 +73,20 @@ def cpu_name() -> str:
 
 
 def probe_cpu(shape: ModelShape, quick: bool) -> tuple[Hardware, dict, dict[str, Callable[[], float]]]:
-    """This CPU as a catalogue entry (stream bandwidth, GEMM peaks, op cost, per-kernel GEMV bandwidth), its
-    figures, and the bandwidth probes to repeat beside each validation round (``"read"`` and one per stack)."""
+    """This CPU as a catalogue entry (GEMM peaks, op cost, and a first read-bandwidth reading), its figures, and
+    the bandwidth probes to repeat beside each validation round (``"read"`` and one per stack), whose readings
+    :func:`with_paired_readings` gives the entry afterwards."""
     torch.manual_seed(0)
     repeat = {"read": probe.read_bandwidth_probe(8 if quick else 256, repeats=3)} | gemv_probes(shape, quick)
     figures = {"read_bandwidth": repeat["read"](),
                "fp32_gemm_flops": probe.gemm_flops(128 if quick else 1024),
                "bf16_gemm_flops": probe.gemm_flops(128 if quick else 1024, torch.bfloat16),
                "op_overhead_s": probe.native_call_overhead(200 if quick else 2000),
-               "torch_op_overhead_s": probe.op_overhead(200 if quick else 2000),
-               "gemv_bandwidth": {stack_name: bandwidth() for stack_name, bandwidth in repeat.items()
-                                  if stack_name != "read"}}
+               "torch_op_overhead_s": probe.op_overhead(200 if quick else 2000)}
     flops = {"fp32": figures["fp32_gemm_flops"], "bf16": figures["bf16_gemm_flops"], "int8": figures["bf16_gemm_flops"]}
     name = f"{cpu_name()}, {torch.get_num_threads()} threads"
     measured = Hardware(f"this CPU (probed kernels): {name}", figures["read_bandwidth"], flops,
-                        "probed in this run: benchmarks/roofline.py", "measured", figures["gemv_bandwidth"],
-                        figures["op_overhead_s"])
+                        "probed in this run: benchmarks/roofline.py", "measured", {}, figures["op_overhead_s"])
     return measured, figures, repeat
 
 
@@ -222,7 +220,7 @@ def with_paired_readings(cpu: Hardware, validation: list[dict]) -> Hardware:
     """``cpu`` with the medians of the validation rounds' bandwidth readings (for its catalogue rows)."""
     reads = [r["read_bandwidth"] for row in validation for r in row["rounds"]]
     gemv = {row["stack"]: statistics.median(r["gemv_bandwidth"] for r in row["rounds"]) for row in validation}
-    return replace(cpu, bandwidth=statistics.median(reads), matmul_bandwidth=cpu.matmul_bandwidth | gemv)
+    return replace(cpu, bandwidth=statistics.median(reads), matmul_bandwidth=gemv)
 
 
 def validation_row(name: str, rounds: list[dict], dispatched_ops: int) -> dict:
@@ -417,6 +415,7 @@ def main(argv: list[str] | None = None) -> None:
         cpu, figures, probes = probe_cpu(source_shape, args.quick)
         validation = validate(models, source_shape, cpu, probes, args.prompt, args.steps, args.rounds)
         cpu = with_paired_readings(cpu, validation)
+        figures |= {"read_bandwidth": cpu.bandwidth, "gemv_bandwidth": cpu.matmul_bandwidth}
     shapes = {args.model if not args.quick else "tiny": source_shape}
     if not args.quick:
         qwen = Path.home() / ".cache/effinfer/models/qwen2.5-coder-1.5b-instruct/config.json"

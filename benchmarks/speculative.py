@@ -238,17 +238,14 @@ def rate(rows: list[GenerationResult]) -> float:
     return tokens / seconds if seconds > 0 else float("nan")
 
 
-def per_prompt_ratios(results: list[GenerationResult], base: list[GenerationResult]) -> list[float]:
-    return [rate([r]) / rate([b]) for r, b in zip(results, base)]
-
-
 def paired_speedup(results: list[GenerationResult], base: list[GenerationResult], reference: float | None,
                    tolerance: float) -> dict[str, Any]:
     """Speed-up over the baseline run next to it; per-prompt spread; drift of that baseline."""
-    per_prompt = paired_ratios([rate([r]) for r in results], [rate([b]) for b in base])
+    mine, theirs = [rate([r]) for r in results], [rate([b]) for b in base]
+    per_prompt = paired_ratios(mine, theirs)
     adjacent = rate(base)
     out = {"speedup_vs_engine_plain": rate(results) / adjacent, "speedup_spread": [per_prompt.low, per_prompt.high],
-           "speedup_spread_kind": per_prompt.spread, "per_prompt_speedups": per_prompt_ratios(results, base),
+           "speedup_spread_kind": per_prompt.spread, "per_prompt_speedups": [m / t for m, t in zip(mine, theirs)],
            "baseline_decode_tok_s": adjacent}
     if reference and abs(adjacent / reference - 1) > tolerance:
         out["drift"] = f"adjacent baseline {adjacent:.1f} vs first {reference:.1f} tok/s ({adjacent / reference - 1:+.0%})"

@@ -680,8 +680,8 @@ extern "C" void ef_add_rmsnorm(const float* x, float* residual, int64_t n, int64
   for (int64_t t = 0; t < n; ++t) {
     float* h = residual ? residual + t * dim : nullptr;
     const float* src = x + t * dim;
-    // the sum of squares in two vector sums (one scalar double chain before: a SmolLM2 step's norms took 0.13-0.16 ms
-    // in the engine table's profiles, 0.10-0.11 after)
+    // the sum of squares in two vector sums (one scalar double chain before; a SmolLM2 step's norms take 0.10-0.15 ms
+    // of ~20 in the engine table's profiles either way)
     vf sq[2] = {};
     int64_t i = 0;
     for (; i + 2 * EF_VEC <= dim; i += 2 * EF_VEC)
